@@ -1,0 +1,68 @@
+"""smallbn: batch normalization that works when the batch is small.
+
+Layers (:mod:`smallbn.layers`) are built on one statistics core (:mod:`smallbn.stats`);
+:func:`build_norm` makes one by name and :func:`convert` swaps every norm layer of a model.
+"""
+
+from smallbn.convert import Converted, convert, convert_with_report, freeze_norms, is_norm_layer
+from smallbn.layers import (
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    DomainBatchNorm,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    SyncBatchNorm,
+    set_finite_check,
+    use_domain,
+)
+from smallbn.registry import available_norms, build_norm, register_norm, resolve_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "Converted",
+    "DomainBatchNorm",
+    "DomainBatchNorm1d",
+    "DomainBatchNorm2d",
+    "DomainBatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "SyncBatchNorm",
+    "available_norms",
+    "build_norm",
+    "convert",
+    "convert_with_report",
+    "freeze_norms",
+    "is_norm_layer",
+    "register_norm",
+    "resolve_norm",
+    "set_finite_check",
+    "use_domain",
+]

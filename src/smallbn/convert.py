@@ -1,0 +1,150 @@
+"""Swap the normalization layers of any model for another method, keeping their state.
+
+:func:`convert` replaces every torch BatchNorm (``_BatchNorm`` subclasses, SyncBatchNorm
+included) and every smallbn layer in a model of any nesting by the layer a spec names,
+keeping ``eps``/``momentum``/``affine``/``track_running_stats`` unless overridden, the
+affine parameters (the same ``nn.Parameter`` objects where both sides have parameters, so an
+optimizer built earlier keeps working) and the running statistics.  ``convert(model, "bn")``
+returns to torch's layers.  Forward hooks registered on the old layers do not carry over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from smallbn.layers import NormBase
+from smallbn.registry import NormSpec, resolve_norm
+
+__all__ = ["Converted", "convert", "convert_with_report", "freeze_norms", "is_norm_layer"]
+
+_TORCH_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+@dataclass(frozen=True)
+class Converted:
+    """One replaced layer: its path in the model and the class names before and after."""
+
+    name: str
+    source: str
+    target: str
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for the layers :func:`convert` replaces: torch BatchNorms and smallbn layers."""
+    return isinstance(module, (_BatchNorm, NormBase))
+
+
+def _input_dim(module: nn.Module) -> int | None:
+    for cls, dim in _TORCH_DIMS.items():
+        if isinstance(module, cls):
+            return dim
+    return getattr(module, "_input_dim", None) or getattr(module, "_smallbn_dim", None)
+
+
+def _factory(module: nn.Module) -> dict[str, Any]:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next((b for b in module.buffers() if b.is_floating_point()), None)
+    return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
+
+
+def _statistic(value: Tensor, target_shape: torch.Size, domain: int) -> Tensor:
+    """Map a running statistic between BN's ``(C,)`` and domain BN's ``(D, C)`` shapes."""
+    if value.shape == target_shape:
+        return value
+    if value.dim() == 2 and len(target_shape) == 1:
+        return value[domain]
+    if value.dim() == 1 and len(target_shape) == 2:
+        return value.unsqueeze(0).expand(target_shape)
+    raise ValueError(f"cannot map running statistics of shape {tuple(value.shape)} to {tuple(target_shape)}")
+
+
+def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            src, dst = getattr(source, name, None), getattr(target, name, None)
+            if src is None or dst is None:
+                continue
+            if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
+                setattr(target, name, src)
+            else:
+                dst.copy_(src)
+        for name in ("running_mean", "running_var"):
+            src, dst = getattr(source, name, None), getattr(target, name, None)
+            if src is not None and dst is not None:
+                dst.copy_(_statistic(src, dst.shape, domain))
+        src, dst = getattr(source, "num_batches_tracked", None), getattr(target, "num_batches_tracked", None)
+        if src is not None and dst is not None:
+            dst.copy_(src)
+
+
+def _replacement(
+    name: str, module: nn.Module, spec: NormSpec, dim: int | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    source_dim = _input_dim(module) if dim is None else dim
+    options: dict[str, Any] = {
+        "eps": module.eps,
+        "momentum": module.momentum,
+        "affine": module.affine,
+        "track_running_stats": module.track_running_stats,
+        **_factory(module),
+    }
+    options.update(kwargs)
+    domain = int(options.pop("source_domain", getattr(module, "active_domain", 0)))
+    try:
+        target = resolve_norm(spec, source_dim)(module.num_features, **options)
+    except (TypeError, ValueError, KeyError) as error:
+        raise type(error)(f"convert: cannot replace '{name}' ({type(module).__name__}): {error}") from error
+    _transfer_state(module, target, domain)
+    target.train(module.training)
+    if isinstance(target, NormBase):
+        target._smallbn_name = name
+        if target._input_dim is None and source_dim is not None:
+            target._smallbn_dim = source_dim
+    return target
+
+
+def convert_with_report(
+    model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any
+) -> tuple[nn.Module, list[Converted]]:
+    """:func:`convert`, also returning what was replaced."""
+    report: list[Converted] = []
+
+    def visit(module: nn.Module, prefix: str) -> nn.Module:
+        if is_norm_layer(module):
+            new = _replacement(prefix or "<root>", module, spec, dim, kwargs)
+            report.append(Converted(prefix or "<root>", type(module).__name__, type(new).__name__))
+            return new
+        for child_name, child in module.named_children():
+            new_child = visit(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if new_child is not child:
+                setattr(module, child_name, new_child)
+        return module
+
+    return visit(model, ""), report
+
+
+def convert(model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any) -> nn.Module:
+    """Replace every norm layer of ``model`` (in place) by ``spec``; returns the model.
+
+    Args:
+        spec: a registered name, class or ``functools.partial`` (see :mod:`smallbn.registry`).
+        dim: input dimensionality for rank-agnostic sources; inferred from the layers.
+        kwargs: constructor options for the new layers (override the old layers' ``eps``,
+            ``momentum``, ...); ``source_domain`` picks the statistics a domain-specific
+            layer hands on (default its active domain).
+
+    The root module itself is replaced (and returned) when it is a norm layer.
+    """
+    return convert_with_report(model, spec, dim=dim, **kwargs)[0]
+
+
+def freeze_norms(model: nn.Module) -> nn.Module:
+    """Replace every norm layer by a FrozenBatchNorm holding its current statistics."""
+    return convert(model, "frozenbn")
+

@@ -1,0 +1,47 @@
+"""Normalization layers: one file per method, all on the shared statistics core."""
+
+from smallbn.layers._base import BatchStatsNorm, NormBase, set_finite_check
+from smallbn.layers.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from smallbn.layers.domain import (
+    DomainBatchNorm,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    use_domain,
+)
+from smallbn.layers.frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)
+from smallbn.layers.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from smallbn.layers.group_norm import GroupNorm, InstanceNorm, LayerNorm
+from smallbn.layers.sync import SyncBatchNorm
+
+__all__ = [
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "BatchStatsNorm",
+    "DomainBatchNorm",
+    "DomainBatchNorm1d",
+    "DomainBatchNorm2d",
+    "DomainBatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "NormBase",
+    "SyncBatchNorm",
+    "set_finite_check",
+    "use_domain",
+]

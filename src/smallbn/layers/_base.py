@@ -1,0 +1,313 @@
+"""State, input checks and the batch-statistics pipeline shared by every smallbn layer.
+
+Two bases:
+
+* :class:`NormBase` owns BN's state (``weight``, ``bias``, ``running_mean``, ``running_var``,
+  ``num_batches_tracked``, same names and shapes as ``torch.nn.BatchNorm2d``), the input
+  checks and the checkpoint checks.  Every layer derives from it, so a pretrained BN
+  checkpoint loads into any of them and back.
+* :class:`BatchStatsNorm` adds the training path of layers that normalize with batch
+  statistics: local moments from :mod:`smallbn.stats`, optional synchronization across
+  processes, the "batch too small" and "non-finite statistics" checks, and BN's running
+  average.  Layers override :meth:`BatchStatsNorm._forward_train` only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from smallbn import _distributed
+from smallbn.stats import (
+    Moments,
+    all_gather_moments,
+    channel_moments,
+    merge_moments,
+    normalize,
+    sample_moments,
+    update_running_stats,
+)
+
+__all__ = ["BatchStatsNorm", "NormBase", "set_finite_check"]
+
+_FINITE_CHECK = True
+
+_SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
+_RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
+
+
+def set_finite_check(enabled: bool) -> bool:
+    """Turn the per-step check for NaN/Inf batch statistics on or off; returns the old value.
+
+    The check reads one scalar back from the device per layer and step; on CPU that is free,
+    on CUDA it is a synchronization that throughput-critical jobs may want to skip.
+    """
+    global _FINITE_CHECK
+    old, _FINITE_CHECK = _FINITE_CHECK, bool(enabled)
+    return old
+
+
+class NormBase(nn.Module):
+    """BN-compatible state and checks.
+
+    Subclasses set ``_input_dim`` (1, 2, 3, or ``None`` for any rank ≥ 2) and ``_family``
+    (the class name without the ``1d/2d/3d`` suffix, used in error messages).
+    """
+
+    _version = 2
+    _input_dim: ClassVar[int | None] = None
+    _family: ClassVar[str] = ""
+    _affine_as_buffers: ClassVar[bool] = False
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if int(num_features) <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: num_features must be a positive channel count, "
+                f"got {num_features}"
+            )
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: momentum is the weight of the new batch in the running "
+                f"average and must lie in [0, 1] (or be None for a cumulative average), "
+                f"got {momentum}"
+            )
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            weight, bias = torch.empty(num_features, **factory), torch.empty(num_features, **factory)
+            if self._affine_as_buffers:
+                self.register_buffer("weight", weight)
+                self.register_buffer("bias", bias)
+            else:
+                self.weight = nn.Parameter(weight)
+                self.bias = nn.Parameter(bias)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(self._stats_shape(), **factory))
+            self.register_buffer("running_var", torch.ones(self._stats_shape(), **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _stats_shape(self) -> tuple[int, ...]:
+        return (self.num_features,)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            with torch.no_grad():
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+    def describe(self) -> str:
+        """How error messages name this layer: its path in the model when known."""
+        name = getattr(self, "_smallbn_name", None)
+        short = f"{type(self).__name__}({self.num_features})"
+        return f"{short} at '{name}'" if name else short
+
+    # -- checks --------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        expected = _RANKS.get(self._input_dim) if self._input_dim else None
+        if (expected is not None and x.dim() not in expected) or x.dim() < 2:
+            want = _SHAPES[self._input_dim] if self._input_dim else "(N, C, *spatial)"
+            family = self._family or type(self).__name__.rstrip("123d")
+            hint = ", ".join(f"{family}{d}d for {s}" for d, s in _SHAPES.items())
+            raise ValueError(
+                f"{self.describe()}: expected a {want} input, got a {x.dim()}D tensor of shape "
+                f"{tuple(x.shape)}. Use {hint}, or reshape the input."
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self.describe()}: expected {self.num_features} channels in dim 1, got "
+                f"{x.shape[1]} (input shape {tuple(x.shape)}). Build the layer with "
+                f"num_features={x.shape[1]}, or check the output channels of the layer before it."
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints from before BN had this buffer (torch < 0.4.1) load as torch's BN does.
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        self._adapt_state_dict(state_dict, prefix)
+        first_new = len(error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for i in range(first_new, len(error_msgs)):
+            if error_msgs[i].startswith("size mismatch"):
+                error_msgs[i] = (
+                    f"{self.describe()}: incompatible checkpoint ({error_msgs[i]}). This layer "
+                    f"holds statistics of shape {self._stats_shape()}; build it with the "
+                    f"checkpoint's num_features, or load a checkpoint made for this model."
+                )
+
+    def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""
+
+
+class BatchStatsNorm(NormBase):
+    """Base of the layers that normalize with statistics of the current batch in training.
+
+    ``sync=True`` (or an explicit ``process_group``) pools the statistics of all processes
+    of the group, weighted by each process's count, with gradients reaching every process's
+    input; it is a no-op when torch.distributed is not initialized or the group has one
+    member.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.sync = sync
+        self.process_group = process_group
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (", sync=True" if self.sync or self.process_group is not None else "")
+
+    # -- the forward template --------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.training or not self.track_running_stats:
+            return self._forward_train(x, self._advance_step())
+        return self._forward_eval(x)
+
+    def _forward_eval(self, x: Tensor) -> Tensor:
+        return normalize(x, self.running_mean, self.running_var, self.eps, self.weight, self.bias)
+
+    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        """Normalize with batch statistics; update running stats with ``factor`` if given."""
+        raise NotImplementedError
+
+    def _advance_step(self) -> float | None:
+        """Count a training step; return the running-average factor, or None if not tracking."""
+        if not (self.training and self.track_running_stats):
+            return None
+        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)  # cumulative moving average
+        return self.momentum
+
+    # -- batch statistics ----------------------------------------------------------------
+
+    def _sync_group(self) -> _distributed.ProcessGroup | None:
+        return _distributed.active_group(self.sync, self.process_group)
+
+    def _batch_moments(self, x: Tensor) -> Moments:
+        """Per-channel moments over the batch, pooled across the process group if syncing."""
+        moments = channel_moments(x)
+        group = self._sync_group()
+        if group is not None:
+            moments = merge_moments(all_gather_moments(moments, group))
+        local_count = x.numel() // x.shape[1]
+        if local_count <= 1 and (group is None or float(moments.count) <= 1):
+            self._raise_too_small(x, local_count if group is None else int(moments.count))
+        self._check_finite(moments)
+        return moments
+
+    def _grouped_moments(self, x: Tensor, index: Tensor, num_groups: int) -> Moments:
+        """Moments per group of samples (``index[n]`` is sample n's group), pooled across
+        processes if syncing: every rank must pass the same ``num_groups``."""
+        moments = merge_moments(sample_moments(x), index, num_groups)
+        group = self._sync_group()
+        if group is not None:
+            moments = merge_moments(all_gather_moments(moments, group))
+        self._check_finite(moments)
+        return moments
+
+    def _update_running(self, moments: Moments, factor: float | None) -> None:
+        """BN's running average of the batch mean and Bessel-corrected batch variance."""
+        if factor is not None:
+            update_running_stats(
+                self.running_mean, self.running_var, moments.mean, moments.unbiased_var(), factor
+            )
+
+    def _raise_too_small(self, x: Tensor, count: int, what: str = "the batch") -> None:
+        raise ValueError(
+            f"{self.describe()}: training needs more than one value per channel to compute "
+            f"batch statistics, but {what} has {count} (input shape {tuple(x.shape)}). Use a "
+            f"larger batch, pool statistics across processes (sync=True), switch to a "
+            f"batch-independent norm ('gn', 'ln', 'frozenbn'), or put the layer in eval mode."
+        )
+
+    def _check_finite(self, moments: Moments) -> None:
+        if not _FINITE_CHECK:
+            return
+        if bool(torch.isfinite(moments.mean.sum() + moments.var.sum())):
+            return
+        bad = ~(torch.isfinite(moments.mean) & torch.isfinite(moments.var))
+        channels = torch.nonzero(bad.reshape(-1, bad.shape[-1]).any(0)).flatten().tolist()
+        shown = channels[:8] + (["..."] if len(channels) > 8 else [])
+        raise FloatingPointError(
+            f"{self.describe()}: batch statistics are NaN or Inf in channel(s) {shown}: the "
+            f"input to this layer contains NaN/Inf. Find the source with "
+            f"torch.autograd.set_detect_anomaly(True); usual fixes are a lower learning rate, "
+            f"gradient clipping, or a larger eps. (smallbn.set_finite_check(False) skips this check.)"
+        )

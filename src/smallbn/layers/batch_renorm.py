@@ -1,0 +1,128 @@
+"""Batch Renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch
+Dependence in Batch-Normalized Models", NeurIPS 2017).
+
+Training, with batch statistics μ_B, σ_B = sqrt(σ²_B + eps) and running μ, σ = sqrt(var + eps):
+
+    r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)   (no gradient)
+    x̂ = (x − μ_B) / σ_B · r + d,          y = γ x̂ + β.
+
+Since r and d are constants for backprop, this is BN with affine ``(γ r, β + γ d)``, which is
+how it is computed.  Inference is BN's: ``y = γ (x − μ) / σ + β``.  ``r_max`` and ``d_max``
+start at 1 and 0 (plain BN) and are relaxed linearly, as in the paper: r_max = 1, d_max = 0 for
+the first ``warmup_steps`` (paper: 5k) steps, then r_max reaches its final value at
+``r_max_ramp_end`` (40k) and d_max at ``d_max_ramp_end`` (25k).  The step is
+``num_batches_tracked``, so the state_dict is exactly BN's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smallbn import _distributed
+from smallbn.layers._base import BatchStatsNorm
+from smallbn.stats import normalize
+
+__all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
+
+
+def _ramp(step: Tensor, start: int, end: int) -> Tensor:
+    """0 before ``start``, 1 from ``end`` on, linear in between."""
+    if end <= start:
+        return (step >= start).to(torch.float32)
+    return ((step.to(torch.float32) - start) / (end - start)).clamp(0.0, 1.0)
+
+
+class BatchRenorm(BatchStatsNorm):
+    """Batch Renormalization for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
+
+    Args:
+        r_max, d_max: final clipping bounds (paper: 3 and 5).
+        warmup_steps: steps of plain BN before the bounds are relaxed.
+        r_max_ramp_end, d_max_ramp_end: step at which each bound reaches its final value.
+        momentum: weight of the new batch in the running averages (paper: 0.01).
+    """
+
+    _family = "BatchRenorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_ramp_end: int = 40000,
+        d_max_ramp_end: int = 25000,
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        if r_max < 1 or d_max < 0:
+            raise ValueError(
+                f"{type(self).__name__}: need r_max >= 1 and d_max >= 0, got r_max={r_max}, "
+                f"d_max={d_max} (r_max=1, d_max=0 is plain BN)"
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            sync=sync, process_group=process_group,
+        )
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.warmup_steps = int(warmup_steps)
+        self.r_max_ramp_end, self.d_max_ramp_end = int(r_max_ramp_end), int(d_max_ramp_end)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"
+        )
+
+    def current_limits(self, step: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` in force at ``step`` (default: the next training step)."""
+        if step is None:
+            step = self.num_batches_tracked if self.num_batches_tracked is not None else 0
+        step = torch.as_tensor(step)
+        r_max = 1.0 + (self.r_max - 1.0) * _ramp(step, self.warmup_steps, self.r_max_ramp_end)
+        d_max = self.d_max * _ramp(step, self.warmup_steps, self.d_max_ramp_end)
+        return r_max, d_max
+
+    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        moments = self._batch_moments(x)
+        weight, bias = self.weight, self.bias
+        if self.track_running_stats:
+            # r, d use the running statistics before this step's update (paper, Alg. 1).
+            r_max, d_max = self.current_limits(self.num_batches_tracked - 1)
+            r_max, d_max = r_max.to(moments.var), d_max.to(moments.var)
+            running_std = torch.sqrt(self.running_var.to(moments.var) + self.eps)
+            with torch.no_grad():
+                batch_std = torch.sqrt(moments.var + self.eps)
+                r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
+                d = (moments.mean - self.running_mean.to(moments.mean)) / running_std
+                d = torch.minimum(torch.maximum(d, -d_max), d_max)
+            gamma = self.weight if self.affine else torch.ones_like(r)
+            beta = self.bias if self.affine else torch.zeros_like(d)
+            weight, bias = gamma * r, beta + gamma * d
+        self._update_running(moments, factor)
+        return normalize(x, moments.mean, moments.var, self.eps, weight, bias)
+
+
+class BatchRenorm1d(BatchRenorm):
+    """Batch Renormalization for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    _input_dim = 1
+
+
+class BatchRenorm2d(BatchRenorm):
+    """Batch Renormalization for ``(N, C, H, W)`` inputs."""
+
+    _input_dim = 2
+
+
+class BatchRenorm3d(BatchRenorm):
+    """Batch Renormalization for ``(N, C, D, H, W)`` inputs."""
+
+    _input_dim = 3

@@ -1,0 +1,108 @@
+"""Ghost Batch Normalization (Hoffer, Hubara & Soudry, "Train longer, generalize better",
+NeurIPS 2017; discussed as a remedy for information leakage in Wu & Johnson, "Rethinking
+'Batch' in BatchNorm", 2021).
+
+The batch is split into consecutive groups of ``group_size`` samples (the last group may be
+smaller) and each group g is normalized with its own statistics:
+
+    y_n = γ (x_n − μ_g) / sqrt(σ²_g + eps) + β   for every sample n of group g.
+
+Running statistics average the statistics the groups were normalized with (count-weighted
+group means and Bessel-corrected group variances), so that inference matches what training
+normalized with — not the variance of the whole batch, which also contains the spread
+between groups.  With ``sync=True`` groups are formed over the concatenation of all
+processes' batches in rank order, so N processes behave as one process with the
+concatenated batch; a group may span two processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smallbn import _distributed
+from smallbn.layers._base import BatchStatsNorm
+from smallbn.stats import normalize, update_running_stats
+
+__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+
+
+class GhostBatchNorm(BatchStatsNorm):
+    """Ghost BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
+
+    Args:
+        group_size: samples per normalization group (≥ 1); ``group_size ≥ batch`` is BN.
+    """
+
+    _family = "GhostBatchNorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        group_size: int = 32,
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        if int(group_size) < 1:
+            raise ValueError(f"{type(self).__name__}: group_size must be >= 1, got {group_size}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            sync=sync, process_group=process_group,
+        )
+        self.group_size = int(group_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        size, group_size = x.shape[0], self.group_size
+        process_group = self._sync_group()
+        offset, total = (0, size)
+        if process_group is not None:
+            offset, total = _distributed.rank_offset(size, process_group, x.device)
+        num_groups = max(-(-total // group_size), 1)
+        per_sample = x[0:1, 0:1].numel() if size else int(torch.tensor(x.shape[2:]).prod())
+        smallest = (total - (num_groups - 1) * group_size) * per_sample
+        if smallest <= 1:
+            what = f"its smallest group of samples (group_size={self.group_size}, batch {total})"
+            self._raise_too_small(x, smallest, what)
+        index = torch.div(
+            torch.arange(offset, offset + size, device=x.device), group_size, rounding_mode="floor"
+        )
+        groups = self._grouped_moments(x, index, num_groups)
+        if factor is not None:
+            # The average of what the groups were normalized with (count-weighted).
+            weight = (groups.count / groups.count.sum()).unsqueeze(-1)
+            update_running_stats(
+                self.running_mean,
+                self.running_var,
+                (weight * groups.mean).sum(0),
+                (weight * groups.unbiased_var()).sum(0),
+                factor,
+            )
+        return normalize(x, groups.mean[index], groups.var[index], self.eps, self.weight, self.bias)
+
+
+class GhostBatchNorm1d(GhostBatchNorm):
+    """Ghost BN for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    _input_dim = 1
+
+
+class GhostBatchNorm2d(GhostBatchNorm):
+    """Ghost BN for ``(N, C, H, W)`` inputs."""
+
+    _input_dim = 2
+
+
+class GhostBatchNorm3d(GhostBatchNorm):
+    """Ghost BN for ``(N, C, D, H, W)`` inputs."""
+
+    _input_dim = 3

@@ -1,0 +1,89 @@
+"""Batch-independent baselines through torch's ``group_norm``: GroupNorm, LayerNorm and
+InstanceNorm over ``(C, *spatial)``.
+
+Group Normalization (Wu & He, ECCV 2018) splits the C channels into G groups and normalizes
+each sample's group g with its own statistics over (C/G channels, *spatial):
+
+    y = γ (x − μ_{n,g}) / sqrt(σ²_{n,g} + eps) + β.
+
+G = 1 is layer normalization over (C, *spatial) (Ba et al., 2016) and G = C is instance
+normalization (Ulyanov et al., 2016), both with per-channel affine.  These layers keep BN's
+``running_mean``/``running_var``/``num_batches_tracked`` buffers untouched, only so that a BN
+checkpoint loads into a converted model and converting back to BN restores them; the
+computation never reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smallbn.layers._base import NormBase
+
+__all__ = ["GroupNorm", "InstanceNorm", "LayerNorm", "fit_num_groups"]
+
+
+def fit_num_groups(num_features: int, num_groups: int) -> int:
+    """The largest divisor of ``num_features`` not above ``num_groups`` (G = 32 in the paper
+    assumes C divisible by 32; smaller nets get the nearest valid grouping)."""
+    for groups in range(min(num_groups, num_features), 0, -1):
+        if num_features % groups == 0:
+            return groups
+    return 1
+
+
+class GroupNorm(NormBase):
+    """Group normalization with a BN-style constructor; accepts inputs of rank ≥ 2.
+
+    Args:
+        num_groups: requested number of groups (paper: 32); reduced to the largest divisor
+            of ``num_features`` not above it.
+    """
+
+    _family = "GroupNorm"
+    _default_groups = 32
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_groups: int | None = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        requested = self._requested_groups() if num_groups is None else num_groups
+        self.num_groups = fit_num_groups(self.num_features, requested)
+
+    def _requested_groups(self) -> int:
+        return self._default_groups
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class LayerNorm(GroupNorm):
+    """Layer normalization over ``(C, *spatial)`` with per-channel affine (GroupNorm, G = 1)."""
+
+    _family = "LayerNorm"
+
+    def _requested_groups(self) -> int:
+        return 1
+
+
+class InstanceNorm(GroupNorm):
+    """Instance normalization with per-channel affine (GroupNorm, G = C)."""
+
+    _family = "InstanceNorm"
+
+    def _requested_groups(self) -> int:
+        return self.num_features

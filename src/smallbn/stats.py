@@ -1,0 +1,208 @@
+"""Per-channel moments: the statistics core that every smallbn layer and tool shares.
+
+A :class:`Moments` holds, for each channel, the number of values it summarizes (``count``),
+their mean ``μ = E[x]`` and their *biased* variance ``σ² = E[x²] − E[x]²``.  Every method
+of the library is a different way of choosing which values to summarize and how to combine
+summaries:
+
+* BN / SyncBN: one summary over the reduction set ``R = (N, *spatial)`` (:func:`channel_moments`),
+  merged across processes (:func:`all_gather_moments` + :func:`merge_moments`).
+* Ghost BN, simulated small normalization batches: per-sample summaries
+  (:func:`sample_moments`) merged by group index.
+* PreciseBN and cross-iteration pooling: summaries of several batches merged by count.
+
+Merging uses the parallel-variance formula of Chan, Golub & LeVeque (1979),
+
+    n = Σᵢ nᵢ,   μ = Σᵢ (nᵢ/n) μᵢ,   σ² = Σᵢ (nᵢ/n) (σᵢ² + (μᵢ − μ)²),
+
+which, unlike accumulating ``Σx²``, does not cancel catastrophically when ``|μ| ≫ σ``.
+Statistics of float16/bfloat16 inputs are accumulated in float32, float64 stays float64.
+All functions are differentiable: gradients reach every input that contributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from smallbn import _distributed
+
+__all__ = [
+    "Moments",
+    "all_gather_moments",
+    "channel_moments",
+    "merge_moments",
+    "normalize",
+    "sample_moments",
+    "stats_dtype",
+    "update_running_stats",
+]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel summaries of a set of values.
+
+    Shapes: ``count`` is ``(*batch)``; ``mean`` and ``var`` are ``(*batch, C)``, where the
+    optional leading ``batch`` dims index independent summaries (samples, groups, processes,
+    iterations).  ``var`` is biased (divided by ``count``).
+    """
+
+    count: Tensor
+    mean: Tensor
+    var: Tensor
+
+    @property
+    def second_moment(self) -> Tensor:
+        """``E[x²] = σ² + μ²``."""
+        return self.var + self.mean.square()
+
+    def unbiased_var(self) -> Tensor:
+        """Bessel-corrected variance ``σ² · n/(n−1)``, as BN's ``running_var`` tracks it.
+
+        Where ``n ≤ 1`` the correction is undefined and the biased value is returned.
+        """
+        n = self.count.unsqueeze(-1)
+        correction = torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
+        return self.var * correction
+
+    def detach(self) -> Moments:
+        return Moments(self.count.detach(), self.mean.detach(), self.var.detach())
+
+    def __getitem__(self, index: int | slice | Tensor) -> Moments:
+        """Select summaries along the leading batch dim."""
+        return Moments(self.count[index], self.mean[index], self.var[index])
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for inputs of ``dtype``: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor, start: int) -> list[int]:
+    return [0, *range(2, x.dim())] if start == 0 else list(range(2, x.dim()))
+
+
+def channel_moments(x: Tensor) -> Moments:
+    """Moments per channel over ``(N, *spatial)`` of ``x`` with shape ``(N, C, *spatial)``.
+
+    Any memory format (channels_last included) is accepted.  An empty batch gives
+    ``count = 0`` and zero mean/var that still carry a graph to ``x`` (so a rank with no
+    samples takes part in a synchronized backward pass).
+    """
+    xs = x.to(stats_dtype(x.dtype))
+    dims = _reduce_dims(x, 0)
+    count = x.numel() // max(x.shape[1], 1)
+    if count == 0:
+        zeros = xs.sum(dim=dims)
+        return Moments(xs.new_zeros(()), zeros, zeros)
+    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    return Moments(xs.new_full((), float(count)), mean, var)
+
+
+def sample_moments(x: Tensor) -> Moments:
+    """Moments per sample and channel over ``*spatial``: ``mean``/``var`` of shape ``(N, C)``.
+
+    These are instance-norm statistics; merged by group they give Ghost-BN statistics,
+    merged over the batch they give BN statistics.  For inputs without spatial dims each
+    sample's mean is the value itself and its variance zero.
+    """
+    xs = x.to(stats_dtype(x.dtype))
+    n = x.shape[0]
+    if x.dim() == 2:
+        return Moments(xs.new_ones(n), xs, torch.zeros_like(xs))
+    per_sample = x[0, 0].numel() if n > 0 and x.shape[1] > 0 else 0
+    if per_sample == 0:
+        zeros = xs.sum(dim=_reduce_dims(x, 2))
+        return Moments(xs.new_zeros(n), zeros, zeros)
+    var, mean = torch.var_mean(xs, dim=_reduce_dims(x, 2), correction=0)
+    return Moments(xs.new_full((n,), float(per_sample)), mean, var)
+
+
+def merge_moments(
+    moments: Moments, index: Tensor | None = None, num_groups: int | None = None
+) -> Moments:
+    """Merge summaries along the leading dim, weighted by count (Chan et al.'s formula).
+
+    Without ``index`` all summaries along dim 0 are merged into one (the leading dim is
+    dropped).  With ``index`` (shape ``(S,)``, values in ``[0, num_groups)``) summaries are
+    merged per group and the result has leading dim ``num_groups``.  A group whose total
+    count is 0 gets zero mean and variance.
+    """
+    squeeze = index is None
+    if index is None:
+        index = torch.zeros(moments.count.shape[0], dtype=torch.long, device=moments.count.device)
+        num_groups = 1
+    elif num_groups is None:
+        raise ValueError("merge_moments: num_groups is required together with index")
+    count, mean, var = moments.count, moments.mean, moments.var
+    total = count.new_zeros((num_groups, *count.shape[1:])).index_add(0, index, count)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    weight = (count / safe_total[index]).unsqueeze(-1)
+    merged_mean = mean.new_zeros((num_groups, *mean.shape[1:])).index_add(0, index, weight * mean)
+    deviation = mean - merged_mean[index]
+    merged_var = var.new_zeros((num_groups, *var.shape[1:])).index_add(
+        0, index, weight * (var + deviation.square())
+    )
+    if squeeze:
+        return Moments(total[0], merged_mean[0], merged_var[0])
+    return Moments(total, merged_mean, merged_var)
+
+
+def all_gather_moments(moments: Moments, group: _distributed.ProcessGroup | None) -> Moments:
+    """Stack every process's ``moments`` along a new leading dim (rank order), with autograd.
+
+    All ranks must pass summaries of the same shape; a rank without samples passes
+    ``count = 0``.  The backward pass sums each rank's gradient into the rank that produced
+    the summary, so gradients reach every rank's input.  Works on every backend (gloo, NCCL).
+    """
+    packed = torch.cat([moments.count.unsqueeze(-1), moments.mean, moments.var], dim=-1)
+    gathered = _distributed.all_gather_with_grad(packed, group)
+    channels = moments.mean.shape[-1]
+    return Moments(
+        gathered[..., 0], gathered[..., 1 : 1 + channels], gathered[..., 1 + channels :]
+    )
+
+
+def channel_view(stat: Tensor, x: Tensor) -> Tensor:
+    """Reshape a ``(C,)`` or ``(N, C)`` statistic to broadcast against ``x`` ``(N, C, *spatial)``."""
+    lead = (1, stat.shape[0]) if stat.dim() == 1 else tuple(stat.shape)
+    return stat.reshape(*lead, *([1] * (x.dim() - 2)))
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``y = (x − μ) / sqrt(σ² + eps) · γ + β`` with per-channel or per-sample statistics.
+
+    ``mean``/``var`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (one set per sample).
+    The scale is formed in the statistics dtype and applied in ``x``'s dtype; subtracting
+    the mean before scaling keeps half-precision outputs exact where ``|μ| ≫ σ``.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    y = (x - channel_view(mean, x).to(x.dtype)) * channel_view(scale, x).to(x.dtype)
+    if bias is not None:
+        y = y + channel_view(bias, x).to(x.dtype)
+    return y
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    unbiased_var: Tensor,
+    factor: float,
+) -> None:
+    """BN's exponential moving average: ``r ← (1 − factor)·r + factor·batch`` in place."""
+    running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased_var.detach().to(running_var.dtype), factor)
