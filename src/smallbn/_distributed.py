@@ -86,5 +86,5 @@ def rank_offset(size: int, group: ProcessGroup, device: torch.device) -> tuple[i
     """``(offset, total)``: where this rank's samples start in the concatenation of all ranks'
     batches (rank order), and the total batch size."""
     sizes = all_gather_sizes(size, group, device)
-    rank = dist.get_rank(group)
+    rank = dist.get_rank()
     return sum(sizes[:rank]), sum(sizes)

@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both create their own virtual environment; torch is pinned through constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test data bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[test]'
+	@touch $@
+
+# Debian's dataset-fashion-mnist where apt is available; the job falls back to the
+# scikit-learn digits (with a notice) where it is not.
+data:
+	@if [ ! -d $(FASHION_MNIST) ] && command -v apt-get >/dev/null 2>&1; then \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "notice: could not install dataset-fashion-mnist; the job will use the digits"; \
+	fi
+
+demo: $(VENV)/.installed data
+	$(PY) -m smallbn demo $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

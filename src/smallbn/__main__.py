@@ -1,0 +1,3 @@
+from smallbn.cli import main
+
+raise SystemExit(main())

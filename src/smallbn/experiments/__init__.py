@@ -1,0 +1,1 @@
+"""Experiments on real data: readers, the small ResNet, training loops and the jobs."""

@@ -1,0 +1,38 @@
+"""Shared test configuration: the hypothesis profile and a seeded torch RNG."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# tests/ on sys.path, so that tests in subfolders can `import reference` and `_layer_checks`
+# whatever pytest's import mode.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+settings.register_profile(
+    "smallbn",
+    deadline=None,  # first calls pay torch's lazy initialization; timing is not under test
+    max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,  # keep the working tree clean; failures print a reproduction blob
+    print_blob=True,
+)
+settings.register_profile("thorough", parent=settings.get_profile("smallbn"), max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "smallbn"))
+
+
+@pytest.fixture(autouse=True)
+def seed_torch() -> Iterator[None]:
+    """Every test starts from the same torch RNG state (and leaves the global one as found)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    yield
+    torch.random.set_rng_state(state)

@@ -1,0 +1,144 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import smallbn
+from smallbn.experiments.models import SmallResNet
+
+NAMES = ["bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "gn", "ln", "in"]
+BN_EVAL_NAMES = ["syncbn", "brn", "ghostbn", "frozenbn", "domainbn"]
+
+
+def _pretrained_resnet(seed: int = 0) -> SmallResNet:
+    """A BN ResNet whose norm layers hold non-trivial weights and running statistics."""
+    torch.manual_seed(seed)
+    model = SmallResNet(num_classes=10, in_channels=1, widths=(8, 16), blocks=1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(6, 1, 12, 12) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_reproduces_eval_outputs_exactly(name, images):
+    model = _pretrained_resnet()
+    expected = model(images)
+    converted = smallbn.convert(copy.deepcopy(model), name)
+    back = smallbn.convert(converted, "bn").eval()
+    assert all(type(m) is nn.BatchNorm2d for m in back.modules() if smallbn.is_norm_layer(m))
+    assert torch.equal(back(images), expected)
+    assert back.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", BN_EVAL_NAMES)
+def test_converted_eval_outputs_equal_bn(name, images):
+    model = _pretrained_resnet()
+    converted = smallbn.convert(copy.deepcopy(model), name).eval()
+    torch.testing.assert_close(converted(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_bn_state_dict_loads_into_converted_model(name, images):
+    pretrained = _pretrained_resnet(seed=1)
+    converted = smallbn.convert(_pretrained_resnet(seed=2), name)
+    converted.load_state_dict(pretrained.state_dict())  # strict
+    if name in BN_EVAL_NAMES:
+        torch.testing.assert_close(converted.eval()(images), pretrained(images), rtol=1e-5, atol=1e-5)
+    if name != "domainbn":  # domain BN keeps one row of statistics per domain
+        pretrained.load_state_dict(converted.state_dict())
+
+
+def test_convert_keeps_parameters_and_other_modules():
+    model = _pretrained_resnet()
+    stem_conv, stem_weight = model.stem.weight, model.stem_norm.weight
+    converted, report = smallbn.convert_with_report(model, "brn")
+    assert converted.stem.weight is stem_conv
+    assert converted.stem_norm.weight is stem_weight  # an optimizer built before keeps working
+    assert isinstance(converted.stem_norm, smallbn.BatchRenorm2d)
+    assert [entry.name for entry in report][:2] == ["stem_norm", "stages.0.bn1"]
+    assert {entry.target for entry in report} == {"BatchRenorm2d"}
+    assert len(report) == sum(isinstance(m, smallbn.BatchRenorm2d) for m in converted.modules())
+
+
+def test_convert_nested_containers_root_and_1d_layers():
+    model = nn.ModuleDict(
+        {
+            "body": nn.ModuleList([nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4))]),
+            "head": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+            "vol": nn.BatchNorm3d(2),
+        }
+    )
+    smallbn.convert(model, "ghostbn", group_size=2)
+    assert type(model["body"][0][1]) is smallbn.GhostBatchNorm1d
+    assert model["body"][0][1].group_size == 2
+    assert type(model["head"][1]) is smallbn.GhostBatchNorm1d
+    assert type(model["vol"]) is smallbn.GhostBatchNorm3d
+    root = smallbn.convert(nn.BatchNorm2d(3), "frozenbn")
+    assert type(root) is smallbn.FrozenBatchNorm2d
+
+
+def test_convert_torch_syncbatchnorm_and_back_keeps_dimension():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.SyncBatchNorm(4))
+    smallbn.convert(model, "brn")
+    assert type(model[1]) is smallbn.BatchRenorm
+    smallbn.convert(model, "syncbn", dim=2)
+    assert type(model[1]) is smallbn.SyncBatchNorm
+    smallbn.convert(model, "bn", dim=2)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_convert_remembers_dimension_through_rank_agnostic_layers():
+    model = nn.Sequential(nn.BatchNorm3d(4))
+    smallbn.convert(model, "syncbn")
+    smallbn.convert(model, "bn")
+    assert type(model[0]) is nn.BatchNorm3d
+
+
+def test_convert_preserves_mode_and_overrides_options():
+    model = nn.Sequential(nn.BatchNorm2d(4, eps=1e-3, momentum=0.3)).train()
+    smallbn.convert(model, "brn", momentum=0.05)
+    assert model[0].training and model[0].eps == 1e-3 and model[0].momentum == 0.05
+    model.eval()
+    smallbn.convert(model, "bn")
+    assert not model[0].training and model[0].momentum == 0.05
+
+
+def test_domain_statistics_convert_to_bn_per_domain():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    smallbn.convert(model, "domainbn", num_domains=3)
+    with torch.no_grad():
+        model[0].running_mean.copy_(torch.arange(9.0).reshape(3, 3))
+    back = smallbn.convert(copy.deepcopy(model), "bn", source_domain=2)
+    assert torch.equal(back[0].running_mean, torch.tensor([6.0, 7.0, 8.0]))
+
+
+def test_freeze_norms_freezes_every_norm():
+    model = _pretrained_resnet()
+    frozen = smallbn.freeze_norms(copy.deepcopy(model)).train()
+    x = torch.randn(2, 1, 12, 12)
+    torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+
+
+def test_convert_error_names_the_layer():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"cannot replace '1' \(BatchNorm2d\).*track_running_stats"):
+        smallbn.convert(model, "frozenbn")
+
+
+def test_converted_layers_name_themselves_in_errors():
+    model = smallbn.convert(_pretrained_resnet(), "brn")
+    with pytest.raises(ValueError, match="at 'stages.0.bn1'"):
+        model.stages[0].bn1(torch.randn(2, 3, 4, 4))

@@ -1,0 +1,230 @@
+"""Synchronized statistics across processes (gloo on CPU, loopback only).
+
+For each world size (2 and 3) the processes are spawned ONCE and run every scenario of
+``_dist_worker.SCENARIOS``: four training steps with empty ranks and unequal batch sizes,
+a backward pass per step with a fixed per-rank upstream gradient, then an eval pass.  Each
+rank saves what it computed; this process then runs the single-process reference on the
+concatenated batch (rank order) and checks, step by step:
+
+* each rank's output and input gradient equal the matching slice of the reference's;
+* the weight/bias gradients summed over ranks (what DDP's all-reduce gives) equal the
+  reference's;
+* running statistics and ``num_batches_tracked`` after every step, and the eval outputs,
+  equal the reference's.
+
+Scenarios with an explicit ``process_group`` split 3 ranks into {0} and {1, 2}: each part is
+compared with a reference over its own ranks' batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist_worker as dw  # noqa: E402
+
+import smallbn  # noqa: E402
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+]
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+SPAWN_DEADLINE_S = 180.0
+
+
+# -- running the world ----------------------------------------------------------------------
+
+
+def _spawn_world(world: int, tmp: Path) -> list[dict[str, Any]]:
+    """Run :func:`_dist_worker.worker` on ``world`` processes; return each rank's results.
+
+    A worker that raises fails the caller with that worker's traceback; a world that hangs
+    is killed after ``SPAWN_DEADLINE_S``.
+    """
+    out_dir = tmp / "out"
+    out_dir.mkdir()
+    store = tmp / "filestore"
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the children
+    try:
+        context = mp.start_processes(
+            dw.worker,
+            args=(world, str(store), str(out_dir)),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + SPAWN_DEADLINE_S
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in context.processes:
+                        if p.is_alive():
+                            p.kill()
+                    pytest.fail(
+                        f"{world}-process run did not finish within {SPAWN_DEADLINE_S:.0f}s "
+                        f"(a collective is probably waiting on a rank that skipped it)"
+                        + _error_files(out_dir)
+                    )
+        except mp.ProcessException as exc:  # raised by join(): carries the worker's traceback
+            pytest.fail(f"a worker of the {world}-process run failed:\n{exc}{_error_files(out_dir)}")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _error_files(out_dir: Path) -> str:
+    texts = [f"\n--- {p.name} ---\n{p.read_text()}" for p in sorted(out_dir.glob("*.error"))]
+    return "".join(texts)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def world_results(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, list[dict[str, Any]]]:
+    world = request.param
+    return world, _spawn_world(world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+# -- the single-process reference -----------------------------------------------------------
+
+
+def _reference(name: str, world: int, ranks: list[int]) -> dict[str, Any]:
+    """Run the reference layer of scenario ``name`` on the concatenation of ``ranks``' data."""
+    scenario = dw.SCENARIOS[name]
+    layer = scenario.reference().to(dw.DTYPE)
+    dw.init_params(layer)
+
+    def concat(step: int, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        parts = [dw.make_batch(scenario.kind, world, step, r, sizes[r]) for r in ranks]
+        x = torch.cat([p[0] for p in parts])
+        g = torch.cat([p[1] for p in parts])
+        domain = torch.cat([p[2] for p in parts]) if scenario.kind == "domain" else None
+        return x, g, domain
+
+    batches = [concat(step, sizes) for step, sizes in enumerate(dw.SIZES[world])]
+    eval_x, _, eval_domain = concat(-1, dw.EVAL_SIZES[world])
+    return dw.run_steps(layer, batches, eval_x, eval_domain)
+
+
+def _slices(sizes: list[int], ranks: list[int]) -> Iterator[tuple[int, slice]]:
+    start = 0
+    for r in ranks:
+        yield r, slice(start, start + sizes[r])
+        start += sizes[r]
+
+
+def _close(actual: torch.Tensor | None, expected: torch.Tensor, what: str) -> None:
+    if actual is None:
+        # A rank without samples may legitimately end up without an input gradient.
+        assert expected.numel() == 0, f"{what}: no gradient was computed"
+        return
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_batch_sizes_cover_empty_and_unequal_ranks() -> None:
+    for world, steps in dw.SIZES.items():
+        assert all(len(sizes) == world for sizes in steps)
+        assert any(0 in sizes for sizes in steps), world
+        assert any(len(set(s for s in sizes if s)) > 1 for sizes in steps), world
+        assert len(steps) >= 4  # the Batch Renorm ramp (warmup 1, ends at 2 and 3) completes
+
+
+@pytest.mark.parametrize("name", list(dw.SCENARIOS))
+def test_matches_single_process_reference(
+    name: str, world_results: tuple[int, list[dict[str, Any]]]
+) -> None:
+    world, results = world_results
+    partition = dw.PARTITIONS[world] if dw.SCENARIOS[name].explicit_group else [list(range(world))]
+    for ranks in partition:
+        ref = _reference(name, world, ranks)
+        where = f"{name}, world {world}, ranks {ranks}"
+        for step, sizes in enumerate(dw.SIZES[world]):
+            expected = ref["steps"][step]
+            got = {r: results[r][name]["steps"][step] for r in ranks}
+            at = f"{where}, step {step} (local batch sizes {[sizes[r] for r in ranks]})"
+            for r, part in _slices(sizes, ranks):
+                _close(got[r]["y"], expected["y"][part], f"{at}: output of rank {r}")
+                _close(got[r]["x_grad"], expected["x_grad"][part], f"{at}: input grad of rank {r}")
+                for key in ("running_mean", "running_var"):
+                    _close(got[r][key], expected[key], f"{at}: {key} of rank {r}")
+                assert got[r]["num_batches_tracked"] == expected["num_batches_tracked"], at
+            for key in ("weight_grad", "bias_grad"):
+                summed = sum(got[r][key] for r in ranks)
+                _close(summed, expected[key], f"{at}: {key} summed over ranks")
+        for r, part in _slices(dw.EVAL_SIZES[world], ranks):
+            _close(results[r][name]["eval_y"], ref["eval_y"][part], f"{where}: eval output of rank {r}")
+
+
+# -- no synchronization: world size 1, and torch.distributed not initialized -----------------
+
+
+def _check_plain_bn(sync: dict[str, Any]) -> None:
+    """Every synchronizing layer, given ``sync``, behaves as plain BN in this process."""
+    layers = {
+        "syncbn": smallbn.SyncBatchNorm(dw.C, **sync),
+        "batch_renorm": smallbn.BatchRenorm2d(
+            dw.C, momentum=0.1, r_max=1.0, d_max=0.0, **sync
+        ),
+        "ghost": smallbn.GhostBatchNorm2d(dw.C, group_size=64, **sync),
+        "domain": smallbn.DomainBatchNorm2d(dw.C, num_domains=1, **sync),
+    }
+    batches = [dw.make_batch("2d", 1, step, 0, n) for step, n in enumerate([3, 1, 4])]
+    eval_x = dw.make_batch("2d", 1, -1, 0, 2)[0]
+    reference = nn.BatchNorm2d(dw.C).to(dw.DTYPE)
+    dw.init_params(reference)
+    ref = dw.run_steps(reference, batches, eval_x, None)
+    for name, layer in layers.items():
+        layer = layer.to(dw.DTYPE)
+        dw.init_params(layer)
+        got = dw.run_steps(layer, batches, eval_x, None)
+        for step, (g, e) in enumerate(zip(got["steps"], ref["steps"])):
+            for key in ("y", "x_grad", "weight_grad", "bias_grad"):
+                _close(g[key], e[key], f"{name}, step {step}: {key}")
+            for key in ("running_mean", "running_var"):
+                _close(g[key].reshape(-1, dw.C)[0], e[key], f"{name}, step {step}: {key}")
+        _close(got["eval_y"], ref["eval_y"], f"{name}: eval output")
+
+
+def test_without_process_group_layers_are_plain_bn() -> None:
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialized in this process")
+    _check_plain_bn({"sync": True})
+
+
+def test_world_size_one_layers_are_plain_bn(tmp_path: Path) -> None:
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is already initialized in this process")
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "filestore"), 1), rank=0, world_size=1
+    )
+    try:
+        _check_plain_bn({"sync": True})
+        _check_plain_bn({"sync": False, "process_group": dist.group.WORLD})
+        # A single-member group needs no collective: none is attempted.
+        assert smallbn._distributed.active_group(True, None) is None
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,81 @@
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import smallbn
+from smallbn import registry
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "expected"),
+    [
+        ("bn", 1, nn.BatchNorm1d),
+        ("bn", 2, nn.BatchNorm2d),
+        ("bn", 3, nn.BatchNorm3d),
+        ("BatchNorm", 2, nn.BatchNorm2d),
+        ("brn", 1, smallbn.BatchRenorm1d),
+        ("brn", 3, smallbn.BatchRenorm3d),
+        ("brn", None, smallbn.BatchRenorm),
+        ("ghostbn", 2, smallbn.GhostBatchNorm2d),
+        ("frozenbn", 2, smallbn.FrozenBatchNorm2d),
+        ("domainbn", 3, smallbn.DomainBatchNorm3d),
+        ("syncbn", 2, smallbn.SyncBatchNorm),
+        ("syncbn", None, smallbn.SyncBatchNorm),
+        ("gn", 2, smallbn.GroupNorm),
+        ("ln", 1, smallbn.LayerNorm),
+        ("in", 3, smallbn.InstanceNorm),
+    ],
+)
+def test_build_norm_by_name(name, dim, expected):
+    layer = smallbn.build_norm(name, 32, dim=dim)
+    assert type(layer) is expected
+    assert layer.num_features == 32
+
+
+def test_build_norm_accepts_class_and_partial():
+    assert type(smallbn.build_norm(smallbn.BatchRenorm2d, 8)) is smallbn.BatchRenorm2d
+    layer = smallbn.build_norm(functools.partial(smallbn.GhostBatchNorm2d, group_size=3), 8)
+    assert isinstance(layer, smallbn.GhostBatchNorm2d) and layer.group_size == 3
+
+
+def test_build_norm_passes_device_dtype_and_options():
+    layer = smallbn.build_norm("brn", 4, dtype=torch.float64, device="cpu", r_max=2.0, eps=1e-3)
+    assert layer.weight.dtype == torch.float64 and layer.running_mean.dtype == torch.float64
+    assert layer.r_max == 2.0 and layer.eps == 1e-3
+
+
+def test_gn_fits_groups_to_channels():
+    assert smallbn.build_norm("gn", 64).num_groups == 32
+    assert smallbn.build_norm("gn", 16).num_groups == 16
+    assert smallbn.build_norm("gn", 48, num_groups=32).num_groups == 24
+    assert smallbn.build_norm("ln", 16).num_groups == 1
+    assert smallbn.build_norm("in", 16).num_groups == 16
+
+
+def test_unknown_name_lists_registered_names():
+    with pytest.raises(KeyError, match="registered names: .*brn"):
+        smallbn.build_norm("nope", 8)
+
+
+def test_bn_without_dimension_asks_for_dim():
+    with pytest.raises(ValueError, match="pass dim=1, 2 or 3"):
+        smallbn.build_norm("bn", 8, dim=None)
+
+
+def test_register_norm_rejects_duplicates_and_registers_new_names():
+    with pytest.raises(ValueError, match="already registered"):
+        smallbn.register_norm("bn", nn.BatchNorm2d)
+    smallbn.register_norm("test_identity_norm", lambda c, **kw: nn.Identity(), aliases=("tin",))
+    try:
+        assert isinstance(smallbn.build_norm("TIN", 4), nn.Identity)
+        assert "test_identity_norm" in smallbn.available_norms()
+    finally:
+        registry._FAMILIES.pop("test_identity_norm")
+        registry._ALIASES.pop("tin")
+
+
+def test_bad_spec_type():
+    with pytest.raises(TypeError, match="name, a class or a functools.partial"):
+        registry.resolve_norm(3)  # type: ignore[arg-type]
