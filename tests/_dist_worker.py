@@ -10,6 +10,7 @@ references itself.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def make_batch(
     return x, g, domain
 
 
-def init_params(layer: nn.Module) -> None:
+def init_params(layer: Any) -> None:
     """Non-trivial affine parameters, the same in every process."""
     gen = _generator(12345)
     with torch.no_grad():
@@ -76,7 +77,7 @@ def init_params(layer: nn.Module) -> None:
         layer.bias.copy_(0.2 * torch.randn(C, generator=gen, dtype=DTYPE))
 
 
-_BRN_RAMP = dict(
+_BRN_RAMP: dict[str, Any] = dict(
     momentum=0.3, r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_end=3, d_max_ramp_end=2
 )
 
@@ -148,12 +149,14 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def call(layer: nn.Module, x: Tensor, domain: Tensor | None) -> Tensor:
+def call(layer: Any, x: Tensor, domain: Tensor | None) -> Tensor:
     return layer(x) if domain is None else layer(x, domain)
 
 
 def run_steps(
-    layer: nn.Module, batches: list[tuple[Tensor, Tensor, Tensor | None]], eval_x: Tensor,
+    layer: Any,
+    batches: list[tuple[Tensor, Tensor, Tensor | None]],
+    eval_x: Tensor,
     eval_domain: Tensor | None,
 ) -> dict[str, Any]:
     """Train ``layer`` on ``batches`` (one backward each), then evaluate on ``eval_x``.
@@ -196,35 +199,36 @@ def worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             world_size=world,
             timeout=timedelta(seconds=60),
         )
-        try:
-            my_group = None
-            for ranks in PARTITIONS[world]:  # every rank must create every group
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    my_group = group
-            results = {}
-            for name, scenario in SCENARIOS.items():
-                sync: dict[str, Any] = (
-                    {"sync": False, "process_group": my_group}
-                    if scenario.explicit_group
-                    else {"sync": True}
-                )
-                layer = scenario.build(**sync).to(DTYPE)
-                init_params(layer)
-                batches = [
-                    make_batch(scenario.kind, world, step, rank, sizes[rank])
-                    for step, sizes in enumerate(SIZES[world])
-                ]
-                eval_x, _, eval_domain = make_batch(
-                    scenario.kind, world, -1, rank, EVAL_SIZES[world][rank]
-                )
-                results[name] = run_steps(layer, batches, eval_x, eval_domain)
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        my_group = None
+        for ranks in PARTITIONS[world]:  # every rank must create every group
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                my_group = group
+        results = {}
+        for name, scenario in SCENARIOS.items():
+            sync: dict[str, Any] = (
+                {"sync": False, "process_group": my_group}
+                if scenario.explicit_group
+                else {"sync": True}
+            )
+            layer = scenario.build(**sync).to(DTYPE)
+            init_params(layer)
+            batches = [
+                make_batch(scenario.kind, world, step, rank, sizes[rank])
+                for step, sizes in enumerate(SIZES[world])
+            ]
+            eval_x, _, eval_domain = make_batch(
+                scenario.kind, world, -1, rank, EVAL_SIZES[world][rank]
+            )
+            results[name] = run_steps(layer, batches, eval_x, eval_domain)
+        dist.barrier()
+        dist.destroy_process_group()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
-        # Also leave the traceback in a file: the parent reports it even if the process
-        # dies in a way that torch.multiprocessing cannot forward.
-        Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
+        # Leave the traceback in a file before this process goes down (and, with it, its
+        # connections, which makes the other ranks fail too): the parent reports every
+        # rank's traceback, ordered by the time on the first line, root cause first.
+        # (No destroy_process_group here: it would close the connections first.)
+        text = f"{time.time_ns()}\n{traceback.format_exc()}"
+        Path(out_dir, f"rank{rank}.error").write_text(text)
         raise

@@ -184,8 +184,8 @@ class RefGhostBatchNorm(RefBatchNorm):
             means.append(mean)
             unbiased.append(var * count / (count - 1))
         total = sum(counts)
-        mean_avg = sum(c * m for c, m in zip(counts, means)) / total
-        var_avg = sum(c * v for c, v in zip(counts, unbiased)) / total
+        mean_avg = sum(c * m for c, m in zip(counts, means, strict=True)) / total
+        var_avg = sum(c * v for c, v in zip(counts, unbiased, strict=True)) / total
         self._update(mean_avg, var_avg, self._next_factor())
         return torch.cat(outputs, dim=0)
 
@@ -211,8 +211,10 @@ class RefDomainBatchNorm:
         b = torch.zeros(num_features) if bias is None else bias.detach()
         self.weight = w.double().clone().requires_grad_(True)
         self.bias = b.double().clone().requires_grad_(True)
-        self.running_mean = [torch.zeros(num_features, dtype=torch.float64) for _ in range(num_domains)]
-        self.running_var = [torch.ones(num_features, dtype=torch.float64) for _ in range(num_domains)]
+        zeros = torch.zeros(num_features, dtype=torch.float64)
+        ones = torch.ones_like(zeros)
+        self.running_mean = [zeros.clone() for _ in range(num_domains)]
+        self.running_var = [ones.clone() for _ in range(num_domains)]
 
     @staticmethod
     def _ids(x: Tensor, domains: int | list[int]) -> list[int]:
@@ -240,8 +242,12 @@ class RefDomainBatchNorm:
         for n, domain in enumerate(ids):
             rows.append(
                 affine_normalize(
-                    x[n : n + 1], self.running_mean[domain], self.running_var[domain],
-                    self.eps, self.weight, self.bias,
+                    x[n : n + 1],
+                    self.running_mean[domain],
+                    self.running_var[domain],
+                    self.eps,
+                    self.weight,
+                    self.bias,
                 )[0]
             )
         return torch.stack(rows)

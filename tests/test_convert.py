@@ -55,7 +55,9 @@ def test_pretrained_bn_state_dict_loads_into_converted_model(name, images):
     converted = smallbn.convert(_pretrained_resnet(seed=2), name)
     converted.load_state_dict(pretrained.state_dict())  # strict
     if name in BN_EVAL_NAMES:
-        torch.testing.assert_close(converted.eval()(images), pretrained(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            converted.eval()(images), pretrained(images), rtol=1e-5, atol=1e-5
+        )
     if name != "domainbn":  # domain BN keeps one row of statistics per domain
         pretrained.load_state_dict(converted.state_dict())
 
@@ -134,7 +136,9 @@ def test_freeze_norms_freezes_every_norm():
 
 def test_convert_error_names_the_layer():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
-    with pytest.raises(ValueError, match=r"cannot replace '1' \(BatchNorm2d\).*track_running_stats"):
+    with pytest.raises(
+        ValueError, match=r"cannot replace '1' \(BatchNorm2d\).*track_running_stats"
+    ):
         smallbn.convert(model, "frozenbn")
 
 

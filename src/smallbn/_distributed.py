@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ProcessGroup = Any  # torch.distributed.ProcessGroup; Any keeps builds without distributed importable
+ProcessGroup = (
+    Any  # torch.distributed.ProcessGroup; Any keeps builds without distributed importable
+)
 
 __all__ = [
     "ProcessGroup",
@@ -86,5 +88,5 @@ def rank_offset(size: int, group: ProcessGroup, device: torch.device) -> tuple[i
     """``(offset, total)``: where this rank's samples start in the concatenation of all ranks'
     batches (rank order), and the total batch size."""
     sizes = all_gather_sizes(size, group, device)
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
     return sum(sizes[:rank]), sum(sizes)

@@ -38,13 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="smallbn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="convert a small ResNet to each method and train briefly")
+    demo = commands.add_parser(
+        "demo", help="convert a small ResNet to each method and train briefly"
+    )
     demo.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("--train-samples", type=int, default=6000)
     demo.add_argument("--eval-samples", type=int, default=2000)
-    demo.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits", "idx"])
+    demo.add_argument(
+        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits", "idx"]
+    )
     demo.add_argument("--data-root", default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=2)

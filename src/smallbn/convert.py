@@ -47,9 +47,8 @@ def _input_dim(module: nn.Module) -> int | None:
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next((b for b in module.buffers() if b.is_floating_point()), None)
+    tensors = [*module.parameters(), *module.buffers()]
+    tensor = next((t for t in tensors if t.is_floating_point()), None)
     return {} if tensor is None else {"device": tensor.device, "dtype": tensor.dtype}
 
 
@@ -61,24 +60,29 @@ def _statistic(value: Tensor, target_shape: torch.Size, domain: int) -> Tensor:
         return value[domain]
     if value.dim() == 1 and len(target_shape) == 2:
         return value.unsqueeze(0).expand(target_shape)
-    raise ValueError(f"cannot map running statistics of shape {tuple(value.shape)} to {tuple(target_shape)}")
+    raise ValueError(
+        f"cannot map running statistics of shape {tuple(value.shape)} to {tuple(target_shape)}"
+    )
 
 
 def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
     with torch.no_grad():
         for name in ("weight", "bias"):
-            src, dst = getattr(source, name, None), getattr(target, name, None)
-            if src is None or dst is None:
+            param, dst = getattr(source, name, None), getattr(target, name, None)
+            if param is None or dst is None:
                 continue
-            if isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter):
-                setattr(target, name, src)
+            if isinstance(param, nn.Parameter) and isinstance(dst, nn.Parameter):
+                setattr(target, name, param)
             else:
-                dst.copy_(src)
+                dst.copy_(param)
         for name in ("running_mean", "running_var"):
             src, dst = getattr(source, name, None), getattr(target, name, None)
             if src is not None and dst is not None:
                 dst.copy_(_statistic(src, dst.shape, domain))
-        src, dst = getattr(source, "num_batches_tracked", None), getattr(target, "num_batches_tracked", None)
+        src, dst = (
+            getattr(source, "num_batches_tracked", None),
+            getattr(target, "num_batches_tracked", None),
+        )
         if src is not None and dst is not None:
             dst.copy_(src)
 
@@ -87,25 +91,28 @@ def _replacement(
     name: str, module: nn.Module, spec: NormSpec, dim: int | None, kwargs: dict[str, Any]
 ) -> nn.Module:
     source_dim = _input_dim(module) if dim is None else dim
+    source: Any = module  # a torch BN or a smallbn layer: both have BN's attributes
     options: dict[str, Any] = {
-        "eps": module.eps,
-        "momentum": module.momentum,
-        "affine": module.affine,
-        "track_running_stats": module.track_running_stats,
+        "eps": source.eps,
+        "momentum": source.momentum,
+        "affine": source.affine,
+        "track_running_stats": source.track_running_stats,
         **_factory(module),
     }
     options.update(kwargs)
     domain = int(options.pop("source_domain", getattr(module, "active_domain", 0)))
     try:
-        target = resolve_norm(spec, source_dim)(module.num_features, **options)
+        target = resolve_norm(spec, source_dim)(source.num_features, **options)
     except (TypeError, ValueError, KeyError) as error:
-        raise type(error)(f"convert: cannot replace '{name}' ({type(module).__name__}): {error}") from error
+        raise type(error)(
+            f"convert: cannot replace '{name}' ({type(module).__name__}): {error}"
+        ) from error
     _transfer_state(module, target, domain)
     target.train(module.training)
     if isinstance(target, NormBase):
-        target._smallbn_name = name
+        target._smallbn_name = name  # type: ignore[assignment]
         if target._input_dim is None and source_dim is not None:
-            target._smallbn_dim = source_dim
+            target._smallbn_dim = source_dim  # type: ignore[assignment]
     return target
 
 
@@ -129,7 +136,9 @@ def convert_with_report(
     return visit(model, ""), report
 
 
-def convert(model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any) -> nn.Module:
+def convert(
+    model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any
+) -> nn.Module:
     """Replace every norm layer of ``model`` (in place) by ``spec``; returns the model.
 
     Args:
@@ -147,4 +156,3 @@ def convert(model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwarg
 def freeze_norms(model: nn.Module) -> nn.Module:
     """Replace every norm layer by a FrozenBatchNorm holding its current statistics."""
     return convert(model, "frozenbn")
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -20,15 +20,15 @@ from smallbn import layers
 
 __all__ = ["NormSpec", "available_norms", "build_norm", "register_norm", "resolve_norm"]
 
-NormSpec = Union[str, type, functools.partial]
-Family = Mapping[Union[int, None], Callable[..., nn.Module]]
+NormSpec = str | type | functools.partial
+Family = Mapping[int | None, Callable[..., nn.Module]]
 
 _FAMILIES: dict[str, Family] = {}
 _ALIASES: dict[str, str] = {}
 
 
 def _family(agnostic: Callable[..., nn.Module] | None, *by_dim: Callable[..., nn.Module]) -> Family:
-    family: dict[int | None, Callable[..., nn.Module]] = dict(zip((1, 2, 3), by_dim))
+    family: dict[int | None, Callable[..., nn.Module]] = dict(zip((1, 2, 3), by_dim, strict=False))
     if agnostic is not None:
         family[None] = agnostic
     return family
@@ -86,7 +86,9 @@ def resolve_norm(spec: NormSpec, dim: int | None = 2) -> Callable[..., nn.Module
     )
 
 
-def build_norm(spec: NormSpec, num_features: int, *, dim: int | None = 2, **kwargs: Any) -> nn.Module:
+def build_norm(
+    spec: NormSpec, num_features: int, *, dim: int | None = 2, **kwargs: Any
+) -> nn.Module:
     """Build the norm layer ``spec`` for ``num_features`` channels.
 
     ``kwargs`` go to the constructor (``eps``, ``momentum``, ``affine``, ``device``,

@@ -33,6 +33,7 @@ __all__ = [
     "Moments",
     "all_gather_moments",
     "channel_moments",
+    "channel_view",
     "merge_moments",
     "normalize",
     "sample_moments",
@@ -161,13 +162,14 @@ def all_gather_moments(moments: Moments, group: _distributed.ProcessGroup | None
     packed = torch.cat([moments.count.unsqueeze(-1), moments.mean, moments.var], dim=-1)
     gathered = _distributed.all_gather_with_grad(packed, group)
     channels = moments.mean.shape[-1]
-    return Moments(
-        gathered[..., 0], gathered[..., 1 : 1 + channels], gathered[..., 1 + channels :]
-    )
+    # Counts are constants: detached, so reading them (``float(count)``) does not warn.
+    count = gathered[..., 0].detach()
+    mean, var = gathered[..., 1 : 1 + channels], gathered[..., 1 + channels :]
+    return Moments(count, mean, var)
 
 
 def channel_view(stat: Tensor, x: Tensor) -> Tensor:
-    """Reshape a ``(C,)`` or ``(N, C)`` statistic to broadcast against ``x`` ``(N, C, *spatial)``."""
+    """Reshape a ``(C,)`` or ``(N, C)`` statistic to broadcast against ``(N, C, *spatial)``."""
     lead = (1, stat.shape[0]) if stat.dim() == 1 else tuple(stat.shape)
     return stat.reshape(*lead, *([1] * (x.dim() - 2)))
 
@@ -183,16 +185,19 @@ def normalize(
     """``y = (x − μ) / sqrt(σ² + eps) · γ + β`` with per-channel or per-sample statistics.
 
     ``mean``/``var`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (one set per sample).
-    The scale is formed in the statistics dtype and applied in ``x``'s dtype; subtracting
-    the mean before scaling keeps half-precision outputs exact where ``|μ| ≫ σ``.
+    Half-precision inputs are normalized in float32 and rounded once at the end, as torch's
+    BN kernels do: rounding the mean to bfloat16 first would cost ``2⁻⁹·|μ|/σ`` of accuracy.
     """
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
-    y = (x - channel_view(mean, x).to(x.dtype)) * channel_view(scale, x).to(x.dtype)
+    y = (compute - channel_view(mean, x).to(compute.dtype)) * channel_view(scale, x).to(
+        compute.dtype
+    )
     if bias is not None:
-        y = y + channel_view(bias, x).to(x.dtype)
-    return y
+        y = y + channel_view(bias, x).to(compute.dtype)
+    return y.to(x.dtype)
 
 
 @torch.no_grad()

@@ -30,7 +30,11 @@ class DemoRow:
 
 def _options(method: str, steps: int, batch_size: int) -> dict[str, Any]:
     if method == "brn":  # the paper's 5k/25k/40k ramp, scaled to the demo's length
-        return {"warmup_steps": steps // 8, "d_max_ramp_end": steps // 2, "r_max_ramp_end": steps * 4 // 5}
+        return {
+            "warmup_steps": steps // 8,
+            "d_max_ramp_end": steps // 2,
+            "r_max_ramp_end": steps * 4 // 5,
+        }
     if method == "ghostbn":
         return {"group_size": max(batch_size // 2, 1)}
     return {}
@@ -61,17 +65,30 @@ def run_demo(
             model, batches(train_x, train_y, batch_size, generator), steps, lr=0.02, progress=method
         )
         layer = type(model.stem_norm).__name__
-        rows.append(DemoRow(method, layer, evaluate(model, test_x, test_y), result.final_loss,
-                            1000 * result.seconds_per_step))
+        rows.append(
+            DemoRow(
+                method,
+                layer,
+                evaluate(model, test_x, test_y),
+                result.final_loss,
+                1000 * result.seconds_per_step,
+            )
+        )
         print(f"{method:>9}: test error {100 * rows[-1].error:5.1f}%", flush=True)
     return rows
 
 
 def format_table(rows: list[DemoRow], title: str) -> str:
     """A Markdown table of the demo's rows."""
-    lines = [title, "", "| method | layer | test error | final loss | ms/step |", "|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "| method | layer | test error | final loss | ms/step |",
+        "|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
-            f"| {row.method} | {row.layer} | {100 * row.error:.1f}% | {row.loss:.3f} | {row.ms_per_step:.1f} |"
+            f"| {row.method} | {row.layer} | {100 * row.error:.1f}% | {row.loss:.3f} "
+            f"| {row.ms_per_step:.1f} |"
         )
     return "\n".join(lines)

@@ -17,7 +17,12 @@ class BasicBlock(nn.Module):
     """conv3×3 → norm → ReLU → conv3×3 → norm, plus a (projected) shortcut, → ReLU."""
 
     def __init__(
-        self, in_channels: int, channels: int, stride: int, norm: NormSpec, norm_kwargs: dict[str, Any]
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int,
+        norm: NormSpec,
+        norm_kwargs: dict[str, Any],
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)

@@ -44,7 +44,9 @@ def train_steps(
     progress: str | None = None,
 ) -> TrainResult:
     """Plain SGD with a cosine learning-rate schedule for ``steps`` steps."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     model.train()
     loss = torch.zeros(())

@@ -15,7 +15,12 @@ from smallbn.layers.frozen import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
-from smallbn.layers.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from smallbn.layers.ghost import (
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
 from smallbn.layers.group_norm import GroupNorm, InstanceNorm, LayerNorm
 from smallbn.layers.sync import SyncBatchNorm
 

@@ -61,6 +61,11 @@ class NormBase(nn.Module):
     _family: ClassVar[str] = ""
     _affine_as_buffers: ClassVar[bool] = False
 
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
     num_features: int
     eps: float
     momentum: float | None
@@ -96,7 +101,10 @@ class NormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         if affine:
-            weight, bias = torch.empty(num_features, **factory), torch.empty(num_features, **factory)
+            weight, bias = (
+                torch.empty(num_features, **factory),
+                torch.empty(num_features, **factory),
+            )
             if self._affine_as_buffers:
                 self.register_buffer("weight", weight)
                 self.register_buffer("bias", bias)
@@ -124,16 +132,25 @@ class NormBase(nn.Module):
     def _stats_shape(self) -> tuple[int, ...]:
         return (self.num_features,)
 
+    def running_stats(self) -> tuple[Tensor, Tensor]:
+        """``(running_mean, running_var)``; an error for layers built without them."""
+        if self.running_mean is None or self.running_var is None:
+            raise RuntimeError(
+                f"{self.describe()}: has no running statistics (built with "
+                f"track_running_stats=False)"
+            )
+        return self.running_mean, self.running_var
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
+            running_mean, running_var = self.running_stats()
+            running_mean.zero_()
+            running_var.fill_(1)
             self.num_batches_tracked.zero_()  # type: ignore[union-attr]
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None and self.bias is not None:
             with torch.no_grad():
                 self.weight.fill_(1.0)
                 self.bias.zero_()
@@ -156,11 +173,18 @@ class NormBase(nn.Module):
         expected = _RANKS.get(self._input_dim) if self._input_dim else None
         if (expected is not None and x.dim() not in expected) or x.dim() < 2:
             want = _SHAPES[self._input_dim] if self._input_dim else "(N, C, *spatial)"
-            family = self._family or type(self).__name__.rstrip("123d")
-            hint = ", ".join(f"{family}{d}d for {s}" for d, s in _SHAPES.items())
+            if self._input_dim:
+                family = self._family or type(self).__name__.rstrip("123d")
+                variants = ", ".join(f"{family}{d}d for {s}" for d, s in _SHAPES.items())
+                hint = f"Use {variants}, or reshape the input."
+            else:  # any rank >= 2 is accepted: only the batch or channel dim can be missing
+                hint = (
+                    "Add the missing batch dim (x.unsqueeze(0) for one sample), or reshape "
+                    "the input."
+                )
             raise ValueError(
                 f"{self.describe()}: expected a {want} input, got a {x.dim()}D tensor of shape "
-                f"{tuple(x.shape)}. Use {hint}, or reshape the input."
+                f"{tuple(x.shape)}. {hint}"
             )
         if x.shape[1] != self.num_features:
             raise ValueError(
@@ -233,16 +257,25 @@ class BatchStatsNorm(NormBase):
 
     # -- the forward template --------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args: Any) -> Tensor:
+        """Batch statistics in training (or without running stats), running ones in eval.
+
+        ``args`` are passed on to ``_forward_train``/``_forward_eval`` (e.g. a domain id).
+        """
         self._check_input(x)
         if self.training or not self.track_running_stats:
-            return self._forward_train(x, self._advance_step())
-        return self._forward_eval(x)
+            factor = self._advance_step()
+            try:
+                return self._forward_train(x, factor, *args)
+            except (ValueError, FloatingPointError):
+                self._undo_step(factor)
+                raise
+        return self._forward_eval(x, *args)
 
-    def _forward_eval(self, x: Tensor) -> Tensor:
-        return normalize(x, self.running_mean, self.running_var, self.eps, self.weight, self.bias)
+    def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
+        return normalize(x, *self.running_stats(), self.eps, self.weight, self.bias)
 
-    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+    def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         """Normalize with batch statistics; update running stats with ``factor`` if given."""
         raise NotImplementedError
 
@@ -250,10 +283,18 @@ class BatchStatsNorm(NormBase):
         """Count a training step; return the running-average factor, or None if not tracking."""
         if not (self.training and self.track_running_stats):
             return None
-        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)  # cumulative moving average
         return self.momentum
+
+    def _undo_step(self, factor: float | None) -> None:
+        """Uncount a step whose batch was rejected (too small, NaN/Inf): a caller that skips
+        the batch and goes on must find the layer as it was (the cumulative average and the
+        BRN schedule read the step counter)."""
+        if factor is not None:
+            self.num_batches_tracked.sub_(1)  # type: ignore[union-attr]
 
     # -- batch statistics ----------------------------------------------------------------
 
@@ -282,12 +323,10 @@ class BatchStatsNorm(NormBase):
         self._check_finite(moments)
         return moments
 
-    def _update_running(self, moments: Moments, factor: float | None) -> None:
-        """BN's running average of the batch mean and Bessel-corrected batch variance."""
+    def _update_running(self, mean: Tensor, unbiased_var: Tensor, factor: float | None) -> None:
+        """BN's running average of a batch mean and Bessel-corrected variance (if tracking)."""
         if factor is not None:
-            update_running_stats(
-                self.running_mean, self.running_var, moments.mean, moments.unbiased_var(), factor
-            )
+            update_running_stats(*self.running_stats(), mean, unbiased_var, factor)
 
     def _raise_too_small(self, x: Tensor, count: int, what: str = "the batch") -> None:
         raise ValueError(
@@ -309,5 +348,6 @@ class BatchStatsNorm(NormBase):
             f"{self.describe()}: batch statistics are NaN or Inf in channel(s) {shown}: the "
             f"input to this layer contains NaN/Inf. Find the source with "
             f"torch.autograd.set_detect_anomaly(True); usual fixes are a lower learning rate, "
-            f"gradient clipping, or a larger eps. (smallbn.set_finite_check(False) skips this check.)"
+            f"gradient clipping, or a larger eps. (smallbn.set_finite_check(False) skips this "
+            f"check.)"
         )

@@ -69,8 +69,15 @@ class BatchRenorm(BatchStatsNorm):
                 f"d_max={d_max} (r_max=1, d_max=0 is plain BN)"
             )
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            sync=sync, process_group=process_group,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
         )
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps = int(warmup_steps)
@@ -92,21 +99,24 @@ class BatchRenorm(BatchStatsNorm):
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
         moments = self._batch_moments(x)
-        weight, bias = self.weight, self.bias
+        weight: Tensor | None = self.weight
+        bias: Tensor | None = self.bias
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None
+            running_mean, running_var = self.running_stats()
             # r, d use the running statistics before this step's update (paper, Alg. 1).
             r_max, d_max = self.current_limits(self.num_batches_tracked - 1)
             r_max, d_max = r_max.to(moments.var), d_max.to(moments.var)
-            running_std = torch.sqrt(self.running_var.to(moments.var) + self.eps)
+            running_std = torch.sqrt(running_var.to(moments.var) + self.eps)
             with torch.no_grad():
                 batch_std = torch.sqrt(moments.var + self.eps)
                 r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
-                d = (moments.mean - self.running_mean.to(moments.mean)) / running_std
+                d = (moments.mean - running_mean.to(moments.mean)) / running_std
                 d = torch.minimum(torch.maximum(d, -d_max), d_max)
-            gamma = self.weight if self.affine else torch.ones_like(r)
-            beta = self.bias if self.affine else torch.zeros_like(d)
+            gamma = self.weight if self.weight is not None else torch.ones_like(r)
+            beta = self.bias if self.bias is not None else torch.zeros_like(d)
             weight, bias = gamma * r, beta + gamma * d
-        self._update_running(moments, factor)
+        self._update_running(moments.mean, moments.unbiased_var(), factor)
         return normalize(x, moments.mean, moments.var, self.eps, weight, bias)
 
 

@@ -68,8 +68,15 @@ class DomainBatchNorm(BatchStatsNorm):
             )
         self.num_domains = int(num_domains)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            sync=sync, process_group=process_group,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
         )
         self.active_domain = 0
 
@@ -94,7 +101,9 @@ class DomainBatchNorm(BatchStatsNorm):
                     f"{self.describe()}: got {index.numel()} domain ids for a batch of "
                     f"{x.shape[0]} samples; pass one id per sample or a single int"
                 )
-            bad = bool(((index < 0) | (index >= self.num_domains)).any()) if index.numel() else False
+            bad = (
+                bool(((index < 0) | (index >= self.num_domains)).any()) if index.numel() else False
+            )
         else:
             bad = not 0 <= int(domain) < self.num_domains
             index = torch.full((x.shape[0],), int(domain), dtype=torch.long, device=x.device)
@@ -106,25 +115,31 @@ class DomainBatchNorm(BatchStatsNorm):
         return index
 
     def forward(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:  # type: ignore[override]
-        self._check_input(x)
-        index = self._domain_index(x, domain)
-        if not (self.training or not self.track_running_stats):
-            return normalize(
-                x, self.running_mean[index], self.running_var[index], self.eps,
-                self.weight, self.bias,
-            )
-        factor = self._advance_step()
+        """Normalize ``x`` with the statistics of ``domain`` (an int, or one id per sample;
+        default: ``active_domain``)."""
+        return super().forward(x, domain)
+
+    def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
+        index = self._domain_index(x, args[0])
+        running_mean, running_var = self.running_stats()
+        return normalize(
+            x, running_mean[index], running_var[index], self.eps, self.weight, self.bias
+        )
+
+    def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
+        index = self._domain_index(x, args[0])
         domains = self._grouped_moments(x, index, self.num_domains)
         present = domains.count > 0
         too_small = present & (domains.count <= 1)
         if bool(too_small.any()):
-            what = f"domain {torch.nonzero(too_small).flatten().tolist()}"
-            self._raise_too_small(x, 1, what)
+            self._raise_too_small(x, 1, f"domain {torch.nonzero(too_small).flatten().tolist()}")
         if factor is not None:
+            # Only the domains present in the batch move.
+            running_mean, running_var = self.running_stats()
             with torch.no_grad():
-                weight = (factor * present.to(self.running_mean.dtype)).unsqueeze(-1)
-                self.running_mean.lerp_(domains.mean.to(self.running_mean), weight)
-                self.running_var.lerp_(domains.unbiased_var().to(self.running_var), weight)
+                weight = (factor * present.to(running_mean.dtype)).unsqueeze(-1)
+                running_mean.lerp_(domains.mean.to(running_mean), weight)
+                running_var.lerp_(domains.unbiased_var().to(running_var), weight)
         return normalize(
             x, domains.mean[index], domains.var[index], self.eps, self.weight, self.bias
         )
@@ -160,5 +175,5 @@ def use_domain(model: nn.Module, domain: int) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, d in zip(layers, previous):
+        for m, d in zip(layers, previous, strict=True):
             m.active_domain = d

@@ -49,7 +49,7 @@ class FrozenBatchNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return normalize(x, self.running_mean, self.running_var, self.eps, self.weight, self.bias)
+        return normalize(x, *self.running_stats(), self.eps, self.weight, self.bias)
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):

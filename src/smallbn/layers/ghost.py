@@ -22,7 +22,7 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import normalize, update_running_stats
+from smallbn.stats import normalize
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -53,8 +53,15 @@ class GhostBatchNorm(BatchStatsNorm):
         if int(group_size) < 1:
             raise ValueError(f"{type(self).__name__}: group_size must be >= 1, got {group_size}")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            sync=sync, process_group=process_group,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
         )
         self.group_size = int(group_size)
 
@@ -80,12 +87,8 @@ class GhostBatchNorm(BatchStatsNorm):
         if factor is not None:
             # The average of what the groups were normalized with (count-weighted).
             weight = (groups.count / groups.count.sum()).unsqueeze(-1)
-            update_running_stats(
-                self.running_mean,
-                self.running_var,
-                (weight * groups.mean).sum(0),
-                (weight * groups.unbiased_var()).sum(0),
-                factor,
+            self._update_running(
+                (weight * groups.mean).sum(0), (weight * groups.unbiased_var()).sum(0), factor
             )
         return normalize(x, groups.mean[index], groups.var[index], self.eps, self.weight, self.bias)
 

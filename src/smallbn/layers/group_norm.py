@@ -15,6 +15,8 @@ computation never reads them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,10 +66,22 @@ class GroupNorm(NormBase):
         return self._default_groups
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, affine={self.affine}"
+        return (
+            f"{self.num_features}, num_groups={self.num_groups}, eps={self.eps}, "
+            f"affine={self.affine}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if (self.num_features // self.num_groups) * math.prod(x.shape[2:]) <= 1:
+            # torch raises only for a batch of one ("... when training", even in eval mode)
+            # and otherwise returns the bias alone
+            raise ValueError(
+                f"{self.describe()}: each of its {self.num_groups} groups holds a single value "
+                f"per sample (input shape {tuple(x.shape)}), so the output would be the bias "
+                f"alone. Use fewer groups (LayerNorm, or a smaller num_groups), or an input "
+                f"with spatial dims."
+            )
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 

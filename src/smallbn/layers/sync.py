@@ -47,11 +47,18 @@ class SyncBatchNorm(BatchStatsNorm):
         sync: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            sync=sync, process_group=process_group,
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
         )
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
         moments = self._batch_moments(x)
-        self._update_running(moments, factor)
+        self._update_running(moments.mean, moments.unbiased_var(), factor)
         return normalize(x, moments.mean, moments.var, self.eps, self.weight, self.bias)

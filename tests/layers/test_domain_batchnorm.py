@@ -1,0 +1,283 @@
+"""Domain-specific BN: BN per domain against the float64 reference (an int domain, per-sample
+domain ids, absent domains), BN checkpoints broadcast to every domain, use_domain, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from _layer_checks import (
+    BN_STATE_KEYS,
+    SHAPES,
+    TORCH_BN,
+    cases,
+    check_step,
+    close,
+    make_input,
+    randomize_affine,
+    run_case,
+    shape_id,
+    upstream,
+)
+from reference import RefDomainBatchNorm
+from smallbn import (
+    DomainBatchNorm,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+    use_domain,
+)
+
+DOMAIN = {2: DomainBatchNorm1d, 3: DomainBatchNorm1d, 4: DomainBatchNorm2d, 5: DomainBatchNorm3d}
+
+
+def lockstep(layer, ref, shape, schedule, seed=0):
+    """Train both on ``schedule`` (a list of domains args: int or per-sample list), then
+    evaluate on every domain; compares outputs, gradients and per-domain running stats."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [("weight", layer.weight, ref.weight), ("bias", layer.bias, ref.bias)]
+    for step, domains in enumerate(schedule):
+        arg = domains if isinstance(domains, int) else torch.tensor(domains)
+        x = make_input(shape, seed + step, loc=float(step), scale=1.0 + step)
+        g = upstream(shape, gen)
+        check_step(
+            lambda u, arg=arg: layer(u, domain=arg),
+            lambda u, domains=domains: ref.train_step(u, domains),
+            x,
+            g,
+            1e-6,
+            params,
+        )
+        for name in ("running_mean", "running_var"):
+            expected = torch.stack(getattr(ref, name))
+            close(getattr(layer, name), expected, 1e-6, f"{name} after step {step}")
+    layer.eval()
+    per_sample = [n % layer.num_domains for n in range(shape[0])]
+    for domains in [*range(layer.num_domains), per_sample]:
+        arg = domains if isinstance(domains, int) else torch.tensor(domains)
+        x = make_input(shape, seed + 77, loc=0.5)
+        g = upstream(shape, gen)
+        check_step(
+            lambda u, arg=arg: layer(u, domain=arg),
+            lambda u, domains=domains: ref.eval(u, domains),
+            x,
+            g,
+            1e-6,
+            params,
+        )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_int_domain_matches_reference(shape):
+    layer = DOMAIN[len(shape)](shape[1], num_domains=3, momentum=0.2, dtype=torch.float64)
+    weight, bias = randomize_affine(layer, 1)
+    ref = RefDomainBatchNorm(shape[1], 3, momentum=0.2, weight=weight, bias=bias)
+    lockstep(layer, ref, shape, [0, 2, 2, 0])  # domain 1 never seen: keeps its initial stats
+    assert (layer.running_mean[1] == 0).all() and (layer.running_var[1] == 1).all()
+
+
+@pytest.mark.parametrize(
+    "shape, schedule",
+    [
+        ((6, 3), [[0, 1, 1, 0, 2, 2], [2, 2, 2, 1, 1, 1]]),
+        ((5, 2, 4), [[0, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 2, 0, 2, 2]]),
+        ((4, 3, 2, 3), [[2, 0, 0, 2], [0, 1, 2, 0]]),  # single samples with spatial dims
+        ((3, 2, 2, 2, 2), [[1, 0, 1], [0, 0, 0]]),
+    ],
+    ids=str,
+)
+def test_per_sample_domains_match_reference(shape, schedule):
+    layer = DOMAIN[len(shape)](shape[1], num_domains=3, momentum=0.1, dtype=torch.float64)
+    weight, bias = randomize_affine(layer, 2)
+    ref = RefDomainBatchNorm(shape[1], 3, momentum=0.1, weight=weight, bias=bias)
+    lockstep(layer, ref, shape, schedule)
+
+
+def test_one_domain_is_batchnorm():
+    shape = (4, 3, 5, 5)
+    layer = DomainBatchNorm2d(3, num_domains=1, dtype=torch.float64)
+    bn = TORCH_BN[4](3, dtype=torch.float64)
+    for step in range(3):
+        x = make_input(shape, step, loc=step)
+        torch.testing.assert_close(layer(x), bn(x))
+    torch.testing.assert_close(layer.running_var[0], bn.running_var)
+    layer.eval()
+    bn.eval()
+    x = make_input(shape, 9)
+    torch.testing.assert_close(layer(x), bn(x))
+
+
+@given(cases(), st.integers(1, 3), st.data())
+def test_matches_reference_over_shapes_and_dtypes(case, num_domains, data):
+    n = case.shape[0]
+    # any ids where every sample has >= 2 values (each then spans both signs of
+    # conditioned_input); one domain for the whole batch otherwise
+    if case.values_per_sample >= 2:
+        ids = data.draw(st.lists(st.integers(0, num_domains - 1), min_size=n, max_size=n))
+    else:
+        ids = data.draw(st.sampled_from([[0] * n, [num_domains - 1] * n]))
+    layer = DomainBatchNorm(
+        case.shape[1], num_domains=num_domains, momentum=0.3, dtype=case.param_dtype
+    )
+    weight, bias = randomize_affine(layer, case.seed)
+    ref = RefDomainBatchNorm(case.shape[1], num_domains, momentum=0.3, weight=weight, bias=bias)
+    run_case(
+        layer,
+        ref,
+        case,
+        steps=2,
+        layer_call=lambda m, x, step: m(x, domain=torch.tensor(ids)),
+        ref_train=lambda r, x, step: r.train_step(x, ids),
+        ref_eval=lambda r, x: r.eval(x, ids),
+    )
+
+
+def test_bn_checkpoint_loads_into_every_domain():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.num_batches_tracked.fill_(11)
+    layer = DomainBatchNorm2d(4, num_domains=3)
+    layer.load_state_dict(bn.state_dict(), strict=True)
+    assert list(layer.state_dict().keys()) == BN_STATE_KEYS
+    assert layer.running_mean.shape == layer.running_var.shape == (3, 4)
+    for d in range(3):
+        torch.testing.assert_close(layer.running_mean[d], bn.running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(layer.running_var[d], bn.running_var, rtol=0, atol=0)
+    torch.testing.assert_close(layer.weight, bn.weight, rtol=0, atol=0)
+    assert int(layer.num_batches_tracked) == 11
+    # and every domain then normalizes as the BN did
+    layer.eval()
+    bn.eval()
+    x = torch.randn(2, 4, 3, 3)
+    for d in range(3):
+        torch.testing.assert_close(layer(x, domain=d), bn(x))
+    # its own checkpoint round-trips
+    again = DomainBatchNorm2d(4, num_domains=3)
+    again.load_state_dict(layer.state_dict(), strict=True)
+    torch.testing.assert_close(again.running_var, layer.running_var, rtol=0, atol=0)
+
+
+def test_use_domain_selects_the_domain_for_a_whole_model_and_restores_it():
+    model = nn.Sequential(
+        DomainBatchNorm1d(3, num_domains=3), nn.ReLU(), DomainBatchNorm1d(3, num_domains=3)
+    )
+    model.eval()
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.running_mean.copy_(torch.arange(3.0)[:, None].expand(3, 3))
+    x = torch.randn(4, 3)
+    with use_domain(model, 2) as same:
+        assert same is model
+        assert model[0].active_domain == model[2].active_domain == 2
+        y = model(x)
+    assert model[0].active_domain == model[2].active_domain == 0
+    torch.testing.assert_close(y, model[2](torch.relu(model[0](x, domain=2)), domain=2))
+    assert not torch.allclose(y, model(x))
+    # restored also when the block raises
+    with pytest.raises(KeyError):
+        with use_domain(model, 1):
+            raise KeyError("boom")
+    assert model[0].active_domain == 0
+    # training in the block updates the chosen domain only
+    model.train()
+    with use_domain(model, 1):
+        model(torch.randn(8, 3) + 5)
+    assert (model[0].running_mean[1] > 0.3).all()
+    torch.testing.assert_close(model[0].running_mean[[0, 2]], torch.tensor([[0.0] * 3, [2.0] * 3]))
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "domain", [3, -1, torch.tensor([0, 1, 3, 0]), torch.tensor([0, -1, 0, 0])], ids=str
+)
+def test_rejects_out_of_range_domain(domain):
+    layer = DomainBatchNorm1d(2, num_domains=3)
+    for mode in (True, False):
+        layer.train(mode)
+        with pytest.raises(
+            ValueError,
+            match=r"DomainBatchNorm1d\(2\): domain ids must lie in \[0, 3\), got .*larger "
+            r"num_domains",
+        ):
+            layer(torch.randn(4, 2), domain=domain)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_rejects_wrong_number_of_domain_ids_and_bad_use_domain():
+    layer = DomainBatchNorm1d(2, num_domains=2)
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm1d\(2\): got 3 domain ids for a batch of 4 samples; pass one id per "
+        r"sample",
+    ):
+        layer(torch.randn(4, 2), domain=torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"DomainBatchNorm1d\(2\): domain 5 not in \[0, 2\)"):
+        with use_domain(layer, 5):
+            pass
+    assert layer.active_domain == 0
+
+
+def test_rejects_a_domain_with_one_value_in_training():
+    layer = DomainBatchNorm1d(2, num_domains=2)
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm1d\(2\): training needs more than one value per channel.*domain "
+        r"\[1\].*larger batch",
+    ):
+        layer(torch.randn(4, 2), domain=torch.tensor([0, 0, 0, 1]))
+    assert int(layer.num_batches_tracked) == 0 and (layer.running_var == 1).all()
+
+
+def test_rejects_wrong_rank_channels_and_non_finite_input():
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm3d\(2\): expected a \(N, C, D, H, W\) input, got a 4D "
+        r"tensor.*DomainBatchNorm2d for \(N, C, H, W\)",
+    ):
+        DomainBatchNorm3d(2)(torch.randn(2, 2, 3, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm2d\(2\): expected 2 channels in dim 1, got 3",
+    ):
+        DomainBatchNorm2d(2)(torch.randn(2, 3, 3, 3))
+    x = torch.randn(4, 2, 3)
+    x[3, 0, 0] = float("nan")
+    layer = DomainBatchNorm1d(2)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"DomainBatchNorm1d\(2\): batch statistics are NaN or Inf in channel\(s\) \[0\]",
+    ):
+        layer(x, domain=torch.tensor([0, 0, 1, 1]))
+    assert int(layer.num_batches_tracked) == 0 and (layer.running_mean == 0).all()
+
+
+def test_rejects_incompatible_checkpoint():
+    with pytest.raises(
+        RuntimeError,
+        match=r"DomainBatchNorm2d\(8\): incompatible checkpoint.*\(2, 8\)",
+    ):
+        DomainBatchNorm2d(8).load_state_dict(nn.BatchNorm2d(16).state_dict())
+    with pytest.raises(RuntimeError, match=r"DomainBatchNorm2d\(4\): incompatible checkpoint"):
+        DomainBatchNorm2d(4, num_domains=3).load_state_dict(
+            DomainBatchNorm2d(4, num_domains=2).state_dict()
+        )
+
+
+def test_rejects_bad_constructor_args():
+    with pytest.raises(ValueError, match=r"DomainBatchNorm2d: num_domains must be >= 1, got 0"):
+        DomainBatchNorm2d(4, num_domains=0)
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm2d: momentum=None .* not supported .*pass a momentum",
+    ):
+        DomainBatchNorm2d(4, momentum=None)
+    with pytest.raises(ValueError, match=r"DomainBatchNorm2d: momentum .* must lie in \[0, 1\]"):
+        DomainBatchNorm2d(4, momentum=1.5)

@@ -1,0 +1,347 @@
+"""The statistics core (smallbn.stats, smallbn._distributed) against numpy float64 and
+against direct formulas: moments, merging by count and by index, accumulation dtypes,
+memory formats, numerical accuracy at large offsets, and gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smallbn import _distributed
+from smallbn.stats import (
+    Moments,
+    all_gather_moments,
+    channel_moments,
+    merge_moments,
+    normalize,
+    sample_moments,
+    stats_dtype,
+    update_running_stats,
+)
+
+SHAPES = [(5, 3), (1, 3, 6), (4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 3, 4), (1, 2, 1, 1)]
+
+
+def np_channel(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
+    """numpy float64 (count, mean, biased var) per channel over (N, *spatial)."""
+    a = np.moveaxis(x.detach().double().numpy(), 1, 0).reshape(x.shape[1], -1)
+    return a.shape[1], a.mean(axis=1), a.var(axis=1)
+
+
+def np_sample(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
+    """numpy float64 (count, mean, biased var) per (sample, channel) over *spatial."""
+    a = x.detach().double().numpy().reshape(x.shape[0], x.shape[1], -1)
+    return a.shape[2], a.mean(axis=2), a.var(axis=2)
+
+
+def rand(shape: tuple[int, ...], seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5).to(dtype)
+
+
+def stack(parts: list[Moments]) -> Moments:
+    return Moments(
+        torch.stack([p.count for p in parts]),
+        torch.stack([p.mean for p in parts]),
+        torch.stack([p.var for p in parts]),
+    )
+
+
+def assert_np(actual: torch.Tensor, expected: np.ndarray, tol: float = 1e-10) -> None:
+    np.testing.assert_allclose(actual.detach().double().numpy(), expected, rtol=tol, atol=tol)
+
+
+# -- channel_moments / sample_moments ------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_channel_moments_match_numpy(shape):
+    x = rand(shape)
+    m = channel_moments(x)
+    count, mean, var = np_channel(x)
+    assert m.count.shape == () and float(m.count) == count
+    assert m.mean.shape == m.var.shape == (shape[1],)
+    assert_np(m.mean, mean)
+    assert_np(m.var, var)
+    assert_np(m.second_moment, var + mean**2)
+    if count > 1:
+        assert_np(m.unbiased_var(), var * count / (count - 1))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sample_moments_match_numpy(shape):
+    x = rand(shape, seed=1)
+    m = sample_moments(x)
+    count, mean, var = np_sample(x)
+    assert m.count.shape == (shape[0],) and (m.count == count).all()
+    assert m.mean.shape == m.var.shape == shape[:2]
+    assert_np(m.mean, mean)
+    assert_np(m.var, var)  # a (N, C) input: each sample's variance is 0
+
+
+def test_unbiased_var_of_single_values_is_the_biased_one():
+    m = Moments(torch.tensor([1.0, 4.0]), torch.zeros(2, 3), torch.full((2, 3), 2.0))
+    torch.testing.assert_close(m.unbiased_var(), torch.tensor([[2.0] * 3, [2.0 * 4 / 3] * 3]))
+
+
+def test_empty_batch_gives_zero_count_and_keeps_the_graph():
+    x = torch.randn(0, 3, 4, dtype=torch.float64, requires_grad=True)
+    m = channel_moments(x)
+    assert float(m.count) == 0 and (m.mean == 0).all() and (m.var == 0).all()
+    (m.mean.sum() + m.var.sum()).backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_stats_dtype():
+    assert stats_dtype(torch.float64) == torch.float64
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert stats_dtype(dtype) == torch.float32
+
+
+# -- merging ---------------------------------------------------------------------------------
+
+
+@st.composite
+def split_batches(draw):
+    """A float64 batch (N, C, *spatial), 0 to 3 spatial dims, and a split of N into pieces
+    (empty pieces allowed, N may be 1)."""
+    pieces = draw(st.lists(st.integers(0, 4), min_size=1, max_size=6))
+    if sum(pieces) == 0:
+        pieces[draw(st.integers(0, len(pieces) - 1))] = 1
+    spatial = draw(st.lists(st.integers(1, 4), min_size=0, max_size=3))
+    channels = draw(st.integers(1, 4))
+    shape = (sum(pieces), channels, *spatial)
+    loc = draw(st.sampled_from([0.0, 3.0, -100.0]))
+    x = rand(shape, seed=draw(st.integers(0, 2**16))) + loc
+    return x, pieces
+
+
+@given(split_batches())
+def test_merge_of_any_split_equals_moments_of_the_whole(batch):
+    x, pieces = batch
+    parts = [channel_moments(p) for p in torch.split(x, pieces, dim=0)]
+    merged = merge_moments(stack(parts))
+    count, mean, var = np_channel(x)
+    assert float(merged.count) == count
+    assert_np(merged.mean, mean, 1e-9)
+    assert_np(merged.var, var, 1e-9)
+    if count > 1:
+        assert_np(merged.unbiased_var(), var * count / (count - 1), 1e-9)
+    # merging per-sample summaries (Ghost BN's route) gives the same
+    per_sample = merge_moments(sample_moments(x))
+    assert_np(per_sample.mean, mean, 1e-9)
+    assert_np(per_sample.var, var, 1e-9)
+
+
+@given(split_batches(), st.integers(1, 4), st.data())
+def test_merge_by_index_equals_moments_of_each_group(batch, num_groups, data):
+    x, _ = batch
+    n = x.shape[0]
+    groups = data.draw(st.lists(st.integers(0, num_groups - 1), min_size=n, max_size=n))
+    index = torch.tensor(groups, dtype=torch.long)
+    merged = merge_moments(sample_moments(x), index, num_groups)
+    assert merged.count.shape == (num_groups,)
+    assert merged.mean.shape == merged.var.shape == (num_groups, x.shape[1])
+    for g in range(num_groups):
+        members = [i for i, k in enumerate(groups) if k == g]
+        if not members:  # an empty group: zero count, zero mean and variance
+            assert float(merged.count[g]) == 0
+            assert (merged.mean[g] == 0).all() and (merged.var[g] == 0).all()
+            continue
+        count, mean, var = np_channel(x[members])
+        assert float(merged.count[g]) == count
+        assert_np(merged.mean[g], mean, 1e-9)
+        assert_np(merged.var[g], var, 1e-9)
+
+
+def test_merge_by_index_needs_num_groups():
+    m = sample_moments(torch.randn(4, 2, 3))
+    with pytest.raises(ValueError, match="num_groups is required"):
+        merge_moments(m, torch.zeros(4, dtype=torch.long))
+
+
+def test_merge_ignores_empty_summaries_exactly():
+    x = rand((3, 2, 5))
+    m = channel_moments(x)
+    empty = channel_moments(x[:0])
+    merged = merge_moments(stack([empty, m, empty]))
+    torch.testing.assert_close(merged.mean, m.mean, rtol=0, atol=0)
+    torch.testing.assert_close(merged.var, m.var, rtol=0, atol=0)
+
+
+# -- dtypes, memory formats, accuracy ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(8, 3), (16, 3, 64), (8, 3, 16, 16)], ids=str)
+def test_half_inputs_accumulate_in_float32(dtype, shape):
+    x = rand(shape, seed=2, dtype=dtype) + 4  # offset: E[x²] accumulated in half would be off
+    truth = np_channel(x)  # numpy float64 over exactly the half-precision values
+    for m in (channel_moments(x), merge_moments(sample_moments(x))):
+        assert m.mean.dtype == m.var.dtype == torch.float32
+        assert_np(m.mean, truth[1], 1e-5)
+        assert_np(m.var, truth[2], 1e-4)
+    per_sample = sample_moments(x)
+    assert per_sample.mean.dtype == torch.float32
+    assert_np(per_sample.mean, np_sample(x)[1], 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 4, 3, 5, 6)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_channels_last_gives_the_same_moments(shape, dtype):
+    x = rand(shape, seed=3, dtype=dtype)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    xl = x.to(memory_format=fmt)
+    assert not xl.is_contiguous() and xl.is_contiguous(memory_format=fmt)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for f in (channel_moments, sample_moments):
+        a, b = f(x), f(xl)
+        torch.testing.assert_close(a.mean, b.mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(a.var, b.var, rtol=tol, atol=tol)
+    count, mean, var = np_channel(x)
+    assert_np(channel_moments(xl).var, var, tol)
+    ml, m = channel_moments(xl), channel_moments(x)
+    y, expected = normalize(xl, ml.mean, ml.var, 1e-5), normalize(x, m.mean, m.var, 1e-5)
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_large_mean_offset_stays_accurate_in_float32():
+    # |μ| = 1e4 ≫ σ = 1: accumulating Σx² in float32 would lose the variance entirely.
+    gen = torch.Generator().manual_seed(4)
+    x = (1e4 + torch.randn(12, 3, 16, 16, generator=gen)).float()
+    count, mean, var = np_channel(x)  # float64 truth of the float32 values
+    naive = x.double().square().mean(dim=(0, 2, 3)).float() - x.mean(dim=(0, 2, 3)).square()
+    assert (naive - torch.from_numpy(var).float()).abs().max() > 0.05  # the trap is real
+    parts = [channel_moments(p) for p in torch.split(x, [1, 0, 5, 2, 4], dim=0)]
+    for m in (channel_moments(x), merge_moments(stack(parts)), merge_moments(sample_moments(x))):
+        assert m.var.dtype == torch.float32
+        assert_np(m.mean, mean, 1e-6)
+        np.testing.assert_allclose(m.var.numpy(), var, rtol=2e-3)
+    # normalizing with them: unit variance, zero mean
+    m = merge_moments(stack(parts))
+    y = normalize(x, m.mean, m.var, 1e-5).double()
+    assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert (y.var(dim=(0, 2, 3), correction=0) - 1).abs().max() < 5e-3
+
+
+# -- gradients --------------------------------------------------------------------------------
+
+
+def test_gradients_of_merged_moments_equal_direct_ones():
+    x = rand((7, 3, 4, 2), seed=5).requires_grad_(True)
+    gen = torch.Generator().manual_seed(6)
+    wm, wv = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+
+    def loss_of(m: Moments) -> torch.Tensor:
+        return (wm * m.mean).sum() + (wv * m.var).sum() + (m.mean * m.var).sum()
+
+    def grad(loss: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(loss, x)
+        return g
+
+    parts = [channel_moments(p) for p in torch.split(x, [2, 0, 4, 1], dim=0)]
+    g_split = grad(loss_of(merge_moments(stack(parts))))
+    g_samples = grad(loss_of(merge_moments(sample_moments(x))))
+    index = torch.tensor([0, 1, 0, 0, 1, 1, 1])
+    by_group = merge_moments(sample_moments(x), index, 2)
+    g_groups = grad(loss_of(merge_moments(by_group)))
+    g_direct = grad(loss_of(channel_moments(x)))
+    # formulas written out: mean and biased variance over (N, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    var = ((x - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
+    g_truth = grad(loss_of(Moments(torch.tensor(56.0), mean, var)))
+    for g in (g_split, g_samples, g_groups, g_direct):
+        torch.testing.assert_close(g, g_truth, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_moments_merge_normalize():
+    x = rand((5, 2, 3), seed=7).requires_grad_(True)
+    w = torch.tensor([1.5, 0.7], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.1, -0.3], dtype=torch.float64, requires_grad=True)
+
+    def by_pieces(x, w, b):
+        parts = [channel_moments(p) for p in torch.split(x, [2, 0, 3], dim=0)]
+        m = merge_moments(stack(parts))
+        return normalize(x, m.mean, m.var, 1e-3, w, b)
+
+    def by_groups(x, w, b):
+        m = merge_moments(sample_moments(x), torch.tensor([0, 0, 1, 1, 1]), 2)
+        index = torch.tensor([0, 0, 1, 1, 1])
+        return normalize(x, m.mean[index], m.var[index], 1e-3, w, b)
+
+    assert torch.autograd.gradcheck(by_pieces, (x, w, b))
+    assert torch.autograd.gradgradcheck(by_pieces, (x, w, b))
+    assert torch.autograd.gradcheck(by_groups, (x, w, b))
+
+
+# -- normalize and running statistics ---------------------------------------------------------
+
+
+def test_normalize_matches_the_formula_for_shared_and_per_sample_stats():
+    x = rand((4, 3, 5), seed=8)
+    mean, var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 4.0, 0.25])
+    w, b = torch.tensor([2.0, 1.0, -1.0]), torch.tensor([0.0, 1.0, 3.0])
+    eps = 1e-3
+    mean, var = mean.double(), var.double()
+    expected = (x - mean[:, None]) / torch.sqrt(var[:, None] + eps) * w[:, None] + b[:, None]
+    torch.testing.assert_close(normalize(x, mean, var, eps, w, b), expected)
+    per_sample_mean = torch.arange(12.0, dtype=torch.float64).reshape(4, 3)
+    per_sample_var = torch.linspace(0.5, 3, 12, dtype=torch.float64).reshape(4, 3)
+    expected = (x - per_sample_mean[..., None]) / torch.sqrt(per_sample_var[..., None] + eps)
+    torch.testing.assert_close(normalize(x, per_sample_mean, per_sample_var, eps), expected)
+
+
+def test_update_running_stats_is_bn_ema():
+    rm, rv = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    update_running_stats(rm, rv, torch.tensor([5.0, 6.0]), torch.tensor([7.0, 8.0]), 0.25)
+    torch.testing.assert_close(rm, torch.tensor([0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * 6]))
+    torch.testing.assert_close(rv, torch.tensor([0.75 * 3 + 0.25 * 7, 0.75 * 4 + 0.25 * 8]))
+
+
+# -- the autograd all-gather on a one-process gloo group ---------------------------------------
+
+
+@pytest.fixture
+def gloo_group(tmp_path) -> Iterator[object]:
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_gather_with_grad_gradcheck(gloo_group):
+    t = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    out = _distributed._AllGatherWithGrad.apply(t, gloo_group)
+    assert out.shape == (1, 2, 3)
+    torch.testing.assert_close(out[0], t, rtol=0, atol=0)
+    gather = _distributed._AllGatherWithGrad.apply
+    assert torch.autograd.gradcheck(lambda u: gather(u, gloo_group), (t,))
+    # a one-member group needs no collective: layers skip it
+    assert _distributed.active_group(True, None) is None
+
+
+def test_all_gather_moments_then_merge_gradcheck(gloo_group):
+    x = rand((4, 2, 3), seed=9).requires_grad_(True)
+
+    def f(x):
+        m = merge_moments(all_gather_moments(channel_moments(x), gloo_group))
+        return normalize(x, m.mean, m.var, 1e-3)
+
+    m = all_gather_moments(channel_moments(x), gloo_group)
+    assert m.count.shape == (1,) and float(m.count[0].detach()) == 12
+    assert torch.autograd.gradcheck(f, (x,))
+    count, mean, var = np_channel(x)
+    merged = merge_moments(m)
+    assert_np(merged.mean, mean)
+    assert_np(merged.var, var)
