@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="convert a small ResNet to each method and train briefly"
     )
     demo.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    demo.add_argument("--steps", type=int, default=150)
-    demo.add_argument("--batch-size", type=int, default=4)
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--train-samples", type=int, default=6000)
     demo.add_argument("--eval-samples", type=int, default=2000)
     demo.add_argument(

@@ -43,8 +43,8 @@ def _options(method: str, steps: int, batch_size: int) -> dict[str, Any]:
 def run_demo(
     methods: tuple[str, ...] = DEFAULT_METHODS,
     *,
-    steps: int = 150,
-    batch_size: int = 4,
+    steps: int = 300,
+    batch_size: int = 8,
     train_samples: int = 6000,
     eval_samples: int = 2000,
     dataset: str = "fashion-mnist",

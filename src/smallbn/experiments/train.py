@@ -59,7 +59,7 @@ def train_steps(
         optimizer.step()
         schedule.step()
     elapsed = time.perf_counter() - start
-    return TrainResult(float(loss), elapsed / max(steps, 1))
+    return TrainResult(float(loss.detach()), elapsed / max(steps, 1))
 
 
 @torch.no_grad()
