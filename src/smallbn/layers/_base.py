@@ -49,6 +49,18 @@ def set_finite_check(enabled: bool) -> bool:
     return old
 
 
+def _affine_from_stats(
+    mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 class NormBase(nn.Module):
     """BN-compatible state and checks.
 
@@ -140,6 +152,19 @@ class NormBase(nn.Module):
                 f"track_running_stats=False)"
             )
         return self.running_mean, self.running_var
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        """Per-channel ``(scale, shift)`` with ``y = scale·x + shift`` in eval mode, or ``None``
+        where the eval output is not a per-channel affine map (batch-independent norms).
+
+        For BN-style layers ``scale = γ / sqrt(running_var + eps)`` and
+        ``shift = β − running_mean · scale``; this is what :func:`smallbn.fold` folds into
+        the preceding convolution.
+        """
+        if not self.track_running_stats:
+            return None
+        running_mean, running_var = self.running_stats()
+        return _affine_from_stats(running_mean, running_var, self.eps, self.weight, self.bias)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:

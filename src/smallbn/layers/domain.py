@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from smallbn import _distributed
-from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
 from smallbn.stats import normalize
 
 __all__ = [
@@ -91,6 +91,14 @@ class DomainBatchNorm(BatchStatsNorm):
             value = state_dict.get(prefix + name)
             if isinstance(value, Tensor) and value.shape == (self.num_features,):
                 state_dict[prefix + name] = value.unsqueeze(0).repeat(self.num_domains, 1)
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        """The eval affine map of ``active_domain`` (fold a model per domain)."""
+        if not self.track_running_stats:
+            return None
+        running_mean, running_var = self.running_stats()
+        d = self.active_domain
+        return _affine_from_stats(running_mean[d], running_var[d], self.eps, self.weight, self.bias)
 
     def _domain_index(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
         domain = self.active_domain if domain is None else domain

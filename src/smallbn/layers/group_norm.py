@@ -71,6 +71,10 @@ class GroupNorm(NormBase):
             f"affine={self.affine}"
         )
 
+    def eval_affine(self) -> None:
+        """Not a per-channel affine map: statistics come from each sample."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if (self.num_features // self.num_groups) * math.prod(x.shape[2:]) <= 1:
