@@ -4,7 +4,14 @@ Layers (:mod:`smallbn.layers`) are built on one statistics core (:mod:`smallbn.s
 :func:`build_norm` makes one by name and :func:`convert` swaps every norm layer of a model.
 """
 
-from smallbn.convert import Converted, convert, convert_with_report, freeze_norms, is_norm_layer
+from smallbn.convert import (
+    Converted,
+    convert,
+    convert_with_report,
+    freeze_norms,
+    is_norm_layer,
+    uses_batch_stats,
+)
 from smallbn.layers import (
     BatchRenorm,
     BatchRenorm1d,
@@ -29,6 +36,7 @@ from smallbn.layers import (
     set_finite_check,
     use_domain,
 )
+from smallbn.population import FreezeNormsAt, batch_stats_eval, precise_bn
 from smallbn.registry import available_norms, build_norm, register_norm, resolve_norm
 
 __version__ = "0.1.0"
@@ -39,6 +47,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "Converted",
+    "FreezeNormsAt",
     "DomainBatchNorm",
     "DomainBatchNorm1d",
     "DomainBatchNorm2d",
@@ -56,13 +65,16 @@ __all__ = [
     "LayerNorm",
     "SyncBatchNorm",
     "available_norms",
+    "batch_stats_eval",
     "build_norm",
     "convert",
     "convert_with_report",
     "freeze_norms",
     "is_norm_layer",
+    "precise_bn",
     "register_norm",
     "resolve_norm",
     "set_finite_check",
     "use_domain",
+    "uses_batch_stats",
 ]

@@ -10,6 +10,7 @@ returns to torch's layers.  Forward hooks registered on the old layers do not ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from smallbn.layers import NormBase
+from smallbn.layers import BatchStatsNorm, NormBase
 from smallbn.registry import NormSpec, resolve_norm
 
-__all__ = ["Converted", "convert", "convert_with_report", "freeze_norms", "is_norm_layer"]
+__all__ = [
+    "Converted",
+    "convert",
+    "convert_with_report",
+    "freeze_norms",
+    "is_norm_layer",
+    "uses_batch_stats",
+]
 
 _TORCH_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
@@ -117,13 +125,18 @@ def _replacement(
 
 
 def convert_with_report(
-    model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any
+    model: nn.Module,
+    spec: NormSpec,
+    *,
+    dim: int | None = None,
+    where: Callable[[str, nn.Module], bool] | None = None,
+    **kwargs: Any,
 ) -> tuple[nn.Module, list[Converted]]:
     """:func:`convert`, also returning what was replaced."""
     report: list[Converted] = []
 
     def visit(module: nn.Module, prefix: str) -> nn.Module:
-        if is_norm_layer(module):
+        if is_norm_layer(module) and (where is None or where(prefix or "<root>", module)):
             new = _replacement(prefix or "<root>", module, spec, dim, kwargs)
             report.append(Converted(prefix or "<root>", type(module).__name__, type(new).__name__))
             return new
@@ -137,22 +150,40 @@ def convert_with_report(
 
 
 def convert(
-    model: nn.Module, spec: NormSpec, *, dim: int | None = None, **kwargs: Any
+    model: nn.Module,
+    spec: NormSpec,
+    *,
+    dim: int | None = None,
+    where: Callable[[str, nn.Module], bool] | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Replace every norm layer of ``model`` (in place) by ``spec``; returns the model.
 
     Args:
         spec: a registered name, class or ``functools.partial`` (see :mod:`smallbn.registry`).
         dim: input dimensionality for rank-agnostic sources; inferred from the layers.
+        where: ``where(name, layer)`` selects the layers to replace (default: every one).
         kwargs: constructor options for the new layers (override the old layers' ``eps``,
             ``momentum``, ...); ``source_domain`` picks the statistics a domain-specific
             layer hands on (default its active domain).
 
     The root module itself is replaced (and returned) when it is a norm layer.
     """
-    return convert_with_report(model, spec, dim=dim, **kwargs)[0]
+    return convert_with_report(model, spec, dim=dim, where=where, **kwargs)[0]
+
+
+def uses_batch_stats(module: nn.Module) -> bool:
+    """True for layers that normalize with batch statistics in training and keep running
+    statistics: torch's BatchNorm/SyncBatchNorm and smallbn's :class:`BatchStatsNorm`."""
+    return (
+        isinstance(module, (_BatchNorm, BatchStatsNorm))
+        and bool(module.track_running_stats)
+        and module.running_mean is not None
+    )
 
 
 def freeze_norms(model: nn.Module) -> nn.Module:
-    """Replace every norm layer by a FrozenBatchNorm holding its current statistics."""
-    return convert(model, "frozenbn")
+    """Replace every batch-statistics layer (BN, SyncBN, BRN, Ghost, domain BN, ...) by a
+    FrozenBatchNorm holding its current running statistics and affine; batch-independent
+    norms (GN, LN, IN) are left alone."""
+    return convert(model, "frozenbn", where=lambda _, layer: uses_batch_stats(layer))

@@ -353,6 +353,23 @@ class BatchStatsNorm(NormBase):
         if factor is not None:
             update_running_stats(*self.running_stats(), mean, unbiased_var, factor)
 
+    # -- population statistics (PreciseBN) -------------------------------------------------
+
+    def population_moments(self, x: Tensor, *args: Any) -> Moments:
+        """Moments of one batch of inputs for the population estimate of PreciseBN
+        (Wu & Johnson 2021): per-channel count, mean and biased variance over ``(N, *spatial)``.
+        ``args`` are the forward's extra arguments (e.g. a domain id)."""
+        return channel_moments(x.detach())
+
+    @torch.no_grad()
+    def set_population_stats(self, population: Moments) -> None:
+        """Store population moments (from :meth:`population_moments`, merged over batches)
+        as running statistics: the population variance ``E[x²] − E[x]²`` is stored as is —
+        no Bessel correction, it summarizes thousands of samples, not one batch."""
+        running_mean, running_var = self.running_stats()
+        running_mean.copy_(population.mean)
+        running_var.copy_(population.var)
+
     def _raise_too_small(self, x: Tensor, count: int, what: str = "the batch") -> None:
         raise ValueError(
             f"{self.describe()}: training needs more than one value per channel to compute "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
-from smallbn.stats import normalize
+from smallbn.stats import Moments, merge_moments, normalize, sample_moments
 
 __all__ = [
     "DomainBatchNorm",
@@ -99,6 +99,19 @@ class DomainBatchNorm(BatchStatsNorm):
         running_mean, running_var = self.running_stats()
         d = self.active_domain
         return _affine_from_stats(running_mean[d], running_var[d], self.eps, self.weight, self.bias)
+
+    def population_moments(self, x: Tensor, *args: Any) -> Moments:
+        """Per-domain moments ``(num_domains, C)`` of one batch."""
+        index = self._domain_index(x, args[0] if args else None)
+        return merge_moments(sample_moments(x.detach()), index, self.num_domains)
+
+    @torch.no_grad()
+    def set_population_stats(self, population: Moments) -> None:
+        """Set each domain seen in the data; domains without samples keep their statistics."""
+        running_mean, running_var = self.running_stats()
+        seen = (population.count > 0).unsqueeze(-1)
+        running_mean.copy_(torch.where(seen, population.mean.to(running_mean), running_mean))
+        running_var.copy_(torch.where(seen, population.var.to(running_var), running_var))
 
     def _domain_index(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
         domain = self.active_domain if domain is None else domain

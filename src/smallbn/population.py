@@ -1,0 +1,275 @@
+"""Population statistics and the train/test remedies of Wu & Johnson, "Rethinking 'Batch' in
+BatchNorm" (2021): PreciseBN, evaluation with batch statistics, and FrozenBN for the last
+epochs.
+
+PreciseBN replaces the exponential moving average (EMA) of batch statistics, which at small
+batch and high learning rate lags behind the weights and is dominated by the last few noisy
+batches, by the statistics of the population the model sees with its final weights:
+
+    μ = Σ_b n_b μ_b / Σ_b n_b,    σ² = E[x²] − μ² = Σ_b n_b (σ²_b + (μ_b − μ)²) / Σ_b n_b,
+
+over ~10³–10⁴ samples, where n_b is batch b's per-channel element count and σ²_b its biased
+(not Bessel-corrected) variance.  Every batch-statistics layer of smallbn and torch's own BN
+take part; domain-specific BN gets one set per domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm.auto import tqdm
+
+from smallbn import _distributed
+from smallbn.convert import freeze_norms, uses_batch_stats
+from smallbn.layers import BatchStatsNorm
+from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments
+
+__all__ = [
+    "FreezeNormsAt",
+    "batch_stats_layers",
+    "batch_stats_eval",
+    "precise_bn",
+]
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def batch_stats_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers that normalize with batch statistics and keep running statistics."""
+    return [(name, m) for name, m in model.named_modules() if uses_batch_stats(m)]
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    return model(_first_tensor(batch))
+
+
+def _first_tensor(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for value in batch.values():
+            if isinstance(value, Tensor):
+                return value
+    raise TypeError(
+        "precise_bn: cannot find the input tensor of a batch of type "
+        f"{type(batch).__name__}; pass forward=lambda model, batch: model(...) and "
+        "batch_size=lambda batch: ..."
+    )
+
+
+def _population_moments(layer: nn.Module, x: Tensor, args: tuple[Any, ...]) -> Moments:
+    if isinstance(layer, BatchStatsNorm):
+        return layer.population_moments(x, *args)
+    return channel_moments(x.detach())
+
+
+def _set_population(layer: nn.Module, population: Moments) -> None:
+    if isinstance(layer, BatchStatsNorm):
+        layer.set_population_stats(population)
+        return
+    assert isinstance(layer, _BatchNorm) and layer.running_mean is not None
+    assert layer.running_var is not None
+    with torch.no_grad():
+        layer.running_mean.copy_(population.mean)
+        layer.running_var.copy_(population.var)
+
+
+def _accumulate(total: Moments | None, batch: Moments) -> Moments:
+    batch = Moments(batch.count.double(), batch.mean.double(), batch.var.double())
+    if total is None:
+        return batch
+    stacked = Moments(
+        torch.stack([total.count, batch.count]),
+        torch.stack([total.mean, batch.mean]),
+        torch.stack([total.var, batch.var]),
+    )
+    return merge_moments(stacked)
+
+
+@contextmanager
+def _preserved(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
+    """Restore every buffer (EMA statistics, step counters, cross-iteration windows), the
+    train/eval mode of every module and the layers' sync settings on exit."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    modes = {m: m.training for m in model.modules()}
+    syncs = {m: (m.sync, m.process_group) for m in layers if isinstance(m, BatchStatsNorm)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                if name in buffers:
+                    value.copy_(buffers[name])
+        for module, training in modes.items():
+            module.training = training
+        for module, (sync, group) in syncs.items():
+            module.sync, module.process_group = sync, group
+
+
+def precise_bn(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_samples: int = 4096,
+    *,
+    forward: ForwardFn | None = None,
+    batch_size: Callable[[Any], int] | None = None,
+    process_group: _distributed.ProcessGroup | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Recompute the population statistics of every batch-statistics layer (PreciseBN).
+
+    With the weights fixed, batches from ``data`` are run through ``model`` (batch-statistics
+    layers in training mode, everything else, e.g. dropout, in eval mode, no gradients) until
+    at least ``num_samples`` samples have been seen; each layer's running statistics are then
+    set to the population estimate of the module docstring.  Mode, momentum, running averages,
+    step counters and any cross-iteration state are restored first, so only
+    ``running_mean``/``running_var`` change.
+
+    When torch.distributed is initialized, every process passes its own data and
+    ``num_samples`` counts that process's samples; the population moments are merged across
+    ``process_group`` (default: the world), so every rank ends with the same statistics.
+    Layer-level synchronization is switched off during the pass, so ranks may run different
+    numbers of batches.
+
+    Args:
+        data: an iterable of batches (a tensor, a tuple/list whose first item is the input,
+            or anything ``forward`` understands).
+        forward: ``forward(model, batch)`` runs one batch; default ``model(input)``.
+        batch_size: samples in a batch; default the first dim of the input tensor.
+
+    Raises:
+        ValueError: ``data`` ran out before ``num_samples``, or a layer was called more than
+            once in one forward (a shared layer has no single population).
+    """
+    run = forward or _default_forward
+    count = batch_size or (lambda batch: int(_first_tensor(batch).shape[0]))
+    layers = batch_stats_layers(model)
+    if not layers:
+        return model
+    totals: dict[str, Moments | None] = {name: None for name, _ in layers}
+    calls: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                raise ValueError(
+                    f"precise_bn: layer '{name}' ({type(module).__name__}) was called "
+                    f"{calls[name]} times in one forward; a layer shared between several "
+                    f"inputs has no single population. Give each use its own layer (e.g. "
+                    f"DomainBatchNorm with one domain per use) or exclude it."
+                )
+            extra = (*args[1:], *kwargs.values())
+            totals[name] = _accumulate(totals[name], _population_moments(module, args[0], extra))
+
+        return record
+
+    seen = 0
+    with _preserved(model, [m for _, m in layers]):
+        model.eval()
+        for _, layer in layers:
+            layer.train()
+            if isinstance(layer, BatchStatsNorm):
+                layer.sync, layer.process_group = False, None
+        handles = [
+            layer.register_forward_pre_hook(hook(name), with_kwargs=True) for name, layer in layers
+        ]
+        bar = tqdm(total=num_samples, desc="PreciseBN", unit="sample", disable=not progress)
+        try:
+            with torch.no_grad():
+                for batch in data:
+                    calls.clear()
+                    run(model, batch)
+                    seen += count(batch)
+                    bar.update(count(batch))
+                    if seen >= num_samples:
+                        break
+        finally:
+            bar.close()
+            for handle in handles:
+                handle.remove()
+    if seen < num_samples:
+        raise ValueError(
+            f"precise_bn: the data ran out after {seen} samples, before num_samples="
+            f"{num_samples}; pass more batches (e.g. an endless loader) or a smaller num_samples"
+        )
+    group = _distributed.active_group(True, process_group)
+    for name, layer in layers:
+        population = totals[name]
+        if population is None:
+            continue  # the layer was not on the path of this data
+        if group is not None:
+            population = merge_moments(all_gather_moments(population, group))
+        _set_population(layer, population)
+    if group is not None:
+        dist.barrier(group=group)
+    return model
+
+
+@contextmanager
+def batch_stats_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every batch-statistics layer normalizes with the statistics of the
+    current batch and updates nothing (Wu & Johnson 2021, "use mini-batch statistics at
+    inference"); the rest of the model is in eval mode.  Everything is restored on exit.
+
+    >>> with batch_stats_eval(model):
+    ...     logits = model(test_batch)
+    """
+    layers = [m for _, m in batch_stats_layers(model)]
+    tracking = {m: m.track_running_stats for m in layers}
+    with _preserved(model, layers):
+        model.eval()
+        for layer in layers:
+            layer.train()
+            setattr(layer, "track_running_stats", False)  # noqa: B010 (typed as nn.Module)
+        try:
+            yield model
+        finally:
+            for layer, value in tracking.items():
+                setattr(layer, "track_running_stats", value)  # noqa: B010
+
+
+class FreezeNormsAt:
+    """Training callback: from epoch ``epoch`` on, normalize with frozen population
+    statistics (FrozenBN for the last epochs, Wu & Johnson 2021 §5.2).
+
+    Call :meth:`__call__` at the start of every epoch; at ``epoch`` it optionally runs
+    :func:`precise_bn` on ``precise_data()`` and then replaces every norm by
+    :class:`~smallbn.FrozenBatchNorm` (statistics and affine fixed).  It returns the model to
+    use from then on (the same object unless the model itself is a norm layer).
+
+    >>> freeze = FreezeNormsAt(epoch=8, precise_data=lambda: train_loader)
+    >>> for epoch in range(10):
+    ...     model = freeze(model, epoch)
+    ...     train_one_epoch(model)
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        *,
+        precise_data: Callable[[], Iterable[Any]] | None = None,
+        num_samples: int = 4096,
+        forward: ForwardFn | None = None,
+    ) -> None:
+        self.epoch = epoch
+        self.precise_data = precise_data
+        self.num_samples = num_samples
+        self.forward = forward
+        self.frozen = False
+
+    def __call__(self, model: nn.Module, epoch: int) -> nn.Module:
+        if self.frozen or epoch < self.epoch:
+            return model
+        if self.precise_data is not None:
+            precise_bn(model, self.precise_data(), self.num_samples, forward=self.forward)
+        self.frozen = True
+        return freeze_norms(model)

@@ -1,0 +1,212 @@
+"""PreciseBN, batch-statistics evaluation and FreezeNormsAt against naive references."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import smallbn
+
+EPS = 1e-5
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.Dropout(0.5),  # must be inactive during PreciseBN
+        nn.BatchNorm2d(4, eps=EPS),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 1),
+        nn.BatchNorm2d(3, eps=EPS),
+    ).double()
+    with torch.no_grad():
+        model[2].weight.uniform_(0.5, 2.0)
+        model[2].bias.uniform_(-1, 1)
+    return model
+
+
+def _batches(sizes: list[int], seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64) * 3 + 1 for n in sizes]
+
+
+def _population(values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel over every value of every batch (float64)."""
+    allv = torch.cat([v.transpose(0, 1).reshape(v.shape[1], -1) for v in values], dim=1)
+    return allv.mean(1), allv.var(1, correction=0)
+
+
+def _naive_reference(model: nn.Sequential, batches: list[torch.Tensor]):
+    """Per batch: layer-1 BN normalizes with its batch statistics (training-mode BN, written
+    with F.batch_norm, no smallbn), dropout off; collect each BN's inputs."""
+    conv1, bn1, conv2 = model[0], model[2], model[4]
+    first, second = [], []
+    with torch.no_grad():
+        for x in batches:
+            z1 = conv1(x)
+            first.append(z1)
+            y1 = F.batch_norm(z1, None, None, bn1.weight, bn1.bias, training=True, eps=EPS)
+            second.append(conv2(F.relu(y1)))
+    return _population(first), _population(second)
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 2, 7, 4], [1, 1, 6], [16]])
+@pytest.mark.parametrize("method", ["bn", "syncbn", "brn", "ghostbn"])
+def test_precise_bn_equals_population_over_concatenated_samples(sizes, method):
+    model = _model()
+    if method != "bn":  # BRN in warm-up and Ghost with large groups normalize as BN does
+        smallbn.convert(model, method, **({"group_size": 64} if method == "ghostbn" else {}))
+    batches = _batches(sizes)
+    (m1, v1), (m2, v2) = _naive_reference(model, batches)
+    smallbn.precise_bn(model, batches, num_samples=sum(sizes), progress=False)
+    for layer, mean, var in ((model[2], m1, v1), (model[5], m2, v2)):
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-6, atol=1e-9)
+
+
+def test_precise_bn_stops_after_num_samples_and_accepts_tuples():
+    model = _model()
+    batches = _batches([4, 4, 4, 4])
+    (m1, v1), _ = _naive_reference(model, batches[:2])
+    data = [(x, torch.zeros(len(x))) for x in batches]
+    smallbn.precise_bn(model, data, num_samples=6, progress=False)
+    torch.testing.assert_close(model[2].running_mean, m1)
+    torch.testing.assert_close(model[2].running_var, v1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_precise_bn_restores_mode_counters_and_other_state(training):
+    model = smallbn.convert(_model(), "brn", warmup_steps=2, r_max_ramp_end=4, d_max_ramp_end=4)
+    model.train()
+    for x in _batches([4, 4, 4], seed=3):
+        model(x)
+    model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    smallbn.precise_bn(model, _batches([8, 8]), num_samples=16, progress=False)
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.endswith(("running_mean", "running_var")):
+            assert not torch.equal(after[key], value), key
+        else:
+            assert torch.equal(after[key], value), key
+    assert all(m.training == training for m in model.modules())
+    assert model[2].momentum == 0.1 and model[2].num_batches_tracked.item() == 3
+
+
+def test_precise_bn_per_domain():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3)
+            self.norm = smallbn.DomainBatchNorm2d(3, num_domains=3)
+
+        def forward(self, x, domain):
+            return self.norm(self.conv(x), domain=domain)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    batches = _batches([5, 6, 3])
+    domains = [torch.tensor(d) for d in ([0, 1, 0, 1, 0], [1, 1, 0, 0, 1, 0], [0, 0, 1])]
+    data = list(zip(batches, domains, strict=True))
+    with torch.no_grad():
+        net.norm.running_mean[2].fill_(7.0)
+    smallbn.precise_bn(net, data, 14, forward=lambda m, b: m(b[0], b[1]), progress=False)
+    with torch.no_grad():
+        for d in (0, 1):
+            values = [net.conv(x[dom == d]) for x, dom in data]
+            mean, var = _population(values)
+            torch.testing.assert_close(net.norm.running_mean[d], mean)
+            torch.testing.assert_close(net.norm.running_var[d], var)
+    assert torch.all(net.norm.running_mean[2] == 7.0)  # no samples of domain 2: untouched
+
+
+def test_precise_bn_data_runs_out():
+    with pytest.raises(ValueError, match="ran out after 6 samples, before num_samples=100"):
+        smallbn.precise_bn(_model(), _batches([3, 3]), num_samples=100, progress=False)
+
+
+def test_precise_bn_rejects_a_layer_used_twice():
+    bn = nn.BatchNorm2d(2)
+    model = nn.Sequential(bn, nn.Conv2d(2, 2, 1), bn)
+    with pytest.raises(ValueError, match=r"layer '0' \(BatchNorm2d\) was called 2 times"):
+        smallbn.precise_bn(model, [torch.randn(4, 2, 3, 3)], num_samples=4, progress=False)
+
+
+def test_batch_stats_eval_uses_batch_statistics_and_restores_everything():
+    model = smallbn.convert(_model(), "brn", warmup_steps=0, r_max_ramp_end=1, d_max_ramp_end=1)
+    model.train()
+    for x in _batches([4, 4], seed=5):
+        model(x)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    x = _batches([6], seed=9)[0]
+    with smallbn.batch_stats_eval(model):
+        got = model(x)
+        assert not model[1].training  # dropout stays in eval mode
+    conv1, bn1, conv2, bn2 = model[0], model[2], model[4], model[5]
+    with torch.no_grad():
+        y1 = F.batch_norm(conv1(x), None, None, bn1.weight, bn1.bias, training=True, eps=EPS)
+        z2 = conv2(F.relu(y1))
+        want = F.batch_norm(z2, None, None, bn2.weight, bn2.bias, training=True, eps=EPS)
+    torch.testing.assert_close(got, want)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(m.training for m in model.modules())
+    assert all(m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats"))
+
+
+def test_freeze_norms_at_epoch_with_precise_bn():
+    model = nn.Sequential(_model(), smallbn.GroupNorm(3, num_groups=3, dtype=torch.float64))
+    batches = _batches([8, 8])
+    freeze = smallbn.FreezeNormsAt(2, precise_data=lambda: batches, num_samples=16)
+    for epoch in range(2):
+        model = freeze(model, epoch)
+        assert isinstance(model[0][2], nn.BatchNorm2d)
+    reference = copy.deepcopy(model)
+    smallbn.precise_bn(reference, batches, 16, progress=False)
+    model = freeze(model, 2)
+    assert isinstance(model[0][2], smallbn.FrozenBatchNorm2d)
+    assert isinstance(model[1], smallbn.GroupNorm)  # batch-independent norms stay
+    torch.testing.assert_close(model[0][5].running_var, reference[0][5].running_var)
+    assert freeze(model, 3) is model
+
+
+# -- two processes over gloo: different data, identical statistics ---------------------------
+
+
+def _precise_worker(rank: int, world: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        model = smallbn.convert(_model(), "syncbn")
+        sizes = [[3, 5, 2], [4, 6]][rank]  # different data and batch counts per rank
+        smallbn.precise_bn(model, _batches(sizes, seed=10 + rank), sum(sizes), progress=False)
+        torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, out % rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_precise_bn_two_processes_match_single_process_over_all_data(tmp_path):
+    out = str(tmp_path / "rank%d.pt")
+    mp.spawn(_precise_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    results = [torch.load(out % r) for r in range(2)]
+    model = _model()
+    batches = _batches([3, 5, 2], seed=10) + _batches([4, 6], seed=11)
+    (m1, v1), (m2, v2) = _naive_reference(model, batches)
+    for result in results:
+        torch.testing.assert_close(result["2.running_mean"], m1)
+        torch.testing.assert_close(result["2.running_var"], v1)
+        torch.testing.assert_close(result["5.running_mean"], m2)
+        torch.testing.assert_close(result["5.running_var"], v2)
+    assert os.path.exists(out % 1)
