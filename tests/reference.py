@@ -251,3 +251,48 @@ class RefDomainBatchNorm:
                 )[0]
             )
         return torch.stack(rows)
+
+
+def switchable_norm(
+    x: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    eps: float,
+    momentum: float,
+    training: bool,
+    branches: tuple[str, ...] = ("in", "ln", "bn"),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Switchable Normalization (SPEC "SN"), straight from the formulas; returns the output
+    and the updated running mean/var.  Every branch is assumed computable."""
+    x64 = x.double()
+    n, c = x64.shape[:2]
+    flat = x64.reshape(n, c, -1)
+    mu_in = flat.mean(-1)
+    var_in = flat.var(-1, correction=0)
+    second_in = var_in + mu_in.square()
+    mu_ln = mu_in.mean(1, keepdim=True)
+    var_ln = second_in.mean(1, keepdim=True) - mu_ln.square()
+    if training:
+        mu_bn = mu_in.mean(0, keepdim=True)
+        var_bn = second_in.mean(0, keepdim=True) - mu_bn.square()
+        m = flat.shape[-1] * n
+        new_mean = (1 - momentum) * running_mean + momentum * mu_bn[0].detach()
+        new_var = (1 - momentum) * running_var + momentum * var_bn[0].detach() * m / (m - 1)
+    else:
+        mu_bn, var_bn = running_mean[None], running_var[None]
+        new_mean, new_var = running_mean, running_var
+    means = {"in": mu_in, "ln": mu_ln, "bn": mu_bn}
+    variances = {"in": var_in, "ln": var_ln, "bn": var_bn}
+    w_mean = torch.softmax(mean_logits.double(), 0)
+    w_var = torch.softmax(var_logits.double(), 0)
+    mu = sum(w_mean[i] * means[b] for i, b in enumerate(branches))
+    var = sum(w_var[i] * variances[b] for i, b in enumerate(branches))
+    shape = (n, c) + (1,) * (x64.dim() - 2)
+    x_hat = (x64 - mu.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
+    view = (1, c) + (1,) * (x64.dim() - 2)
+    return x_hat * weight.double().reshape(view) + bias.double().reshape(view), new_mean, new_var

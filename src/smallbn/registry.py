@@ -139,6 +139,16 @@ register_norm(
     ),
     aliases=("domain", "dsbn", "domain_bn"),
 )
+register_norm(
+    "sn",
+    _family(
+        layers.SwitchableNorm,
+        layers.SwitchableNorm1d,
+        layers.SwitchableNorm2d,
+        layers.SwitchableNorm3d,
+    ),
+    aliases=("switchable", "switchablenorm"),
+)
 register_norm("gn", {None: layers.GroupNorm}, aliases=("groupnorm",))
 register_norm("ln", {None: layers.LayerNorm}, aliases=("layernorm",))
 register_norm("in", {None: layers.InstanceNorm}, aliases=("instancenorm",))

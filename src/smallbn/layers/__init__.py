@@ -22,6 +22,12 @@ from smallbn.layers.ghost import (
     GhostBatchNorm3d,
 )
 from smallbn.layers.group_norm import GroupNorm, InstanceNorm, LayerNorm
+from smallbn.layers.switchable import (
+    SwitchableNorm,
+    SwitchableNorm1d,
+    SwitchableNorm2d,
+    SwitchableNorm3d,
+)
 from smallbn.layers.sync import SyncBatchNorm
 
 __all__ = [
@@ -46,6 +52,10 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "NormBase",
+    "SwitchableNorm",
+    "SwitchableNorm1d",
+    "SwitchableNorm2d",
+    "SwitchableNorm3d",
     "SyncBatchNorm",
     "set_finite_check",
     "use_domain",

@@ -1,0 +1,222 @@
+"""Switchable Normalization (Luo, Ren, Peng, Zhang & Li, "Differentiable Learning-to-Normalize
+via Switchable Normalization", ICLR 2019; arXiv 1806.10779, 2018).
+
+A learned mixture of instance (IN), layer (LN) and batch (BN) statistics.  From the instance
+moments μ_in, σ²_in (per sample and channel, over the spatial dims) — one pass over x —
+
+    μ_ln = mean_c μ_in,   σ²_ln = mean_c(σ²_in + μ_in²) − μ_ln²      (per sample)
+    μ_bn = mean_n μ_in,   σ²_bn = mean_n(σ²_in + μ_in²) − μ_bn²      (per channel, training)
+
+then with separate softmax weights for mean and variance (logits initialised equal)
+
+    μ = Σ_k softmax(λ)_k μ_k,   σ² = Σ_k softmax(λ')_k σ²_k,   y = γ (x − μ)/sqrt(σ² + eps) + β.
+
+Inference uses BN's running statistics for the batch branch (EMA; ``momentum=None`` gives the
+paper's "batch average" alternative, a cumulative average).  A branch whose statistics cannot
+be computed — IN on inputs without spatial extent (N×C×1×1, the authors' release returns NaN
+there), BN on a single value per channel (batch 1 without spatial dims) — is left out of the
+mixture for that call (the remaining weights renormalized), with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from smallbn import _distributed
+from smallbn.layers._base import BatchStatsNorm
+from smallbn.stats import Moments, all_gather_moments, merge_moments, normalize, sample_moments
+
+__all__ = [
+    "BRANCHES",
+    "SwitchableNorm",
+    "SwitchableNorm1d",
+    "SwitchableNorm2d",
+    "SwitchableNorm3d",
+]
+
+BRANCHES = ("in", "ln", "bn")
+
+
+class SwitchableNorm(BatchStatsNorm):
+    """Switchable Normalization for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
+
+    Args:
+        branches: the statistics mixed, a subset of ``("in", "ln", "bn")`` in that order;
+            ``("in", "ln")`` is the paper's variant without BN (batch 1); a single branch is
+            exactly IN, LN (over C and space) or BN.
+        last_gamma: initialise γ to 0 (for the last norm of a residual block).
+        sync: pool the batch branch's statistics across processes.
+
+    State: BN's keys plus ``mean_weight`` and ``var_weight`` (the logits λ, λ'); a BN
+    checkpoint without them loads with equal logits.
+    """
+
+    _family = "SwitchableNorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        branches: Sequence[str] = BRANCHES,
+        last_gamma: bool = False,
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        chosen = tuple(b.lower() for b in branches)
+        if not chosen or any(b not in BRANCHES for b in chosen) or len(set(chosen)) != len(chosen):
+            raise ValueError(
+                f"{type(self).__name__}: branches must be a non-empty subset of {BRANCHES}, "
+                f"got {tuple(branches)}"
+            )
+        self.branches = tuple(b for b in BRANCHES if b in chosen)
+        self.last_gamma = last_gamma
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
+        )
+        k = len(self.branches)
+        self.mean_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
+        self._warned: set[str] = set()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.last_gamma and self.weight is not None:
+            with torch.no_grad():
+                self.weight.zero_()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", branches={self.branches}"
+
+    def mixture(self) -> dict[str, dict[str, float]]:
+        """The current softmax weights ``{"mean": {"in": …, …}, "var": {…}}``."""
+        mean = torch.softmax(self.mean_weight.detach().float(), 0).tolist()
+        var = torch.softmax(self.var_weight.detach().float(), 0).tolist()
+        return {
+            "mean": dict(zip(self.branches, mean, strict=True)),
+            "var": dict(zip(self.branches, var, strict=True)),
+        }
+
+    def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        # A BN checkpoint has no mixture logits: keep the initial (equal) ones.
+        for name in ("mean_weight", "var_weight"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def _warn_once(self, branch: str, why: str) -> None:
+        if branch not in self._warned:
+            self._warned.add(branch)
+            warnings.warn(
+                f"{self.describe()}: the {branch.upper()} branch is left out of the mixture "
+                f"{why}; the other branches' weights are renormalized",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _batch_branch(self, instance: Moments, x: Tensor) -> Moments:
+        """BN statistics from the instance moments, pooled across processes if syncing."""
+        batch = merge_moments(instance)
+        group = self._sync_group()
+        if group is not None:
+            batch = merge_moments(all_gather_moments(batch, group))
+        self._check_finite(batch)
+        return batch
+
+    def _mix(
+        self, stats: dict[str, tuple[Tensor, Tensor]], usable: dict[str, bool]
+    ) -> tuple[Tensor, Tensor]:
+        keep = torch.tensor([usable[b] for b in self.branches], device=self.mean_weight.device)
+        mean_w = torch.softmax(self.mean_weight.masked_fill(~keep, float("-inf")), 0)
+        var_w = torch.softmax(self.var_weight.masked_fill(~keep, float("-inf")), 0)
+        mean = sum(mean_w[i] * stats[b][0] for i, b in enumerate(self.branches) if usable[b])
+        var = sum(var_w[i] * stats[b][1] for i, b in enumerate(self.branches) if usable[b])
+        return mean, var  # type: ignore[return-value]
+
+    def _normalize(self, x: Tensor, factor: float | None, training: bool) -> Tensor:
+        instance = sample_moments(x)  # (N, C): the one pass over x
+        self._check_finite(instance)
+        n, c = instance.mean.shape
+        per_sample = int(instance.count[0]) if n else 0
+        stats: dict[str, tuple[Tensor, Tensor]] = {}
+        usable: dict[str, bool] = {}
+        if "in" in self.branches:
+            stats["in"] = (instance.mean, instance.var)
+            usable["in"] = per_sample > 1
+            if not usable["in"]:
+                self._warn_once("in", "for inputs with a single value per sample and channel")
+        if "ln" in self.branches:
+            by_channel = Moments(
+                instance.count.unsqueeze(0).expand(c, n),
+                instance.mean.t().unsqueeze(-1),
+                instance.var.t().unsqueeze(-1),
+            )
+            layer = merge_moments(by_channel)  # (N, 1)
+            stats["ln"] = (layer.mean, layer.var)
+            usable["ln"] = per_sample * c > 1
+            if not usable["ln"]:
+                self._warn_once("ln", "for inputs with a single value per sample")
+        if "bn" in self.branches:
+            if training:
+                batch = self._batch_branch(instance, x)
+                usable["bn"] = bool(batch.count > 1) if self._sync_group() else n * per_sample > 1
+                if usable["bn"]:
+                    self._update_running(batch.mean, batch.unbiased_var(), factor)
+                else:
+                    self._warn_once("bn", "for a batch with a single value per channel")
+                stats["bn"] = (batch.mean.unsqueeze(0), batch.var.unsqueeze(0))
+            else:
+                running_mean, running_var = self.running_stats()
+                stats["bn"] = (running_mean.unsqueeze(0), running_var.unsqueeze(0))
+                usable["bn"] = True
+        if not any(usable.values()):
+            self._raise_too_small(x, per_sample, "every branch of the mixture")
+        mean, var = self._mix(stats, usable)
+        return normalize(x, mean.expand(n, c), var.expand(n, c), self.eps, self.weight, self.bias)
+
+    def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
+        return self._normalize(x, factor, training=True)
+
+    def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
+        return self._normalize(x, None, training=False)
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        """BN's affine map for a pure-BN mixture; otherwise ``None`` (IN/LN statistics depend
+        on the sample, so the eval output is not a fixed per-channel map)."""
+        return super().eval_affine() if self.branches == ("bn",) else None
+
+
+class SwitchableNorm1d(SwitchableNorm):
+    """Switchable Normalization for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    _input_dim = 1
+
+
+class SwitchableNorm2d(SwitchableNorm):
+    """Switchable Normalization for ``(N, C, H, W)`` inputs."""
+
+    _input_dim = 2
+
+
+class SwitchableNorm3d(SwitchableNorm):
+    """Switchable Normalization for ``(N, C, D, H, W)`` inputs."""
+
+    _input_dim = 3

@@ -1,0 +1,240 @@
+"""SwitchableNorm against a float64 reference written from SPEC.md, and the single-branch
+identities with torch's InstanceNorm / LayerNorm (as GroupNorm) / BatchNorm."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+
+import smallbn
+from reference import switchable_norm
+
+SHAPES = [(4, 3, 5), (3, 5, 4, 4), (2, 3, 2, 3, 3)]
+CLASSES = {3: smallbn.SwitchableNorm1d, 4: smallbn.SwitchableNorm2d, 5: smallbn.SwitchableNorm3d}
+
+
+def _randomized(shape, branches=("in", "ln", "bn"), seed=0, **kwargs):
+    layer = CLASSES[len(shape)](shape[1], branches=branches, dtype=torch.float64, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5)
+        layer.bias.copy_(torch.randn(shape[1], generator=g, dtype=torch.float64))
+        layer.mean_weight.copy_(torch.randn(len(layer.branches), generator=g, dtype=torch.float64))
+        layer.var_weight.copy_(torch.randn(len(layer.branches), generator=g, dtype=torch.float64))
+    return layer
+
+
+def _params(layer):
+    return [layer.weight, layer.bias, layer.mean_weight, layer.var_weight]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("branches", [("in", "ln", "bn"), ("in", "ln"), ("ln", "bn")])
+def test_outputs_gradients_running_stats_match_reference(shape, branches):
+    layer = _randomized(shape, branches)
+    ref_params = [p.detach().clone().requires_grad_() for p in _params(layer)]
+    running = [layer.running_mean.clone(), layer.running_var.clone()]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + step
+        upstream = torch.randn(shape, generator=g, dtype=torch.float64)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = layer(x1)
+        weight, bias, mean_logits, var_logits = ref_params
+        y_ref, *running = switchable_norm(
+            x2,
+            mean_logits,
+            var_logits,
+            weight,
+            bias,
+            *running,
+            eps=layer.eps,
+            momentum=0.1,
+            training=True,
+            branches=branches,
+        )
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+        (y * upstream).sum().backward()
+        (y_ref * upstream).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-9)
+        for p, r in zip(_params(layer), ref_params, strict=True):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-9, atol=1e-9)
+            p.grad, r.grad = None, None
+        if "bn" in branches:
+            torch.testing.assert_close(layer.running_mean, running[0])
+            torch.testing.assert_close(layer.running_var, running[1])
+    layer.eval()
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight, bias, mean_logits, var_logits = (p.detach() for p in ref_params)
+    y_ref, _, _ = switchable_norm(
+        x,
+        mean_logits,
+        var_logits,
+        weight,
+        bias,
+        layer.running_mean,
+        layer.running_var,
+        eps=layer.eps,
+        momentum=0.1,
+        training=False,
+        branches=branches,
+    )
+    torch.testing.assert_close(layer(x), y_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(
+    ("branch", "torch_layer"),
+    [
+        ("in", lambda c: nn.GroupNorm(c, c)),
+        ("ln", lambda c: nn.GroupNorm(1, c)),
+        ("bn", None),
+    ],
+)
+def test_single_branch_is_in_ln_or_bn(shape, branch, torch_layer):
+    c = shape[1]
+    if torch_layer is None:
+        ref = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](c)
+    else:
+        ref = torch_layer(c)
+    ref = ref.double()
+    layer = _randomized(shape, (branch,))
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight)
+        ref.bias.copy_(layer.bias)
+    x = torch.randn(shape, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(shape, dtype=torch.float64)
+    (layer(x1) * upstream).sum().backward()
+    (ref(x2) * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-9, atol=1e-9)
+    layer.eval(), ref.eval()
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 4),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_any_shape_and_dtype_is_finite_and_close_to_reference(n, c, spatial, dtype):
+    shape = (n, c, *spatial)
+    assume(n * c * math.prod(spatial) > 1)  # one value in all: an error, tested below
+    layer = smallbn.SwitchableNorm(c)
+    x = torch.randn(shape).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    per_sample = int(torch.tensor(spatial).prod()) if spatial else 1
+    if per_sample > 1 and n * per_sample > 1:  # every branch computable: compare numbers
+        ref, _, _ = switchable_norm(
+            x,
+            layer.mean_weight,
+            layer.var_weight,
+            layer.weight,
+            layer.bias,
+            torch.zeros(c, dtype=torch.float64),
+            torch.ones(c, dtype=torch.float64),
+            eps=layer.eps,
+            momentum=0.1,
+            training=True,
+        )
+        tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(y.double(), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_one_by_one_inputs_leave_out_in_once_and_stay_finite():
+    layer = smallbn.SwitchableNorm2d(4)
+    x = torch.randn(3, 4, 1, 1)
+    with pytest.warns(RuntimeWarning, match=r"SwitchableNorm2d\(4\): the IN branch is left out"):
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # said once
+    # with IN left out the result is the LN/BN mixture with renormalized weights
+    ref, _, _ = switchable_norm(
+        x.double(),
+        layer.mean_weight[1:],
+        layer.var_weight[1:],
+        layer.weight,
+        layer.bias,
+        torch.zeros(4, dtype=torch.float64),
+        torch.ones(4, dtype=torch.float64),
+        eps=layer.eps,
+        momentum=0.1,
+        training=True,
+        branches=("ln", "bn"),
+    )
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_one_without_spatial_dims_uses_layer_statistics():
+    layer = smallbn.SwitchableNorm1d(5)
+    x = torch.randn(1, 5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning):
+        y = layer.double()(x)
+    expected = (x - x.mean()) / torch.sqrt(x.var(correction=0) + layer.eps)
+    torch.testing.assert_close(y, expected)
+    assert layer.num_batches_tracked.item() == 1 and torch.all(layer.running_mean == 0)
+
+
+def test_single_value_everywhere_is_an_error():
+    layer = smallbn.SwitchableNorm1d(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="every branch of the mixture"):
+            layer(torch.randn(1, 1))
+
+
+def test_nan_input_is_reported():
+    with pytest.raises(FloatingPointError, match=r"SwitchableNorm2d\(3\).*NaN or Inf"):
+        smallbn.SwitchableNorm2d(3)(torch.full((2, 3, 4, 4), float("nan")))
+
+
+def test_momentum_none_is_the_batch_average():
+    layer = smallbn.SwitchableNorm2d(3, momentum=None, dtype=torch.float64)
+    xs = [torch.randn(4, 3, 3, 3, dtype=torch.float64) + i for i in range(3)]
+    for x in xs:
+        layer(x)
+    means = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+    variances = torch.stack([x.var((0, 2, 3)) for x in xs]).mean(0)
+    torch.testing.assert_close(layer.running_mean, means)
+    torch.testing.assert_close(layer.running_var, variances)
+
+
+def test_bn_checkpoint_loads_and_convert_keeps_state():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(), bn.bias.uniform_(), bn.running_mean.uniform_()
+        bn.running_var.uniform_(1, 2)
+    layer = smallbn.SwitchableNorm2d(4)
+    layer.load_state_dict(bn.state_dict())  # strict: mixture logits keep their initial values
+    assert torch.equal(layer.mean_weight, torch.ones(3))
+    assert set(layer.state_dict()) == set(bn.state_dict()) | {"mean_weight", "var_weight"}
+    model = smallbn.convert(nn.Sequential(copy.deepcopy(bn)), "sn")
+    assert isinstance(model[0], smallbn.SwitchableNorm2d)
+    assert torch.equal(model[0].running_var, bn.running_var)
+    assert torch.equal(model[0].weight, bn.weight)
+
+
+def test_last_gamma_and_mixture_report():
+    layer = smallbn.SwitchableNorm2d(4, last_gamma=True)
+    assert torch.all(layer.weight == 0)
+    mixture = smallbn.SwitchableNorm2d(4).mixture()
+    assert mixture["mean"] == pytest.approx({"in": 1 / 3, "ln": 1 / 3, "bn": 1 / 3})
+
+
+def test_bad_branches():
+    with pytest.raises(ValueError, match="non-empty subset"):
+        smallbn.SwitchableNorm2d(4, branches=("gn",))
