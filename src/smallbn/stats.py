@@ -22,7 +22,9 @@ All functions are differentiable: gradients reach every input that contributed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +36,8 @@ __all__ = [
     "all_gather_moments",
     "channel_moments",
     "channel_view",
+    "fused_batch_norm",
+    "mean_var",
     "merge_moments",
     "normalize",
     "sample_moments",
@@ -86,6 +90,46 @@ def _reduce_dims(x: Tensor, start: int) -> list[int]:
     return [0, *range(2, x.dim())] if start == 0 else list(range(2, x.dim()))
 
 
+class _MeanVar(torch.autograd.Function):
+    """Mean and biased variance of ``x`` over ``dims``, exact and fast on every device.
+
+    Forward is two-pass (the mean, then the mean of squared deviations: exact where
+    ``E[x²] − E[x]²`` would cancel, and on CPU several times faster than ``torch.var_mean``'s
+    Welford kernel).  Backward needs no saved temporaries beyond ``x`` and is one fused pass:
+
+        ∂L/∂x = ∂L/∂μ / M + 2 ∂L/∂σ² (x − μ) / M = a·x + b,
+        a = 2 ∂L/∂σ² / M,   b = ∂L/∂μ / M − a μ.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).square_().mean(dim=dims, keepdim=True)
+        ctx.save_for_backward(x, mean)
+        ctx.count = x.numel() // max(mean.numel(), 1)
+        return mean, var
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_mean: Tensor | None, grad_var: Tensor | None
+    ) -> tuple[Tensor, None]:
+        x, mean = ctx.saved_tensors
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        if grad_var is None:
+            return (grad_mean / ctx.count).expand_as(x).clone(), None
+        a = grad_var * (2.0 / ctx.count)
+        b = grad_mean / ctx.count - a * mean
+        return torch.addcmul(b, x, a), None
+
+
+def mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``(mean, biased var)`` of ``x`` over ``dims`` (dims dropped), differentiable."""
+    mean, var = _MeanVar.apply(x, tuple(dims))
+    keep = [d for d in range(x.dim()) if d not in set(dims)]
+    shape = [x.shape[d] for d in keep]
+    return mean.reshape(shape), var.reshape(shape)
+
+
 def channel_moments(x: Tensor) -> Moments:
     """Moments per channel over ``(N, *spatial)`` of ``x`` with shape ``(N, C, *spatial)``.
 
@@ -99,7 +143,7 @@ def channel_moments(x: Tensor) -> Moments:
     if count == 0:
         zeros = xs.sum(dim=dims)
         return Moments(xs.new_zeros(()), zeros, zeros)
-    var, mean = torch.var_mean(xs, dim=dims, correction=0)
+    mean, var = mean_var(xs, dims)
     return Moments(xs.new_full((), float(count)), mean, var)
 
 
@@ -118,7 +162,7 @@ def sample_moments(x: Tensor) -> Moments:
     if per_sample == 0:
         zeros = xs.sum(dim=_reduce_dims(x, 2))
         return Moments(xs.new_zeros(n), zeros, zeros)
-    var, mean = torch.var_mean(xs, dim=_reduce_dims(x, 2), correction=0)
+    mean, var = mean_var(xs, _reduce_dims(x, 2))
     return Moments(xs.new_full((n,), float(per_sample)), mean, var)
 
 
@@ -185,19 +229,42 @@ def normalize(
     """``y = (x − μ) / sqrt(σ² + eps) · γ + β`` with per-channel or per-sample statistics.
 
     ``mean``/``var`` are ``(C,)`` (shared by the batch) or ``(N, C)`` (one set per sample).
-    Half-precision inputs are normalized in float32 and rounded once at the end, as torch's
-    BN kernels do: rounding the mean to bfloat16 first would cost ``2⁻⁹·|μ|/σ`` of accuracy.
+    Computed as one pass ``y = a·x + b`` with ``a = γ/sqrt(σ² + eps)``, ``b = β − μ·a``, as
+    torch's BN kernels do.  Half-precision inputs are normalized in float32 and rounded once
+    at the end: rounding μ to bfloat16 first would cost ``2⁻⁹·|μ|/σ`` of accuracy.
     """
     compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(scale.dtype)
-    y = (compute - channel_view(mean, x).to(compute.dtype)) * channel_view(scale, x).to(
-        compute.dtype
-    )
+    shift = -mean * scale
     if bias is not None:
-        y = y + channel_view(bias, x).to(compute.dtype)
+        shift = shift + bias.to(shift.dtype)
+    y = torch.addcmul(
+        channel_view(shift, x).to(compute.dtype), compute, channel_view(scale, x).to(compute.dtype)
+    )
     return y.to(x.dtype)
+
+
+def fused_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Moments]:
+    """BN of ``x`` with its own batch statistics through torch's fused kernel (forward and
+    backward), returning the output and the batch moments (detached).
+
+    The same numbers as ``channel_moments`` + ``normalize``, at torch BN's speed; usable
+    wherever the statistics are those of ``x`` alone (no pooling across processes or
+    iterations).  The variance is recovered from the kernel's ``1/sqrt(σ² + eps)``.
+    """
+    if x.dtype in (torch.float32, torch.float64):  # the kernel mixes dtypes for half inputs only
+        weight = None if weight is None else weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    dtype = stats_dtype(x.dtype)
+    invstd = invstd.detach().to(torch.float64)
+    var = (invstd.pow(-2) - eps).clamp_min(0).to(dtype)
+    count = torch.tensor(float(x.numel() // x.shape[1]), dtype=dtype, device=x.device)
+    return y, Moments(count, mean.detach().to(dtype), var)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ Two bases:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +25,7 @@ from smallbn.stats import (
     Moments,
     all_gather_moments,
     channel_moments,
+    fused_batch_norm,
     merge_moments,
     normalize,
     sample_moments,
@@ -33,6 +35,8 @@ from smallbn.stats import (
 __all__ = ["BatchStatsNorm", "NormBase", "set_finite_check"]
 
 _FINITE_CHECK = True
+
+AffineFn = Callable[[Moments], tuple[Tensor | None, Tensor | None]]
 
 _SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 _RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
@@ -337,6 +341,30 @@ class BatchStatsNorm(NormBase):
             self._raise_too_small(x, local_count if group is None else int(moments.count))
         self._check_finite(moments)
         return moments
+
+    def _batch_norm(self, x: Tensor, affine: AffineFn | None = None) -> tuple[Tensor, Moments]:
+        """Normalize ``x`` with its batch statistics (pooled across processes if syncing) and
+        affine ``affine(moments)`` (default ``(γ, β)``); returns the output and the moments.
+
+        Unpooled, this runs torch's fused BN kernel — forward and backward at torch BN's
+        speed — with ``affine`` evaluated on statistics computed beforehand without
+        gradient (as Batch Renorm's r and d are); pooled, the differentiable core path.
+        """
+        if self._sync_group() is None:
+            if affine is None:
+                local_count = x.numel() // x.shape[1]
+                if local_count <= 1:
+                    self._raise_too_small(x, local_count)
+                y, moments = fused_batch_norm(x, self.weight, self.bias, self.eps)
+                self._check_finite(moments)
+                return y, moments
+            with torch.no_grad():
+                moments = self._batch_moments(x)
+            weight, bias = affine(moments)
+            return fused_batch_norm(x, weight, bias, self.eps)[0], moments
+        moments = self._batch_moments(x)
+        weight, bias = (self.weight, self.bias) if affine is None else affine(moments.detach())
+        return normalize(x, moments.mean, moments.var, self.eps, weight, bias), moments
 
     def _grouped_moments(self, x: Tensor, index: Tensor, num_groups: int) -> Moments:
         """Moments per group of samples (``index[n]`` is sample n's group), pooled across

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import normalize
+from smallbn.stats import Moments
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -97,27 +97,29 @@ class BatchRenorm(BatchStatsNorm):
         d_max = self.d_max * _ramp(step, self.warmup_steps, self.d_max_ramp_end)
         return r_max, d_max
 
-    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
-        moments = self._batch_moments(x)
-        weight: Tensor | None = self.weight
-        bias: Tensor | None = self.bias
-        if self.track_running_stats:
-            assert self.num_batches_tracked is not None
-            running_mean, running_var = self.running_stats()
-            # r, d use the running statistics before this step's update (paper, Alg. 1).
+    def _renorm_affine(self, moments: Moments) -> tuple[Tensor | None, Tensor | None]:
+        """BN's affine with r and d folded in: ``(γ r, β + γ d)``; r, d without gradient,
+        computed from the running statistics before this step's update (paper, Alg. 1)."""
+        if not self.track_running_stats:
+            return self.weight, self.bias
+        assert self.num_batches_tracked is not None
+        running_mean, running_var = self.running_stats()
+        with torch.no_grad():
             r_max, d_max = self.current_limits(self.num_batches_tracked - 1)
             r_max, d_max = r_max.to(moments.var), d_max.to(moments.var)
             running_std = torch.sqrt(running_var.to(moments.var) + self.eps)
-            with torch.no_grad():
-                batch_std = torch.sqrt(moments.var + self.eps)
-                r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
-                d = (moments.mean - running_mean.to(moments.mean)) / running_std
-                d = torch.minimum(torch.maximum(d, -d_max), d_max)
-            gamma = self.weight if self.weight is not None else torch.ones_like(r)
-            beta = self.bias if self.bias is not None else torch.zeros_like(d)
-            weight, bias = gamma * r, beta + gamma * d
+            batch_std = torch.sqrt(moments.var + self.eps)
+            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
+            d = (moments.mean - running_mean.to(moments.mean)) / running_std
+            d = torch.minimum(torch.maximum(d, -d_max), d_max)
+        gamma = self.weight if self.weight is not None else torch.ones_like(r)
+        beta = self.bias if self.bias is not None else torch.zeros_like(d)
+        return gamma * r, beta + gamma * d
+
+    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        y, moments = self._batch_norm(x, self._renorm_affine)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
-        return normalize(x, moments.mean, moments.var, self.eps, weight, bias)
+        return y
 
 
 class BatchRenorm1d(BatchRenorm):

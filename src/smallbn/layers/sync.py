@@ -19,7 +19,6 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import normalize
 
 __all__ = ["SyncBatchNorm"]
 
@@ -59,6 +58,6 @@ class SyncBatchNorm(BatchStatsNorm):
         )
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
-        moments = self._batch_moments(x)
+        y, moments = self._batch_norm(x)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
-        return normalize(x, moments.mean, moments.var, self.eps, self.weight, self.bias)
+        return y
