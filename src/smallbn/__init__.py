@@ -41,6 +41,7 @@ from smallbn.layers import (
     use_domain,
 )
 from smallbn.population import FreezeNormsAt, batch_stats_eval, precise_bn
+from smallbn.recorder import Recording, StatsRecorder, plot_stats
 from smallbn.registry import available_norms, build_norm, register_norm, resolve_norm
 
 __version__ = "0.1.0"
@@ -67,6 +68,8 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "Recording",
+    "StatsRecorder",
     "SwitchableNorm",
     "SwitchableNorm1d",
     "SwitchableNorm2d",
@@ -79,6 +82,7 @@ __all__ = [
     "convert_with_report",
     "freeze_norms",
     "is_norm_layer",
+    "plot_stats",
     "precise_bn",
     "register_norm",
     "resolve_norm",

@@ -1,9 +1,12 @@
-"""The ``smallbn`` command line: ``smallbn demo`` (and the jobs later issues add)."""
+"""The ``smallbn`` command line: ``smallbn demo``, ``smallbn record`` (and the jobs later
+issues add)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -33,6 +36,87 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``"2,32"`` → ``(2, 32)`` (argparse type: a bad list is a usage error)."""
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"need distinct positive batch sizes, got {text!r}")
+    return sizes
+
+
+def _record(args: argparse.Namespace) -> int:
+    from smallbn.experiments.record import run_record
+
+    torch.set_num_threads(args.threads)
+    try:
+        print(
+            run_record(
+                args.batch_sizes,
+                steps=args.steps,
+                layer=args.layer,
+                channel=args.channel,
+                window=args.window,
+                raw_grad=args.raw_grad,
+                lr=args.lr,
+                train_samples=args.train_samples,
+                dataset=args.dataset,
+                data_root=args.data_root,
+                output_dir=Path(args.output_dir),
+                file_format=args.format,
+                seed=args.seed,
+            )
+        )
+    except KeyError as error:
+        print(f"smallbn record: {error.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    record = commands.add_parser(
+        "record",
+        help="record a norm layer's batch statistics while training at several batch sizes",
+    )
+    record.add_argument("--steps", type=int, default=300)
+    record.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=(2, 32), help="comma-separated, e.g. 2,32"
+    )
+    record.add_argument(
+        "--layer", default="stages.0.bn2", help="module name of the norm layer to record"
+    )
+    record.add_argument(
+        "--channel", type=int, default=None, help="plot/summarize one channel (default: mean)"
+    )
+    record.add_argument(
+        "--window",
+        type=int,
+        default=11,
+        help="summary: std of the deviation from a centred moving average of this many "
+        "iterations, which removes the drift from training (0: plain std over iterations)",
+    )
+    record.add_argument(
+        "--raw-grad",
+        action="store_true",
+        help="record g_B, Psi_B of the raw dL/dy instead of scaling it by the batch size",
+    )
+    record.add_argument("--lr", type=float, default=0.02)
+    record.add_argument("--train-samples", type=int, default=6000)
+    record.add_argument(
+        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits", "idx"]
+    )
+    record.add_argument("--data-root", default=None)
+    record.add_argument("--output-dir", default="runs/record")
+    record.add_argument("--format", default="pt", choices=["pt", "npz"])
+    record.add_argument("--seed", type=int, default=0)
+    record.add_argument("--threads", type=int, default=2)
+    record.set_defaults(run=_record)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallbn.experiments.demo import DEFAULT_METHODS
 
@@ -53,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
+    _add_record_parser(commands)
     return parser
 
 
