@@ -12,6 +12,7 @@ from smallbn.convert import (
     is_norm_layer,
     uses_batch_stats,
 )
+from smallbn.fold import FoldReport, fold, fold_with_report
 from smallbn.layers import (
     BatchRenorm,
     BatchRenorm1d,
@@ -52,6 +53,7 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "Converted",
+    "FoldReport",
     "FreezeNormsAt",
     "DomainBatchNorm",
     "DomainBatchNorm1d",
@@ -80,6 +82,8 @@ __all__ = [
     "build_norm",
     "convert",
     "convert_with_report",
+    "fold",
+    "fold_with_report",
     "freeze_norms",
     "is_norm_layer",
     "plot_stats",
