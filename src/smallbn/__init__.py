@@ -6,6 +6,7 @@ Layers (:mod:`smallbn.layers`) are built on one statistics core (:mod:`smallbn.s
 
 from smallbn.convert import (
     Converted,
+    bind_producers,
     convert,
     convert_with_report,
     freeze_norms,
@@ -78,6 +79,7 @@ __all__ = [
     "SwitchableNorm3d",
     "SyncBatchNorm",
     "available_norms",
+    "bind_producers",
     "batch_stats_eval",
     "build_norm",
     "convert",

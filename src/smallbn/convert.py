@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from smallbn.graph import trace_producers
 from smallbn.layers import BatchStatsNorm, NormBase
 from smallbn.registry import NormSpec, resolve_norm
 
 __all__ = [
     "Converted",
+    "bind_producers",
     "convert",
     "convert_with_report",
     "freeze_norms",
@@ -146,7 +148,40 @@ def convert_with_report(
                 setattr(module, child_name, new_child)
         return module
 
-    return visit(model, ""), report
+    model = visit(model, "")
+    bind_producers(model)
+    return model, report
+
+
+def bind_producers(model: nn.Module) -> dict[str, str | None]:
+    """Give every layer that asks for it (``wants_producer``: Cross-Iteration BN, MABN) the
+    conv/linear module producing its input, found by tracing the model
+    (:func:`smallbn.graph.trace_producers`); install the replacements layers return (MABN's
+    weight-centred convs).  :func:`convert` calls this; call it yourself after building a
+    model whose layers come from :func:`smallbn.build_norm`.  Returns layer name → producer
+    name (``None`` where none was found)."""
+    layers = {name: m for name, m in model.named_modules() if getattr(m, "wants_producer", False)}
+    if not layers:
+        return {}
+    wanted = {id(m) for m in layers.values()}
+    search = trace_producers(model, lambda m: id(m) in wanted)
+    modules = dict(model.named_modules())
+    bound: dict[str, str | None] = {}
+    for name, layer in layers.items():
+        producer_name = search.producers.get(name)
+        producer = modules[producer_name] if producer_name is not None else None
+        note = None if producer is not None else search.unpaired.get(name, "no producer found")
+        replacement = layer.bind_producer(producer, note)
+        if replacement is not None and producer_name is not None:
+            _set_submodule(model, producer_name, replacement)
+        bound[name] = producer_name
+    return bound
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def convert(

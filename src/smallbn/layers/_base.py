@@ -157,6 +157,19 @@ class NormBase(nn.Module):
             )
         return self.running_mean, self.running_var
 
+    #: Layers that need the module producing their input (Cross-Iteration BN differentiates
+    #: its statistics with respect to that conv's weight; MABN swaps it for a weight-centred
+    #: conv) set this; :func:`smallbn.bind_producers` then calls :meth:`bind_producer`.
+    wants_producer: ClassVar[bool] = False
+
+    def bind_producer(
+        self, producer: nn.Module | None, note: str | None = None
+    ) -> nn.Module | None:
+        """Receive the module whose output is this layer's input (``None`` where there is
+        none; ``note`` then says why).  May return a replacement for the producer, which the
+        caller installs in its place.  The default ignores it."""
+        return None
+
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
         """Per-channel ``(scale, shift)`` with ``y = scale·x + shift`` in eval mode, or ``None``
         where the eval output is not a per-channel affine map (batch-independent norms).
