@@ -117,6 +117,86 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     record.set_defaults(run=_record)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from smallbn.experiments.compare import (
+        format_tables,
+        preset_configs,
+        run_sweep,
+        setup_distributed,
+    )
+
+    torch.set_num_threads(args.threads)
+    device = setup_distributed(args.device)
+    configs = preset_configs(
+        "full" if args.full else args.preset,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        epochs=args.epochs,
+        train_samples=args.train_samples,
+        methods=tuple(args.methods.split(",")) if args.methods else None,
+        batch_sizes=tuple(args.batch_sizes) if args.batch_sizes else None,
+        compositions=tuple(args.compositions.split(",")) if args.compositions else None,
+        mode=args.mode,
+        dataset=args.dataset,
+        sync=args.sync or None,
+        lr=args.lr,
+    )
+    output = Path(args.output_dir)
+    rows = run_sweep(
+        configs,
+        output,
+        device=device,
+        dataset_root=args.data_root,
+        checkpoint_every=args.checkpoint_every,
+    )
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print()
+        print(format_tables(rows))
+        print(
+            f"results: {output / 'results.jsonl'}  table: {output / 'results.md'}  "
+            f"plot: {output / 'error_vs_batch.png'}"
+        )
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from smallbn.experiments.compare import PRESETS
+    from smallbn.experiments.data import DATASETS
+
+    compare = commands.add_parser(
+        "compare",
+        help="sweep methods x normalization batch sizes x seeds; table and plot of test error",
+    )
+    compare.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    compare.add_argument("--full", action="store_true", help="the complete table (long; GPU)")
+    compare.add_argument("--methods", default=None, help="e.g. bn,cbn,mabn (default: preset)")
+    compare.add_argument("--batch-sizes", type=_ints, default=None, help="e.g. 2,4,32")
+    compare.add_argument("--compositions", default=None, help="iid,correlated (default both)")
+    compare.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
+    compare.add_argument("--epochs", type=float, default=None)
+    compare.add_argument("--train-samples", type=int, default=None)
+    compare.add_argument("--lr", type=float, default=None)
+    compare.add_argument(
+        "--mode",
+        choices=["groups", "sgd"],
+        default=None,
+        help="groups: normalize groups of b inside SGD batches of 32 (default); sgd: SGD batch b",
+    )
+    compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
+    compare.add_argument("--dataset", default=None, choices=list(DATASETS))
+    compare.add_argument("--data-root", default=None)
+    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--threads", type=int, default=2)
+    compare.add_argument(
+        "--checkpoint-every", type=int, default=100, help="steps between run checkpoints"
+    )
+    compare.set_defaults(run=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallbn.experiments.demo import DEFAULT_METHODS
 
@@ -138,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
     _add_record_parser(commands)
+    _add_compare_parser(commands)
     return parser
 
 

@@ -20,7 +20,7 @@ from smallbn import layers
 
 __all__ = ["NormSpec", "available_norms", "build_norm", "register_norm", "resolve_norm"]
 
-NormSpec = str | type | functools.partial
+NormSpec = str | type | functools.partial | Callable[..., nn.Module]
 Family = Mapping[int | None, Callable[..., nn.Module]]
 
 _FAMILIES: dict[str, Family] = {}

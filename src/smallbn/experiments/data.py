@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import pickle
 import struct
 import sys
 from dataclasses import dataclass
@@ -22,13 +23,18 @@ __all__ = [
     "DEFAULT_FASHION_MNIST",
     "Dataset",
     "DatasetError",
+    "DATASETS",
+    "load_cifar10",
     "load_dataset",
     "load_digits",
+    "load_image_folder",
     "load_idx_dataset",
     "read_idx",
 ]
 
 DEFAULT_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+DATASETS = ("fashion-mnist", "digits", "idx", "cifar10", "imagefolder")
 
 _FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -186,21 +192,111 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     )
 
 
+def _to_dataset(
+    name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> Dataset:
+    """Images ``(N, H, W[, C])`` uint8 → standardized ``(N, C, H, W)`` float32 tensors."""
+
+    def channels_first(images: np.ndarray) -> Tensor:
+        tensor = torch.from_numpy(images.astype(np.float32))
+        return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
+
+    train_x, test_x = channels_first(train[0]), channels_first(test[0])
+    dims = (0, 2, 3)
+    mean = train_x.mean(dims, keepdim=True)
+    std = train_x.std(dims, keepdim=True).clamp_min(1e-6)
+    return Dataset(
+        name,
+        ((train_x - mean) / std).contiguous(),
+        torch.from_numpy(train[1].astype(np.int64)),
+        ((test_x - mean) / std).contiguous(),
+        torch.from_numpy(test[1].astype(np.int64)),
+    )
+
+
+def load_cifar10(root: Path | str) -> Dataset:
+    """CIFAR-10 from its python-pickle folder (``data_batch_1`` … ``data_batch_5``,
+    ``test_batch``: dicts with ``b"data"`` ``(N, 3072)`` uint8 and ``b"labels"``)."""
+    root = Path(root)
+
+    def read(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for path in paths:
+            if not path.exists():
+                raise DatasetError(f"{root}: missing {path.name} (a CIFAR-10 python folder)")
+            with path.open("rb") as handle:
+                try:
+                    batch = pickle.load(handle, encoding="bytes")
+                except Exception as error:
+                    raise DatasetError(f"{path}: not a CIFAR-10 pickle ({error})") from error
+            if b"data" not in batch or b"labels" not in batch:
+                raise DatasetError(f"{path}: no b'data'/b'labels' entries (a CIFAR-10 pickle?)")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        return np.concatenate(images), np.concatenate(labels)
+
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files:
+        raise DatasetError(f"{root}: no data_batch_* files (a CIFAR-10 python folder)")
+    return _to_dataset("cifar10", read(train_files), read([root / "test_batch"]))
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def load_image_folder(
+    root: Path | str, *, test_fraction: float = 0.2, size: int | None = None, seed: int = 0
+) -> Dataset:
+    """An image folder with one subfolder per class (``root/<class>/<image>``), split
+    deterministically into train and test.  Images are read with Pillow, converted to
+    grayscale if every image is grayscale (else RGB), and resized to ``size`` (default: the
+    first image's size)."""
+    from PIL import Image
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DatasetError(f"{root}: no class subfolders (expected root/<class>/<image>)")
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in _IMAGE_SUFFIXES
+    ]
+    if len(files) < 2:
+        raise DatasetError(f"{root}: found {len(files)} images; need at least 2")
+    opened = [Image.open(path) for path, _ in files]
+    mode = "L" if all(image.mode in ("L", "1", "I;16") for image in opened) else "RGB"
+    width, height = (size, size) if size else opened[0].size
+    images = np.stack([np.asarray(image.convert(mode).resize((width, height))) for image in opened])
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    cut = max(1, min(len(labels) - 1, int(round(len(labels) * (1 - test_fraction)))))
+    train, test = order[:cut], order[cut:]
+    return _to_dataset(root.name, (images[train], labels[train]), (images[test], labels[test]))
+
+
 def load_dataset(name: str = "fashion-mnist", root: Path | str | None = None) -> Dataset:
     """The dataset a job asks for.
 
     ``"fashion-mnist"`` reads ``root`` (default: Debian's dataset-fashion-mnist folder) and
     falls back to the digits with a visible notice when it is absent; ``"digits"`` is the
-    embedded digits; ``"idx"`` is any IDX folder (MNIST) given as ``root``.
+    embedded digits; ``"idx"`` is any IDX folder (MNIST), ``"cifar10"`` a CIFAR-10 python
+    folder, ``"imagefolder"`` a folder of class subfolders, each given as ``root``.
     """
     if name == "digits":
         return load_digits()
-    if name == "idx":
+    if name in ("idx", "cifar10", "imagefolder"):
         if root is None:
-            raise DatasetError("dataset 'idx' needs a folder: pass --data-root")
-        return load_idx_dataset(root, verify=False)
+            raise DatasetError(f"dataset '{name}' needs a folder: pass --data-root")
+        if name == "idx":
+            return load_idx_dataset(root, verify=False)
+        return load_cifar10(root) if name == "cifar10" else load_image_folder(root)
     if name != "fashion-mnist":
-        raise DatasetError(f"unknown dataset '{name}' (fashion-mnist, digits, idx)")
+        raise DatasetError(
+            f"unknown dataset '{name}' (fashion-mnist, digits, idx, cifar10, imagefolder)"
+        )
     folder = Path(root) if root is not None else DEFAULT_FASHION_MNIST
     if not folder.exists():
         print(

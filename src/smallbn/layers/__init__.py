@@ -22,6 +22,7 @@ from smallbn.layers.ghost import (
     GhostBatchNorm3d,
 )
 from smallbn.layers.group_norm import GroupNorm, InstanceNorm, LayerNorm
+from smallbn.layers.grouped import GroupedNorm
 from smallbn.layers.switchable import (
     SwitchableNorm,
     SwitchableNorm1d,
@@ -49,6 +50,7 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "GroupNorm",
+    "GroupedNorm",
     "InstanceNorm",
     "LayerNorm",
     "NormBase",

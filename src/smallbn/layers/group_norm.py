@@ -41,6 +41,8 @@ class GroupNorm(NormBase):
     Args:
         num_groups: requested number of groups (paper: 32); reduced to the largest divisor
             of ``num_features`` not above it.
+        channels_per_group: alternatively, the number of channels per group (the paper's
+            other parametrization); G = C / channels_per_group, fitted likewise.
     """
 
     _family = "GroupNorm"
@@ -57,9 +59,14 @@ class GroupNorm(NormBase):
         dtype: torch.dtype | None = None,
         *,
         num_groups: int | None = None,
+        channels_per_group: int | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if num_groups is not None and channels_per_group is not None:
+            raise ValueError(f"{type(self).__name__}: give num_groups or channels_per_group")
         requested = self._requested_groups() if num_groups is None else num_groups
+        if channels_per_group is not None:  # narrow nets: a fixed group width (Wu & He, Table 3)
+            requested = max(self.num_features // max(int(channels_per_group), 1), 1)
         self.num_groups = fit_num_groups(self.num_features, requested)
 
     def _requested_groups(self) -> int:

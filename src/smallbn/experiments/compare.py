@@ -1,0 +1,544 @@
+"""``smallbn compare``: test error against normalization batch size for every method.
+
+A sweep over methods × normalization batch sizes × batch compositions × seeds trains
+:class:`~smallbn.experiments.models.SmallResNet` on real data and records, per run, the test
+error with the EMA running statistics and after PreciseBN, the training time and the config.
+
+* **Normalization batch.** ``mode="groups"`` (default, as Yan et al. ICLR 2020 do): SGD batches
+  of ``sgd_batch`` samples whose norm layers normalize consecutive groups of ``b`` samples
+  (:class:`~smallbn.layers.GroupedNorm`; MABN and Ghost BN group natively), the groups acting as
+  consecutive steps for the cross-iteration methods.  ``mode="sgd"``: the SGD batch is ``b``.
+* **Composition.** ``iid`` batches, or ``correlated``: every normalization group comes from one
+  class (groups in random order; :mod:`smallbn.experiments.sampling`).
+* **Robustness.** Each finished run is appended atomically to ``results.jsonl``; a run in
+  progress checkpoints atomically every ``checkpoint_every`` steps.  Rerunning the same
+  command skips finished runs and resumes an interrupted one from its checkpoint: nothing
+  lost, nothing duplicated.
+* **Scale-out.** Under ``torchrun`` every process trains its share of each SGD batch (whole
+  groups) with DistributedDataParallel (gloo on CPU, NCCL on GPU); ``sync=True`` makes the
+  norm layers pool statistics across processes.  Rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from smallbn.convert import bind_producers
+from smallbn.experiments.data import Dataset, load_dataset
+from smallbn.experiments.models import SmallResNet
+from smallbn.experiments.sampling import batch_indices, steps_per_epoch
+from smallbn.layers import GroupedNorm
+from smallbn.population import precise_bn
+from smallbn.registry import build_norm
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "RunConfig",
+    "format_tables",
+    "plot_results",
+    "preset_configs",
+    "read_results",
+    "run_sweep",
+]
+
+#: Job method name → (registry name, needs the GroupedNorm wrapper to see groups of b).
+METHODS: dict[str, tuple[str, bool]] = {
+    "bn": ("bn", True),
+    "brn": ("brn", True),
+    "ghostbn": ("ghostbn", False),
+    "gn": ("gn", False),
+    "ln": ("ln", False),
+    "in": ("in", False),
+    "sn": ("sn", True),
+    "cbn": ("cbn", True),
+    "naive": ("cbn", True),  # cross-iteration pooling without compensation
+    "mabn": ("mabn", False),
+    "syncbn": ("syncbn", True),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run (its identity in results.jsonl)."""
+
+    method: str
+    norm_batch: int
+    composition: str
+    seed: int
+    dataset: str = "fashion-mnist"
+    mode: str = "groups"
+    sgd_batch: int = 32
+    epochs: float = 3.0
+    train_samples: int = 10_000
+    lr: float = 0.05
+    widths: tuple[int, ...] = (16, 32, 64)
+    blocks: int = 1
+    precise_samples: int = 2048
+    sync: bool = False
+    world_size: int = 1
+
+    @property
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @property
+    def tag(self) -> str:
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
+        return f"{self.method}-b{self.norm_batch}-{self.composition}-s{self.seed}-{digest}"
+
+    @property
+    def batch(self) -> int:
+        """SGD batch size."""
+        return self.sgd_batch if self.mode == "groups" else self.norm_batch
+
+
+# -- presets -----------------------------------------------------------------------------------
+
+#: name → (composition → [(method, normalization batch sizes)], run settings)
+PRESETS: dict[str, tuple[dict[str, list[tuple[str, tuple[int, ...]]]], dict[str, Any]]] = {
+    "default": (
+        {
+            "correlated": [
+                ("bn", (2, 32)),
+                ("brn", (2,)),
+                ("gn", (2,)),
+                ("sn", (2,)),
+                ("naive", (2,)),
+                ("cbn", (2,)),
+                ("mabn", (2,)),
+            ],
+            "iid": [("bn", (2, 32))],
+        },
+        {"epochs": 3.0, "train_samples": 10_000, "seeds": (0, 1, 2)},
+    ),
+    "full": (
+        {
+            composition: [
+                (m, (2, 4, 8, 16, 32)) for m in ("bn", "brn", "gn", "sn", "naive", "cbn", "mabn")
+            ]
+            for composition in ("correlated", "iid")
+        },
+        {"epochs": 10.0, "train_samples": 60_000, "seeds": (0, 1, 2)},
+    ),
+    "smoke": (
+        {"correlated": [("bn", (2, 8))], "iid": [("bn", (2,))]},
+        {"epochs": 1.0, "train_samples": 256, "seeds": (0,), "precise_samples": 64},
+    ),
+}
+
+
+def preset_configs(preset: str, **overrides: Any) -> list[RunConfig]:
+    """The run configs of a preset; ``overrides`` replace settings (``seeds``, ``epochs``,
+    ``methods`` (a subset), ``batch_sizes``, ``compositions``, and any RunConfig field)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (one of {', '.join(PRESETS)})")
+    plan, settings = PRESETS[preset]
+    settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    seeds = settings.pop("seeds")
+    methods = settings.pop("methods", None)
+    sizes = settings.pop("batch_sizes", None)
+    compositions = settings.pop("compositions", None) or tuple(plan)
+    configs = []
+    for composition in compositions:
+        entries = plan.get(composition) or plan[next(iter(plan))]
+        if methods:
+            entries = [(m, sizes or (2, 32)) for m in methods]
+        for method, batch_sizes in entries:
+            if method not in METHODS:
+                raise ValueError(f"unknown method '{method}' (one of {', '.join(METHODS)})")
+            for b in sizes or batch_sizes:
+                for seed in seeds:
+                    configs.append(RunConfig(method, b, composition, seed, **settings))
+    return configs
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+def _norm_factory(config: RunConfig, norm_steps: int) -> Callable[..., nn.Module]:
+    """The constructor the ResNet calls for each norm layer of this run."""
+    spec, wraps = METHODS[config.method]
+    b = config.norm_batch
+    options: dict[str, Any] = {}
+    if config.method == "brn":  # the paper's 5k/25k/40k-of-~100k ramp, scaled to this run
+        options = {
+            "warmup_steps": int(0.05 * norm_steps),
+            "d_max_ramp_end": int(0.25 * norm_steps),
+            "r_max_ramp_end": int(0.4 * norm_steps),
+        }
+    elif config.method == "gn":
+        options = {"channels_per_group": 8}
+    elif config.method == "ghostbn":
+        options = {"group_size": b}
+    elif config.method == "cbn":
+        options = {"window": min(math.ceil(16 / b), 8), "burnin": int(0.25 * norm_steps)}
+    elif config.method == "naive":
+        options = {"window": 8, "compensate": False, "burnin": int(0.25 * norm_steps)}
+    elif config.method == "mabn":
+        options = {"norm_batch_size": b}
+    if config.sync and spec not in ("gn", "ln", "in"):
+        options["sync"] = True
+        spec = "syncbn" if spec == "bn" else spec  # torch's BN cannot pool on CPU
+    group = config.mode == "groups" and wraps and b < config.sgd_batch
+
+    def make(channels: int, **kwargs: Any) -> nn.Module:
+        layer = build_norm(spec, channels, **{**kwargs, **options})
+        return GroupedNorm(layer, b) if group else layer
+
+    return make
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _lr(config: RunConfig, step: int, total: int) -> float:
+    """Linear warm-up over the first 2% of steps, then cosine decay."""
+    warmup = max(1, total // 50)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+@torch.no_grad()
+def _test_error(model: nn.Module, data: Dataset, device: torch.device) -> float:
+    model.eval()
+    wrong = 0
+    for start in range(0, len(data.test_x), 500):
+        x = data.test_x[start : start + 500].to(device)
+        y = data.test_y[start : start + 500].to(device)
+        wrong += int((model(x).argmax(1) != y).sum())
+    return wrong / len(data.test_x)
+
+
+def run_one(
+    config: RunConfig,
+    data: Dataset,
+    checkpoint: Path,
+    *,
+    device: torch.device,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate one config, resuming from ``checkpoint`` if it exists."""
+    rank, world = _rank()
+    train_x, train_y = data.train_x[: config.train_samples], data.train_y[: config.train_samples]
+    per_epoch = steps_per_epoch(train_y, config.batch, config.norm_batch, config.composition)
+    total = max(1, int(round(config.epochs * per_epoch)))
+    groups_per_step = config.batch // config.norm_batch if config.mode == "groups" else 1
+    torch.manual_seed(config.seed)
+    model = SmallResNet(
+        data.num_classes,
+        data.in_channels,
+        config.widths,
+        config.blocks,
+        norm=_norm_factory(config, total * groups_per_step),
+    ).to(device)
+    bind_producers(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
+    start, elapsed, loss_value = 0, 0.0, float("nan")
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, elapsed, loss_value = state["step"], state["elapsed"], state["loss"]
+    trained: nn.Module = model
+    if world > 1:
+        trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    stream = batch_indices(
+        train_y, config.batch, config.norm_batch, config.composition, config.seed, start
+    )
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=config.tag.rsplit("-", 1)[0],
+        leave=False,
+        disable=not progress or rank != 0,
+    )
+    model.train()
+    began = time.perf_counter()
+    for step in range(start, total):
+        index = next(stream)
+        if world > 1:  # each process trains on its share of whole groups
+            index = index.reshape(world, -1)[rank]
+        x, y = train_x[index].to(device), train_y[index].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(config, step, total)
+        loss = F.cross_entropy(trained(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{config.tag}: training diverged at step {step} (loss {float(loss)}); lower "
+                f"the learning rate (--lr)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(1)
+        done = step + 1
+        if rank == 0 and (done % checkpoint_every == 0 and done < total):
+            loss_value = float(loss.detach())
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": done,
+                    "elapsed": elapsed + time.perf_counter() - began,
+                    "loss": loss_value,
+                },
+                checkpoint,
+            )
+        if done == total:
+            loss_value = float(loss.detach())
+    bar.close()
+    elapsed += time.perf_counter() - began
+    error_ema = _test_error(model, data, device)
+    precise_stream = (
+        (train_x[i].to(device), train_y[i])
+        for i in batch_indices(
+            train_y, config.norm_batch, config.norm_batch, config.composition, config.seed + 7
+        )
+    )
+    precise_bn(model, precise_stream, config.precise_samples, progress=False)
+    error_precise = _test_error(model, data, device)
+    return {
+        **dataclasses.asdict(config),
+        "key": config.key,
+        "steps": total,
+        "error_ema": error_ema,
+        "error_precise": error_precise,
+        "train_seconds": elapsed,
+        "final_loss": loss_value,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The finished runs in ``results.jsonl`` (a torn last line from a crash is ignored)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append_result(path: Path, row: dict[str, Any]) -> None:
+    """Append one line atomically: the file is rewritten to a temporary and renamed, so a
+    kill at any moment leaves either the old or the new file, never half a line."""
+    lines = [json.dumps(r, sort_keys=True) for r in read_results(path)]
+    lines.append(json.dumps(row, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+
+
+def run_sweep(
+    configs: Sequence[RunConfig],
+    output_dir: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dataset_root: str | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every config not yet in ``output_dir/results.jsonl``; write the tables and plot.
+
+    Returns the result rows of ``configs`` (finished earlier or now).
+    """
+    device = torch.device(device)
+    rank, world = _rank()
+    results_path = output_dir / "results.jsonl"
+    configs = [dataclasses.replace(c, world_size=world) for c in configs]
+    done = {row["key"] for row in read_results(results_path)}
+    todo = [c for c in configs if c.key not in done]
+    datasets: dict[str, Dataset] = {}
+    for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
+        if config.dataset not in datasets:
+            datasets[config.dataset] = load_dataset(config.dataset, dataset_root)
+        checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
+        row = run_one(
+            config,
+            datasets[config.dataset],
+            checkpoint,
+            device=device,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
+        if rank == 0:
+            _append_result(results_path, row)
+            checkpoint.unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+    keys = {c.key for c in configs}
+    rows = [row for row in read_results(results_path) if row["key"] in keys]
+    if rank == 0 and rows:
+        tables = format_tables(rows)
+        (output_dir / "results.md").write_text(tables + "\n")
+        plot_results(rows, output_dir / "error_vs_batch.png")
+    return rows
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _summary(
+    rows: Iterable[dict[str, Any]], metric: str
+) -> dict[tuple[str, str, int], list[float]]:
+    cells: dict[tuple[str, str, int], list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["composition"], row["method"], row["norm_batch"]), []).append(
+            100 * row[metric]
+        )
+    return cells
+
+
+def _cell(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def format_tables(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per composition, test error (%) mean ± std over seeds by method × batch,
+    with EMA statistics and after PreciseBN, and how much of BN's small-batch gap each
+    method recovers."""
+    out = []
+    seeds = sorted({row["seed"] for row in rows})
+    for metric, label in (("error_precise", "after PreciseBN"), ("error_ema", "EMA statistics")):
+        cells = _summary(rows, metric)
+        for composition in sorted({row["composition"] for row in rows}):
+            sizes = sorted({k[2] for k in cells if k[0] == composition})
+            methods = [m for m in METHODS if any(k[:2] == (composition, m) for k in cells)]
+            out.append(
+                f"**{composition} groups — test error (%), {label}, mean ± std over "
+                f"{len(seeds)} seed(s)**\n"
+            )
+            out.append("| method | " + " | ".join(f"b={s}" for s in sizes) + " |")
+            out.append("|---|" + "---|" * len(sizes))
+            for method in methods:
+                out.append(
+                    f"| {method} | "
+                    + " | ".join(_cell(cells.get((composition, method, s))) for s in sizes)
+                    + " |"
+                )
+            out.append("")
+            gap = _gap_table(cells, composition)
+            if gap:
+                out.extend([gap, ""])
+    return "\n".join(out)
+
+
+def _gap_table(cells: dict[tuple[str, str, int], list[float]], composition: str) -> str:
+    """Share of the gap BN(b) − BN(largest b) that each method closes at batch b."""
+    sizes = sorted({k[2] for k in cells if k[0] == composition and k[1] == "bn"})
+    if len(sizes) < 2:
+        return ""
+    if not any(k[0] == composition and k[1] != "bn" for k in cells):
+        return ""
+    large = float(np.mean(cells[(composition, "bn", sizes[-1])]))
+    lines = [f"gap recovered vs BN (BN@{sizes[-1]} = 100%, BN@b = 0%):", ""]
+    lines.append("| method | " + " | ".join(f"b={s}" for s in sizes[:-1]) + " |")
+    lines.append("|---|" + "---|" * (len(sizes) - 1))
+    for method in METHODS:
+        if method == "bn" or not any(k[:2] == (composition, method) for k in cells):
+            continue
+        parts = []
+        for s in sizes[:-1]:
+            values = cells.get((composition, method, s))
+            small = float(np.mean(cells[(composition, "bn", s)]))
+            if values is None or small - large <= 0:
+                parts.append("–")
+            else:
+                parts.append(f"{100 * (small - np.mean(values)) / (small - large):.0f}%")
+        lines.append(f"| {method} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Error (after PreciseBN) against normalization batch size, one line per method, one
+    panel per composition (the MABN paper's figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _summary(rows, "error_precise")
+    compositions = sorted({row["composition"] for row in rows})
+    figure, axes = plt.subplots(
+        1, len(compositions), figsize=(6 * len(compositions), 4.2), squeeze=False
+    )
+    for ax, composition in zip(axes[0], compositions, strict=True):
+        for method in METHODS:
+            points = sorted((k[2], v) for k, v in cells.items() if k[:2] == (composition, method))
+            if not points:
+                continue
+            xs = [p[0] for p in points]
+            means = [float(np.mean(p[1])) for p in points]
+            stds = [float(np.std(p[1])) for p in points]
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("normalization batch size")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{composition} groups")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def setup_distributed(device: str) -> torch.device:
+    """Under torchrun: init the process group (NCCL on CUDA, else gloo) and return this
+    process's device; otherwise the requested device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+    return torch.device(device)
