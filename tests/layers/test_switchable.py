@@ -238,3 +238,23 @@ def test_last_gamma_and_mixture_report():
 def test_bad_branches():
     with pytest.raises(ValueError, match="non-empty subset"):
         smallbn.SwitchableNorm2d(4, branches=("gn",))
+
+
+def test_mixture_report_table_and_plot(tmp_path):
+    from smallbn.mixture import format_mixture_table, mixture_weights, plot_mixture
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        smallbn.SwitchableNorm2d(4),
+        smallbn.SwitchableNorm2d(4, branches=("in", "ln")),
+    )
+    with torch.no_grad():
+        model[1].mean_weight.copy_(torch.tensor([0.0, 0.0, 2.0]))
+    weights = mixture_weights(model)
+    assert list(weights) == ["1", "2"]
+    expected = torch.softmax(torch.tensor([0.0, 0.0, 2.0]), 0)[2].item()
+    assert weights["1"]["mean"]["bn"] == pytest.approx(expected)
+    table = format_mixture_table(model)
+    assert f"| 1 | 0.11 | 0.11 | {expected:.2f} | 0.33 | 0.33 | 0.33 |" in table
+    assert "| 2 | 0.50 | 0.50 | – |" in table
+    assert plot_mixture(model, tmp_path / "mix.png").stat().st_size > 1000
