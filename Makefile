@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# The README's two commands: `make compare` (the main job) and `make test` (the test suite).
 # Both create their own virtual environment; torch is pinned through constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test data clean
+.PHONY: compare demo test data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ data:
 		{ $(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } || \
 		echo "notice: could not install dataset-fashion-mnist; the job will use the digits"; \
 	fi
+
+compare: $(VENV)/.installed data
+	$(PY) -m smallbn compare $(ARGS)
 
 demo: $(VENV)/.installed data
 	$(PY) -m smallbn demo $(ARGS)

@@ -136,6 +136,10 @@ SCENARIOS: dict[str, Scenario] = {
         lambda: smallbn.DomainBatchNorm2d(C, num_domains=NUM_DOMAINS, sync=False),
         kind="domain",
     ),
+    "switchable_norm_batch_branch": Scenario(
+        lambda **kw: smallbn.SwitchableNorm2d(C, **kw),
+        lambda: smallbn.SwitchableNorm2d(C, sync=False),
+    ),
     "syncbn_explicit_process_group": Scenario(
         lambda **kw: smallbn.SyncBatchNorm(C, **kw),
         lambda: nn.BatchNorm2d(C),
