@@ -287,3 +287,24 @@ def test_folding_a_folded_model_changes_nothing(images):
     assert report.folded == () and report.kept == ()
     with torch.inference_mode():
         assert torch.equal(again(images), folded(images))
+
+
+def test_fold_mabn_bakes_centred_convs():
+    import smallbn
+    from smallbn.experiments.models import SmallResNet
+
+    torch.manual_seed(0)
+    model = smallbn.convert(SmallResNet(10, 1, (8, 16)), "mabn", warmup=2, clamp_start=3)
+    for _ in range(4):
+        model(torch.randn(4, 1, 12, 12)).sum().backward()
+    model.eval()
+    x = torch.randn(3, 1, 12, 12)
+    folded, report = smallbn.fold_with_report(model)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not any(
+        isinstance(m, (smallbn.MovingAverageBatchNorm, smallbn.CenteredConv2d))
+        for m in folded.modules()
+    )
+    assert len(report.folded) == sum(
+        isinstance(m, smallbn.MovingAverageBatchNorm) for m in model.modules()
+    )

@@ -57,6 +57,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from smallbn.convert import is_norm_layer
 from smallbn.graph import trace_producers
 from smallbn.layers import NormBase
+from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
 
 __all__ = ["FoldReport", "FoldedNorm", "KeptNorm", "fold", "fold_with_report"]
 
@@ -214,10 +215,27 @@ def _check_eval(model: nn.Module) -> None:
         )
 
 
+_CENTERED = (CenteredConv1d, CenteredConv2d, CenteredConv3d)
+
+
+def _bake_centered_convs(model: nn.Module) -> None:
+    """Replace weight-centred convs (MABN's producers) by plain convs holding the centred
+    weight: the same function, foldable, and no centring at inference."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _CENTERED) and not (
+            module._forward_hooks or module._forward_pre_hooks
+        ):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if name:
+                setattr(parent, child, module.to_plain())
+
+
 def _fold(model: nn.Module, inplace: bool, stacklevel: int) -> tuple[nn.Module, FoldReport]:
     _check_eval(model)
     if not inplace:
         model = copy.deepcopy(model)
+    _bake_centered_convs(model)
     search = trace_producers(model, is_norm_layer)
     modules = dict(model.named_modules())
     references: Counter[int] = Counter(

@@ -1,8 +1,8 @@
 """Names → normalization layers, and :func:`build_norm` (timm's factory idea).
 
 A *spec* is a registered name (``"bn"``, ``"syncbn"``, ``"brn"``, ``"ghostbn"``,
-``"frozenbn"``, ``"domainbn"``, ``"gn"``, ``"ln"``, ``"in"``, and those later modules
-register), a layer class, or a ``functools.partial`` of one.  Every layer takes the
+``"frozenbn"``, ``"domainbn"``, ``"gn"``, ``"ln"``, ``"in"``, ``"sn"``, ``"mabn"``,
+``"cbn"``), a layer class, or a ``functools.partial`` of one.  Every layer takes the
 channel count first, then BN's ``eps, momentum, affine, track_running_stats`` and
 ``device``/``dtype`` keywords.  A name maps to a *family*: a class per input
 dimensionality (1, 2, 3) and, where the method has one, a class for any rank (key ``None``).
@@ -148,6 +148,16 @@ register_norm(
         layers.SwitchableNorm3d,
     ),
     aliases=("switchable", "switchablenorm"),
+)
+register_norm(
+    "mabn",
+    _family(
+        layers.MovingAverageBatchNorm,
+        layers.MovingAverageBatchNorm1d,
+        layers.MovingAverageBatchNorm2d,
+        layers.MovingAverageBatchNorm3d,
+    ),
+    aliases=("moving_average_bn", "movingaveragebatchnorm"),
 )
 register_norm("gn", {None: layers.GroupNorm}, aliases=("groupnorm",))
 register_norm("ln", {None: layers.LayerNorm}, aliases=("layernorm",))

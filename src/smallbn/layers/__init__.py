@@ -2,6 +2,7 @@
 
 from smallbn.layers._base import BatchStatsNorm, NormBase, set_finite_check
 from smallbn.layers.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
 from smallbn.layers.domain import (
     DomainBatchNorm,
     DomainBatchNorm1d,
@@ -23,6 +24,12 @@ from smallbn.layers.ghost import (
 )
 from smallbn.layers.group_norm import GroupNorm, InstanceNorm, LayerNorm
 from smallbn.layers.grouped import GroupedNorm
+from smallbn.layers.moving_average import (
+    MovingAverageBatchNorm,
+    MovingAverageBatchNorm1d,
+    MovingAverageBatchNorm2d,
+    MovingAverageBatchNorm3d,
+)
 from smallbn.layers.switchable import (
     SwitchableNorm,
     SwitchableNorm1d,
@@ -37,6 +44,9 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "BatchStatsNorm",
+    "CenteredConv1d",
+    "CenteredConv2d",
+    "CenteredConv3d",
     "DomainBatchNorm",
     "DomainBatchNorm1d",
     "DomainBatchNorm2d",
@@ -53,6 +63,10 @@ __all__ = [
     "GroupedNorm",
     "InstanceNorm",
     "LayerNorm",
+    "MovingAverageBatchNorm",
+    "MovingAverageBatchNorm1d",
+    "MovingAverageBatchNorm2d",
+    "MovingAverageBatchNorm3d",
     "NormBase",
     "SwitchableNorm",
     "SwitchableNorm1d",

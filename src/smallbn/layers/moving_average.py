@@ -1,0 +1,786 @@
+"""Moving Average Batch Normalization (Yan, Wan, Zhang, Zhang, Wei & Sun, "Towards Stabilizing
+Batch Statistics in Backward Propagation of Batch Normalization", ICLR 2020).
+
+At small batch sizes BN's batch statistics are noisy in the forward pass (``μ_B``, ``σ²_B``)
+*and* in the backward pass (``g_B = E[ĝ]``, ``Ψ_B = E[ĝ·x̂]``).  MABN drops mean-centring (the
+convolution before it centres its weights instead, :mod:`smallbn.layers.centered_conv`) and
+replaces the remaining batch statistics by simple moving averages (SMA) over the last ``B``
+steps.  Per channel, with statistics over the reduction set ``R = (N, *spatial)`` of a step:
+
+Forward (training), step ``t``::
+
+    χ²_t = E_R[x²]
+    v_t  = mean(χ²_{t−B+1}, …, χ²_t)            (χ²_t alone during warm-up)
+    z    = x / sqrt(v_t + eps)
+    r    = clamp(sqrt(v_t + eps) / sqrt(running_var + eps), r_min, r_max)   (r = 1 at first)
+    y    = γ·r·z + β
+    running_var ← (1 − momentum)·running_var + momentum·v_t   (after r is formed)
+
+Backward (``r`` and ``v_t`` are constants)::
+
+    ĝ  = (∂L/∂y)·γ·r
+    Ψ_t = E_R[ĝ·z],   Ψ̄ = mean(Ψ_{t−B+1}, …, Ψ_t)  (Ψ_t alone during warm-up)
+    ∂L/∂x = (ĝ − z·Ψ̄) / sqrt(v_t + eps),   ∂L/∂γ = Σ ∂L/∂y·r·z,   ∂L/∂β = Σ ∂L/∂y
+
+Inference: ``y = γ·x / sqrt(running_var + eps) + β``, a per-channel affine map that
+:func:`smallbn.fold` folds into the preceding convolution.  ``running_var`` holds the EMA of
+the *second moment* ``v``.  ``running_mean`` is kept for BN-compatible state only: training
+sets it to 0, so the eval map is BN's ``γ (x − running_mean)/sqrt(running_var + eps) + β``
+evaluated with a zero mean (a BN checkpoint loaded and evaluated before any MABN training step
+therefore behaves as that BN), and a trained MABN state loaded into ``nn.BatchNorm`` gives
+the same eval outputs.
+
+Simulated small normalization batches (``norm_batch_size=b``; the authors' ImageNet release
+uses b = 2 with B = 16 inside batches of 32 per GPU): a batch is split
+into consecutive groups of ``b`` samples (the last may be smaller) that act as consecutive SMA
+steps — group ``k`` is step ``t + k``: its ``χ²`` enters the window after those of groups
+``< k``, its ``v``, ``r`` and running-variance update see theirs, and in backward the groups'
+``Ψ`` enter the Ψ window in the same order.  One call on a batch of ``N`` is thus exactly
+``ceil(N/b)`` consecutive calls on its groups (forward then backward each).  Warm-up, the start
+of the clamping of ``r`` and the cumulative average (``momentum=None``) count these steps.
+
+Design decisions where the paper is silent (and where the authors' release differs):
+
+* Steps are *counted in SMA steps* (``sma_steps`` buffer), not in ``forward`` calls
+  (``num_batches_tracked`` still counts calls, as BN's does).  The first ``warmup`` steps use
+  ``χ²_t`` and ``Ψ_t`` alone; ``r = 1`` for the first ``clamp_start`` steps.  The release
+  switches to the SMA only once its window is full and holds ``r = 1`` for
+  ``max(1000, warm-up)`` iterations; ``clamp_start=None`` (default) gives that value.  Before
+  the window is full, the SMA is the mean of the values it holds (the release averages the
+  zero-initialized slots too, which only matters for ``warmup < B``).
+* ``momentum`` follows BN's convention (the weight of the *new* value, as in every smallbn
+  layer and as :func:`smallbn.convert` hands it on); the release's keep factor ``m = 0.98`` is
+  ``momentum = 0.02``, the default.  ``momentum=None`` is the cumulative average over steps.
+* With simulated groups the release (ImageNet variant) updates ``running_var`` and forms ``r``
+  once per iteration and needs ``N = 2·B`` exactly; here every group is a full step, and any
+  batch size works: odd, smaller than ``b``, 1, ``b`` not dividing ``N``.
+* A group with a single value per channel is normalized (``E[x²]`` needs no spread, unlike a
+  variance): ``z = x/sqrt(x² + eps)``; there is no "batch too small" error.  NaN/Inf
+  statistics raise ``FloatingPointError`` naming the layer (before any state changes).  An
+  empty batch (not synchronized) changes no state.
+* ``Ψ_t`` is only known in backward, so the backward pushes it into the Ψ window and reads the
+  window *at backward time*: with gradient accumulation over several forwards before one
+  backward the Ψ values enter in backward order.  A training forward without backward
+  (``torch.no_grad``) advances the χ² window and the step but adds nothing to the Ψ window.
+* ``sync=True``: groups are formed *per process* (samples ``[k·b, (k+1)·b)`` of every rank form
+  pooled group ``k``; without ``norm_batch_size`` the pooled group is the whole global batch).
+  The per-group sums ``Σx²`` (forward) and ``Σ dL/dy·x`` (backward, for ``Ψ``) and the counts
+  are all-reduced, so every rank holds the same windows and running variance.  With groups,
+  the number of groups is agreed by one extra all-reduce (ranks may have different batch
+  sizes).  ``∂L/∂γ``, ``∂L/∂β`` stay local (DDP sums them).
+
+Cost: the forward reads ``x`` twice (per-sample ``Σx²``, then ``y = a·x + β``) and the backward
+three times (one fused pass for ``Σ dy·x`` and ``Σ dy`` per sample and channel, then
+``∂L/∂x = A·dy + B·x``); the per-step logic (windows, EMA sequence, clamping) works on
+``(groups, C)`` tensors with a fixed number of operations, whatever the number of groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from smallbn import _distributed
+from smallbn.layers import _base
+from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers.centered_conv import centered_conv_from
+from smallbn.stats import Moments, stats_dtype
+
+__all__ = [
+    "MABNPlan",
+    "MovingAverageBatchNorm",
+    "MovingAverageBatchNorm1d",
+    "MovingAverageBatchNorm2d",
+    "MovingAverageBatchNorm3d",
+    "SlidingWindow",
+    "mabn_function",
+]
+
+#: The release holds r = 1 for max(RELEASE_CLAMP_START, warm-up) iterations.
+RELEASE_CLAMP_START = 1000
+
+
+class SlidingWindow:
+    """The last ``size`` values of a per-channel statistic, for simple moving averages.
+
+    ``values`` is ``(size, C)``; the newest value is the last row and the valid rows are the
+    last ``count`` (``count`` a 0-dim long tensor, so that the state lives in a
+    ``state_dict``).  ``frozen`` windows ignore :meth:`push` (for gradcheck, where backward
+    runs several times on one forward).
+    """
+
+    def __init__(self, values: Tensor, count: Tensor, frozen: bool = False) -> None:
+        self.values = values
+        self.count = count
+        self.frozen = frozen
+        # The host value of ``count``, read once: a window object lives for one step (and
+        # the Ψ window's reads and push happen within one backward call).
+        self._host_count: int | None = None
+
+    def reload(self) -> None:
+        """Forget the cached host count (before a use that other pushes may have preceded)."""
+        self._host_count = None
+
+    def _valid(self) -> int:
+        if self._host_count is None:
+            self._host_count = min(int(self.count), self.size)
+        return self._host_count
+
+    @property
+    def size(self) -> int:
+        return int(self.values.shape[0])
+
+    def means(self, new: Tensor) -> Tensor:
+        """Row ``k`` of the result is the mean of the last ``size`` values once
+        ``new[0], …, new[k]`` have been appended in order (fewer while the window fills).
+
+        Sums are exact sums of at most ``size`` terms (a running ``cumsum`` difference would
+        cancel in float32): one group adds the stored sum; several sum every window of an
+        ``unfold`` view of the stored values (invalid rows replaced by zeros) and the new ones.
+        """
+        size, groups = self.size, new.shape[0]
+        kept = self._valid()
+        counts = [min(kept + k + 1, size) for k in range(groups)]
+        if groups == 1:
+            if counts[0] == 1:
+                return new
+            stored = _as(self.values[size - counts[0] + 1 :].sum(0), new.dtype)
+            return (new + stored).div_(counts[0])
+        parts = [_as(self.values[size - kept :], new.dtype), new]
+        if kept < size:
+            parts.insert(0, new.new_zeros(size - kept, new.shape[1]))
+        sequence = torch.cat(parts)
+        # Windows of ``size`` rows ending at row size + k, k = 0 … groups−1, are the unfold's
+        # rows 1 … (window w covers rows w … w + size − 1).
+        sums = sequence.unfold(0, size, 1)[1:].sum(-1)
+        return sums / torch.tensor(counts, dtype=new.dtype, device=new.device).unsqueeze(1)
+
+    @torch.no_grad()
+    def push(self, new: Tensor) -> None:
+        """Append the rows of ``new`` (oldest first), dropping the oldest values."""
+        if self.frozen or new.shape[0] == 0:
+            return
+        size, groups = self.size, new.shape[0]
+        if groups >= size:
+            self.values.copy_(new[-size:])
+        else:
+            self.values.copy_(torch.cat([self.values[groups:], _as(new, self.values.dtype)]))
+        count = self._valid()
+        if count < size:  # a full window's count stays (no device op in the steady state)
+            self._host_count = min(count + groups, size)
+            self.count.fill_(self._host_count)
+
+
+@dataclass(slots=True)
+class MABNPlan:
+    """Everything of one MABN call besides ``x``, ``γ``, ``β`` (constants for autograd).
+
+    Attributes:
+        eps: added to ``v`` inside the square roots.
+        group_size: samples per simulated normalization batch (``None``: the whole batch).
+        step: the number of SMA steps taken before this call (a host integer: every per-step
+            decision is then Python control flow on it, not device work).
+        chi2: the χ² window (read, not written: the caller pushes the returned χ²).
+        psi: the Ψ window, read and pushed in backward; ``None``: Ψ̄ = Ψ_t, nothing stored.
+        use_window: whether steps past ``warmup`` use the SMAs (``False``: each group's own
+            statistics only, as in eval mode without running statistics).
+        warmup: steps using ``χ²_t``, ``Ψ_t`` alone.
+        running_var: EMA of ``v`` before the call (``None``: not tracked, ``r = 1``).
+        momentum: weight of the new value in the EMA (``None``: cumulative average).
+        clamp_start: first step with ``r ≠ 1``.
+        r_min, r_max: bounds of ``r``.
+        process_group: group to pool statistics over, or ``None``.
+        check_finite: raises on non-finite ``χ²`` (``(groups, C)``), or ``None``.
+    """
+
+    eps: float
+    group_size: int | None
+    step: int
+    chi2: SlidingWindow
+    psi: SlidingWindow | None
+    use_window: bool = True
+    warmup: int = 100
+    running_var: Tensor | None = None
+    momentum: float | None = 0.02
+    clamp_start: int = RELEASE_CLAMP_START
+    r_min: float = 0.2
+    r_max: float = 5.0
+    process_group: _distributed.ProcessGroup | None = None
+    check_finite: Callable[[Tensor], None] | None = None
+
+
+# -- helpers on (N, C, *spatial) tensors -------------------------------------------------------
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (this layer's per-step cost is
+    dominated by such small calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _stat_view(stat: Tensor, x: Tensor) -> Tensor:
+    """``(rows, C)`` → ``(rows, C, 1, …)`` broadcasting against ``x`` (rows = 1 or N)."""
+    return stat.reshape(*stat.shape, *([1] * (x.dim() - 2)))
+
+
+def _per_sample_square_sums(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ_spatial x²`` per sample and channel, ``(N, C)`` in ``dtype``.
+
+    ``vector_norm`` over the spatial dims is one vectorized pass (several times faster on CPU
+    than ``x.square().sum()``, which writes a temporary, or ``var_mean``); squaring the norm
+    costs a rounding of ~1 ulp.
+    """
+    if x.dim() == 2:
+        return x.to(dtype).square()
+    return torch.linalg.vector_norm(x, dim=tuple(range(2, x.dim())), dtype=dtype).square()
+
+
+#: torch's BN backward kernel (the overload itself: no per-call overload resolution).
+_BN_BACKWARD_REDUCE = torch.ops.aten.native_batch_norm_backward.default
+
+
+def _sum_groups(per_group: Tensor) -> Tensor:
+    """``(G, C)`` → ``(C,)`` sum over groups (a free view for one group)."""
+    return per_group.view(-1) if per_group.shape[0] == 1 else per_group.sum(0)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_ones(size: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Constant ``(zeros(size), ones(size))`` (never written), the "mean" and "inverse std"
+    that turn torch's BN backward reduction into plain sums; cached to save two allocations
+    per step."""
+    return torch.zeros(size, dtype=dtype, device=device), torch.ones(
+        size, dtype=dtype, device=device
+    )
+
+
+def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
+    """``(Σ dy·x, Σ dy)`` per channel over ``(N, *spatial)`` (``(1, C)`` each), or with
+    ``per_sample`` per sample and channel over ``*spatial`` (``(N, C)`` each).
+
+    On CPU, for contiguous float32/float64 tensors, both come from one fused pass of torch's
+    BN backward reduction (with mean 0 and inverse std 1 its "grad_weight" is ``Σ dy·x`` and
+    its "grad_bias" ``Σ dy``), per sample over the free view ``(1, N·C, spatial)``.
+    """
+    n, c = x.shape[:2]
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and dy.dtype == x.dtype
+        and x.is_contiguous()
+        and dy.is_contiguous()
+        and n * c > 0
+    ):
+        channels = n * c if per_sample else c
+        zeros, ones = _zeros_ones(channels, x.dtype, x.device)
+        shape = (1, n * c, -1) if per_sample else (n, c, -1)
+        _, dot, total = _BN_BACKWARD_REDUCE(
+            dy.view(shape),
+            x.view(shape),
+            ones,
+            None,
+            None,
+            zeros,
+            ones,
+            True,
+            0.0,
+            [False, True, True],
+        )
+        rows = (n, c) if per_sample else (1, c)
+        return dot.view(rows), total.view(rows)
+    dims = tuple(range(2, x.dim())) if per_sample else (0, *range(2, x.dim()))
+    if not dims:  # (N, C) per sample: the values themselves
+        return dy * x, dy
+    return (dy * x).sum(dim=dims).view(-1, c), dy.sum(dim=dims).view(-1, c)
+
+
+@dataclass(slots=True)
+class _Groups:
+    """How a batch splits into simulated normalization batches."""
+
+    count: int  # number of groups (pooled across processes)
+    index: Tensor | None  # (N,) group of every local sample; None: one group
+    sizes: list[int]  # local values per channel in each group
+
+    def dots(self, dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(Σ dy·x, Σ dy)`` per group and channel, ``(count, C)`` each."""
+        if self.index is None:
+            return _dots(dy, x, per_sample=False)
+        dots, sums = _dots(dy, x, per_sample=True)
+        return self.total(dots), self.total(sums)
+
+    def total(self, per_sample: Tensor) -> Tensor:
+        """Sum ``(N, C)`` per-sample values into ``(count, C)`` group values."""
+        if self.index is None:
+            return per_sample.sum(0, keepdim=True)
+        out = per_sample.new_zeros(self.count, per_sample.shape[1])
+        return out.index_add_(0, self.index, per_sample)
+
+    def spread(self, per_group: Tensor) -> Tensor:
+        """``(count, C)`` → per sample ``(N, C)`` (or ``(1, C)`` for a single group)."""
+        return per_group if self.index is None else per_group[self.index]
+
+
+def _split(x: Tensor, group_size: int | None, process_group: Any) -> _Groups:
+    n = x.shape[0]
+    per_sample = math.prod(x.shape[2:])
+    if group_size is None or (group_size >= n and process_group is None):
+        return _Groups(1, None, [n * per_sample])
+    groups = -(-n // group_size)
+    if process_group is not None:
+        # Ranks may hold different batch sizes: agree on the number of groups (groups a rank
+        # lacks get zero counts there).
+        agreed = torch.tensor([groups], dtype=torch.long, device=x.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
+        groups = int(agreed.item())
+    index = torch.div(torch.arange(n, device=x.device), group_size, rounding_mode="floor")
+    sizes = [min(group_size, max(n - k * group_size, 0)) * per_sample for k in range(groups)]
+    return _Groups(groups, index, sizes)
+
+
+def _ema_sequence(
+    start: Tensor, values: Tensor, step: int, momentum: float | None
+) -> tuple[Tensor, Tensor]:
+    """The running average before each of ``G`` consecutive updates (``(G, C)``, or ``start``
+    itself for ``G = 1``) and after the last (``(C,)``); update ``k`` is
+    ``a ← (1 − f_k)·a + f_k·values[k]`` with ``f_k = momentum``, or ``1/(step + k + 1)``
+    (cumulative average) for ``None``.
+
+    Closed forms instead of a loop over groups: ``a_k = q^k·a_0 + Σ_{j<k} f·q^{k−1−j}·v_j``
+    (``q = 1 − f``) as one small matrix product, and for the cumulative average
+    ``a_k = (t₀·a_0 + Σ_{j<k} v_j)/(t₀ + k)``.
+    """
+    groups = values.shape[0]
+    if groups == 1:
+        factor = 1.0 / (step + 1) if momentum is None else momentum
+        return start, torch.lerp(start, values[0], factor)
+    k = torch.arange(groups + 1, device=values.device, dtype=values.dtype)
+    if momentum is None:
+        prefix = torch.cat([values.new_zeros(1, values.shape[1]), values.cumsum(0)])
+        seen = (step + k).unsqueeze(1)
+        sequence = (step * start + prefix) / seen.clamp_min(1)
+        if step == 0:  # nothing seen before the first update: the start value
+            sequence = torch.cat([start.unsqueeze(0), sequence[1:]])
+    else:
+        keep = 1.0 - momentum
+        exponent = k.unsqueeze(1) - 1 - k[:-1].unsqueeze(0)  # (G + 1, G): k − 1 − j
+        weights = torch.where(
+            exponent >= 0, momentum * keep ** exponent.clamp_min(0), torch.zeros_like(exponent)
+        )
+        sequence = (keep**k).unsqueeze(1) * start + weights @ values
+    return sequence[:-1], sequence[-1]
+
+
+def _select(
+    flags: list[bool], when: Callable[[], Tensor], otherwise: Callable[[], Tensor]
+) -> Tensor:
+    """Row ``k`` of ``when()`` where ``flags[k]``, else of ``otherwise()``; each is evaluated
+    only if needed (the common all-or-nothing cases cost no masking)."""
+    if not any(flags):
+        return otherwise()
+    chosen = when()
+    if all(flags):
+        return chosen
+    mask = torch.tensor(flags, device=chosen.device).unsqueeze(1)
+    return torch.where(mask, chosen, otherwise())
+
+
+# -- the autograd Function ---------------------------------------------------------------------
+
+
+class _MABNFunction(torch.autograd.Function):
+    """MABN forward and its moving-average backward (module docstring, formulas).
+
+    Inputs ``x, weight, bias, plan``; outputs ``y`` and, without gradient, the per-group
+    ``χ²``, ``v``, ``r`` (each ``(G, C)``) and the running variance after the call (``(C,)``,
+    empty if not tracked).  The forward does not modify any state: the caller pushes ``χ²``
+    and stores the running variance; the backward pushes ``Ψ`` into ``plan.psi``.
+
+    The per-step decisions (warm-up, clamping) are Python control flow on the host step, and
+    the all-or-nothing cases skip their masks: one step costs about twenty small operations
+    on ``(G, C)`` tensors besides the passes over ``x``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: MABNPlan
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        compute = stats_dtype(x.dtype)
+        group = plan.process_group
+        groups = _split(x, plan.group_size, group)
+        sums = groups.total(_per_sample_square_sums(x, compute))
+        counts: Tensor | float
+        if group is None:
+            # Only an empty batch or no spatial extent has no values.
+            ctx.empty = groups.sizes[0] == 0
+            # host counts: a Python divisor for one group, a small tensor for several
+            counts = (
+                float(groups.sizes[0])
+                if groups.count == 1
+                else sums.new_tensor(groups.sizes).unsqueeze(1)
+            )
+        else:
+            packed = torch.cat([sums, sums.new_tensor(groups.sizes).unsqueeze(1)], dim=1)
+            dist.all_reduce(packed, group=group)
+            sums, pooled = packed[:, :-1], packed[:, -1:]
+            ctx.empty = bool(pooled[0, 0] == 0)  # an empty batch on every process
+            counts = pooled
+        if ctx.empty:  # nothing to normalize or record
+            nothing = tuple(x.new_empty(0, dtype=compute) for _ in range(4))
+            ctx.mark_non_differentiable(*nothing)
+            return (x.clone(), *nothing)  # type: ignore[return-value]
+        chi2 = sums / counts
+        if plan.check_finite is not None:
+            plan.check_finite(chi2)
+
+        steps = range(plan.step, plan.step + groups.count)
+        use_sma = [plan.use_window and t >= plan.warmup for t in steps]
+        var = _select(use_sma, lambda: plan.chi2.means(chi2), lambda: chi2)
+        var_eps = var + plan.eps
+        inv_std = torch.rsqrt(var_eps)
+        r = None
+        running_after = var.new_empty(0)
+        if plan.running_var is not None:
+            before, running_after = _ema_sequence(
+                _as(plan.running_var, var.dtype), var, plan.step, plan.momentum
+            )
+
+            def clamped() -> Tensor:
+                ratio = torch.div(var_eps, before + plan.eps).sqrt_()
+                return ratio.clamp_(plan.r_min, plan.r_max)
+
+            clamp = [t >= plan.clamp_start for t in steps]
+            if any(clamp):
+                r = _select(clamp, clamped, lambda: torch.ones_like(var))
+
+        scale = inv_std if r is None else r * inv_std  # ∂y/∂x / γ with v and r constant
+        slope = scale if weight is None else scale * _as(weight, compute)
+        xs = _as(x, compute)
+        y = xs * _stat_view(groups.spread(slope), x)
+        if bias is not None:
+            y = y.add_(_stat_view(_as(bias, compute), x))
+        y = _as(y, x.dtype)
+
+        ctx.save_for_backward(x)
+        ctx.groups, ctx.counts, ctx.plan, ctx.compute = groups, counts, plan, compute
+        ctx.scale, ctx.slope, ctx.inv_std, ctx.use_sma = scale, slope, inv_std, use_sma
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        stats = (chi2, var, torch.ones_like(var) if r is None else r, running_after)
+        ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)
+        return (y, *stats)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: Tensor | None, *unused: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        if ctx.empty:
+            return (None if grad_y is None else grad_y.clone()), None, None, None
+        plan: MABNPlan = ctx.plan
+        groups: _Groups = ctx.groups
+        compute = ctx.compute
+        # An unused output still takes part: a synchronized backward must run the collective
+        # on every rank, and Ψ = 0 is what a zero gradient gives.
+        dy = torch.zeros_like(x) if grad_y is None else grad_y
+        dys, xs = _as(dy, compute), _as(x, compute)
+        local, sums = groups.dots(dys, xs)  # Σ dy·x and Σ dy per group, this process
+        pooled = local
+        if plan.process_group is not None:
+            pooled = local.clone()
+            dist.all_reduce(pooled, group=plan.process_group)
+
+        psi = ctx.slope * pooled / ctx.counts  # E_R[ĝ z] = γ r inv · E_R[dy x]
+        psi_bar = psi
+        if plan.psi is not None:
+            window = plan.psi
+            window.reload()  # other backwards (gradient accumulation) may have pushed since
+            psi_bar = _select(ctx.use_sma, lambda: window.means(psi), lambda: psi)
+            window.push(psi)
+
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # (ĝ − z Ψ̄)/sqrt(v + eps) = dy·(γ r inv) − x·(Ψ̄ inv²): one pass after the product
+            shift = psi_bar * ctx.inv_std.square().neg_()
+            grad = xs * _stat_view(groups.spread(shift), x)
+            grad = grad.addcmul_(dys, _stat_view(groups.spread(ctx.slope), x))
+            grad_x = _as(grad, x.dtype)
+        if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
+            grad_weight = _as(_sum_groups(ctx.scale * local), ctx.weight_dtype)  # Σ dy·r·z
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = _as(_sum_groups(sums), ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def mabn_function(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: MABNPlan
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """MABN of ``x`` (training semantics) as one autograd Function; no state is modified.
+
+    Returns ``y`` and ``(χ², v, r, running_var_after)``: the per-group ``(G, C)`` statistics
+    (constants) and the running variance after the call (empty when ``plan.running_var`` is
+    ``None``).  The backward uses ``plan.psi`` for Ψ̄ and pushes ``Ψ`` into it unless frozen.
+    """
+    y, chi2, var, r, running = _MABNFunction.apply(x, weight, bias, plan)
+    return y, (chi2, var, r, running)
+
+
+# -- the layer ----------------------------------------------------------------------------------
+
+
+class MovingAverageBatchNorm(BatchStatsNorm):
+    """Moving Average Batch Normalization for inputs of any rank ≥ 2 (see the 1d/2d/3d
+    variants and the module docstring for the formulas).
+
+    Args:
+        momentum: weight of the new ``v`` in ``running_var`` (BN's convention); the default
+            0.02 is the release's keep factor 0.98.  ``None``: cumulative average over steps.
+        window: ``B``, the number of steps in the simple moving averages (release: 32/2 = 16).
+        warmup: steps that use the current ``χ²_t``, ``Ψ_t`` alone (release: 100).
+        clamp_start: first step at which ``r`` departs from 1 (then clamped to
+            ``[r_min, r_max]``); ``None``: ``max(1000, warmup)``, as the release.
+        r_min, r_max: clamping bounds of ``r`` (release: 1/5 and 5).
+        norm_batch_size: simulate normalization batches of this many samples inside a larger
+            batch (consecutive groups are consecutive SMA steps); ``None``: the whole batch.
+        center_producer: let :func:`smallbn.convert` / :func:`smallbn.bind_producers` replace
+            the ``nn.Conv{1,2,3}d`` producing this layer's input by the weight-centred
+            :class:`~smallbn.layers.centered_conv.CenteredConv2d` (same Parameters).
+        sync: pool the statistics across processes (groups are formed per process).
+
+    State: BN's keys plus ``chi2_window``, ``psi_window`` (``(window, C)``, newest last),
+    ``chi2_count``, ``psi_count`` (valid rows) and ``sma_steps``, so that resumed training
+    continues identically; a BN checkpoint (without them) loads with the current values.
+    """
+
+    _family = "MovingAverageBatchNorm"
+    wants_producer = True
+
+    chi2_window: Tensor
+    psi_window: Tensor
+    chi2_count: Tensor
+    psi_count: Tensor
+    sma_steps: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.02,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        window: int = 16,
+        warmup: int = 100,
+        clamp_start: int | None = None,
+        r_min: float = 0.2,
+        r_max: float = 5.0,
+        norm_batch_size: int | None = None,
+        center_producer: bool = True,
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if int(window) < 1:
+            raise ValueError(f"{name}: window must be >= 1, got {window}")
+        if int(warmup) < 0 or (clamp_start is not None and int(clamp_start) < 0):
+            raise ValueError(
+                f"{name}: warmup and clamp_start count steps and must be >= 0, got "
+                f"warmup={warmup}, clamp_start={clamp_start}"
+            )
+        if not 0.0 < r_min <= 1.0 <= r_max:
+            raise ValueError(
+                f"{name}: need 0 < r_min <= 1 <= r_max, got r_min={r_min}, r_max={r_max}"
+            )
+        if norm_batch_size is not None and int(norm_batch_size) < 1:
+            raise ValueError(f"{name}: norm_batch_size must be >= 1 or None, got {norm_batch_size}")
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
+        )
+        self.window = int(window)
+        self.warmup = int(warmup)
+        self.clamp_start = (
+            max(RELEASE_CLAMP_START, self.warmup) if clamp_start is None else int(clamp_start)
+        )
+        self.r_min, self.r_max = float(r_min), float(r_max)
+        self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
+        self.center_producer = center_producer
+        #: What :meth:`bind_producer` did (for reports), ``None`` before it was called.
+        self.producer_note: str | None = None
+        # Windows in float32 at least (float64 for a float64 layer): they accumulate statistics.
+        window_dtype = stats_dtype(dtype if dtype is not None else torch.get_default_dtype())
+        shape = (self.window, self.num_features)
+        factory: dict[str, Any] = {"device": device}
+        self.register_buffer("chi2_window", torch.zeros(shape, dtype=window_dtype, **factory))
+        self.register_buffer("psi_window", torch.zeros(shape, dtype=window_dtype, **factory))
+        self.register_buffer("chi2_count", torch.tensor(0, dtype=torch.long, **factory))
+        self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long, **factory))
+        self.register_buffer("sma_steps", torch.tensor(0, dtype=torch.long, **factory))
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{super().extra_repr()}, window={self.window}, warmup={self.warmup}, "
+            f"clamp_start={self.clamp_start}, r_min={self.r_min}, r_max={self.r_max}"
+        )
+        if self.norm_batch_size is not None:
+            text += f", norm_batch_size={self.norm_batch_size}"
+        return text
+
+    # -- state ---------------------------------------------------------------------------
+
+    def reset_moving_averages(self) -> None:
+        """Empty both windows and restart the step count (warm-up starts over)."""
+        for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
+            getattr(self, name).zero_()
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if hasattr(self, "sma_steps"):  # NormBase.__init__ resets before our buffers exist
+            self.reset_moving_averages()
+
+    def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        # A BN checkpoint has no windows: keep the current (initially empty) ones.  A checkpoint
+        # made with another window size keeps its most recent values.
+        for name in ("chi2", "psi"):
+            key = f"{prefix}{name}_window"
+            values = state_dict.get(key)
+            if values is not None and values.shape[0] != self.window:
+                kept = min(values.shape[0], self.window)
+                resized = values.new_zeros(self.window, *values.shape[1:])
+                if kept:
+                    resized[-kept:] = values[-kept:]
+                state_dict[key] = resized
+                count_key = f"{prefix}{name}_count"
+                if count_key in state_dict:
+                    state_dict[count_key] = state_dict[count_key].clamp(max=kept)
+        for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+
+    @torch.no_grad()
+    def set_population_stats(self, population: Moments) -> None:
+        """PreciseBN for MABN: ``running_var`` ← the population's ``E[x²]``, mean 0."""
+        running_mean, running_var = self.running_stats()
+        running_mean.zero_()
+        running_var.copy_(population.second_moment)
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        """``scale = γ / sqrt(running_var + eps)``, ``shift = β − running_mean·scale`` with
+        ``running_mean = 0`` after MABN training: ``y = γ x / sqrt(running_var + eps) + β``."""
+        return super().eval_affine()
+
+    # -- producer ------------------------------------------------------------------------
+
+    def bind_producer(
+        self, producer: nn.Module | None, note: str | None = None
+    ) -> nn.Module | None:
+        """Return a weight-centred replacement for a plain ``nn.Conv{1,2,3}d`` producer
+        (sharing its Parameters) when ``center_producer``; otherwise keep it.
+
+        Other producers (``Linear``, ``ConvTranspose``) are left as they are, with a warning:
+        MABN then normalizes inputs that are not made zero-mean by their producer.
+        """
+        if not self.center_producer:
+            self.producer_note = "center_producer=False: producer left as it is"
+            return None
+        if producer is None:
+            self.producer_note = f"no producer to centre ({note or 'none found'})"
+            return None
+        replacement = centered_conv_from(producer)
+        if replacement is None:
+            self.producer_note = f"{type(producer).__name__} producer is not centred"
+            warnings.warn(
+                f"{self.describe()}: its input comes from a {type(producer).__name__}, which "
+                f"has no weight-centred variant; MABN drops mean-centring and relies on a "
+                f"weight-centred conv before it (pass center_producer=False to silence this)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.producer_note = f"{type(producer).__name__} replaced by {type(replacement).__name__}"
+        return replacement
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _check_chi2(self, chi2: Tensor) -> None:
+        # One reduction in the common case (a NaN/Inf anywhere makes the sum non-finite; the
+        # values are ≥ 0, so no Inf − Inf); the base's check builds the message otherwise.
+        if _base._FINITE_CHECK and not math.isfinite(float(chi2.sum())):
+            self._check_finite(Moments(chi2.new_ones(chi2.shape[0]), chi2, torch.zeros_like(chi2)))
+
+    def _plan(self, training: bool, tracking: bool) -> MABNPlan:
+        running_var = self.running_var if tracking else None
+        return MABNPlan(
+            eps=self.eps,
+            group_size=self.norm_batch_size,
+            step=int(self.sma_steps),  # a host read: free on CPU, one sync on CUDA
+            chi2=SlidingWindow(self.chi2_window, self.chi2_count),
+            psi=SlidingWindow(self.psi_window, self.psi_count) if training else None,
+            use_window=training,
+            warmup=self.warmup,
+            running_var=running_var,
+            momentum=self.momentum,
+            clamp_start=self.clamp_start,
+            r_min=self.r_min,
+            r_max=self.r_max,
+            process_group=self._sync_group(),
+            check_finite=self._check_chi2,
+        )
+
+    def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
+        """Training step(s); also eval mode without running statistics, where each group is
+        normalized by its own ``E[x²]`` and no state changes."""
+        training = self.training
+        plan = self._plan(training, factor is not None)
+        if x.shape[0] == 0 and plan.process_group is None:
+            self._undo_step(factor)
+            return x.clone()
+        y, (chi2, _, _, running_after) = mabn_function(x, self.weight, self.bias, plan)
+        if not training:
+            return y
+        if chi2.shape[0] == 0:  # every process had an empty batch
+            self._undo_step(factor)
+            return y
+        with torch.no_grad():
+            plan.chi2.push(chi2)  # the Function only reads the χ² window; the step is recorded here
+            self.sma_steps.add_(chi2.shape[0])
+            if factor is not None:
+                running_mean, running_var = self.running_stats()
+                running_var.copy_(running_after)
+                running_mean.zero_()
+        return y
+
+
+class MovingAverageBatchNorm1d(MovingAverageBatchNorm):
+    """MABN for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    _input_dim = 1
+
+
+class MovingAverageBatchNorm2d(MovingAverageBatchNorm):
+    """MABN for ``(N, C, H, W)`` inputs."""
+
+    _input_dim = 2
+
+
+class MovingAverageBatchNorm3d(MovingAverageBatchNorm):
+    """MABN for ``(N, C, D, H, W)`` inputs."""
+
+    _input_dim = 3
