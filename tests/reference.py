@@ -296,3 +296,205 @@ def switchable_norm(
     x_hat = (x64 - mu.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
     view = (1, c) + (1,) * (x64.dim() - 2)
     return x_hat * weight.double().reshape(view) + bias.double().reshape(view), new_mean, new_var
+
+
+class RefMovingAverageBatchNorm:
+    """Moving Average Batch Normalization (SPEC "MABN"), float64, one SMA step at a time.
+
+    ``train_step(x, grad_y)`` runs the forward of every group of ``norm_batch_size`` consecutive
+    samples (the last may be smaller; ``None``: one group) as consecutive steps, then the
+    backward of the groups in the same order, and returns ``(y, ∂L/∂x, ∂L/∂γ, ∂L/∂β)`` for the
+    loss ``Σ y·grad_y``.  The backward is MABN's moving-average formula written out, not
+    autograd's.  Conventions (where SPEC is silent, as smallbn documents them):
+
+    * a step ``t`` counts groups from 0; steps ``t < warmup`` use ``χ²_t`` / ``Ψ_t`` alone,
+      later ones the mean of the last ``window`` values (fewer while the window fills);
+    * ``r = 1`` for ``t < clamp_start``, then ``clamp(sqrt(v+eps)/sqrt(running_var+eps),
+      r_min, r_max)`` with ``running_var`` before this step's update;
+    * ``running_var ← (1 − f)·running_var + f·v`` with ``f = momentum`` (weight of the new
+      value, BN's convention) or ``1/(t+1)`` for ``momentum=None``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        window: int,
+        warmup: int,
+        clamp_start: int,
+        r_min: float = 0.2,
+        r_max: float = 5.0,
+        momentum: float | None = 0.02,
+        eps: float = 1e-5,
+        norm_batch_size: int | None = None,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> None:
+        self.window, self.warmup, self.clamp_start = window, warmup, clamp_start
+        self.r_min, self.r_max, self.momentum, self.eps = r_min, r_max, momentum, eps
+        self.norm_batch_size = norm_batch_size
+        w = torch.ones(num_features) if weight is None else weight.detach()
+        b = torch.zeros(num_features) if bias is None else bias.detach()
+        self.weight, self.bias = w.double().clone(), b.double().clone()
+        self.running_var = torch.ones(num_features, dtype=torch.float64)
+        self.chi2_history: list[Tensor] = []
+        self.psi_history: list[Tensor] = []
+        self.steps = 0
+        self.last_r: list[Tensor] = []  # r of each group of the latest call
+        self.last_used_sma: list[bool] = []
+
+    @staticmethod
+    def _per_channel_sum(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(t.shape[1], -1).sum(dim=1)
+
+    @staticmethod
+    def _per_channel_mean(t: Tensor) -> Tensor:
+        return t.transpose(0, 1).reshape(t.shape[1], -1).mean(dim=1)
+
+    def train_step(self, x: Tensor, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x, grad_y = x.detach().double(), grad_y.detach().double()
+        n = x.shape[0]
+        size = n if self.norm_batch_size is None else self.norm_batch_size
+        outputs, steps = [], []
+        self.last_r, self.last_used_sma = [], []
+        for start in range(0, n, size):
+            part = x[start : start + size]
+            t = self.steps
+            chi2 = self._per_channel_mean(part.square())
+            self.chi2_history.append(chi2)
+            use_sma = t >= self.warmup
+            var = torch.stack(self.chi2_history[-self.window :]).mean(0) if use_sma else chi2
+            sigma = torch.sqrt(var + self.eps)
+            if t >= self.clamp_start:
+                ratio = sigma / torch.sqrt(self.running_var + self.eps)
+                r = torch.clamp(ratio, self.r_min, self.r_max)
+            else:
+                r = torch.ones_like(sigma)
+            factor = 1.0 / (t + 1) if self.momentum is None else self.momentum
+            self.running_var = (1 - factor) * self.running_var + factor * var
+            z = part / _view(sigma, part)
+            outputs.append(_view(self.weight * r, part) * z + _view(self.bias, part))
+            steps.append((t, start, z, sigma, r, use_sma))
+            self.last_r.append(r)
+            self.last_used_sma.append(use_sma)
+            self.steps += 1
+        grad_x, grad_w, grad_b = [], torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        for _, start, z, sigma, r, use_sma in steps:
+            g = grad_y[start : start + size]
+            g_hat = g * _view(self.weight * r, g)
+            psi = self._per_channel_mean(g_hat * z)
+            self.psi_history.append(psi)
+            psi_bar = torch.stack(self.psi_history[-self.window :]).mean(0) if use_sma else psi
+            grad_x.append((g_hat - z * _view(psi_bar, z)) / _view(sigma, z))
+            grad_w += self._per_channel_sum(g * _view(r, g) * z)
+            grad_b += self._per_channel_sum(g)
+        return torch.cat(outputs), torch.cat(grad_x), grad_w, grad_b
+
+    def eval(self, x: Tensor) -> Tensor:
+        x = x.double()
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        return _view(scale, x) * x + _view(self.bias, x)
+
+
+class RefCrossIterationBatchNorm(RefBatchNorm):
+    """Cross-Iteration BN (SPEC "CBN"), straight from the formulas: at each training step the
+    derivatives of the batch mean μ = E[x] and second moment ν = E[x²] with respect to the
+    producer's parameters come from autograd (``torch.func.jacrev``), and the window is a
+    plain list of past iterations, compensated one by one:
+
+        μ_{t−τ}(θ_t) = μ_{t−τ} + ⟨∂μ_{t−τ}/∂θ, θ_t − θ_{t−τ}⟩,   same for ν,
+        μ̄ = mean_τ μ_{t−τ}(θ_t),   ν̄ = mean_τ max(ν_{t−τ}(θ_t), μ_{t−τ}(θ_t)²),   σ̄² = ν̄ − μ̄²,
+        y = γ (x − μ̄)/sqrt(σ̄² + eps) + β      (eps_outside: /(sqrt(σ̄²) + eps)).
+
+    ``aggregation="drop"`` instead averages the entries whose ``ν − μ²`` is not negative
+    (the current batch alone where none is left); ``last_negative`` counts the (entry,
+    channel) pairs of the latest step with ``ν − μ² < 0`` (where the rules differ),
+    ``last_dropped`` those the drop rule left out.  Burn-in: k = 1 for the first ``burnin``
+    steps (``ramp=True``: k = 1 + ⌊(window − 1)·t/burnin⌋ at 0-based step t < burnin).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        window: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        *,
+        burnin: int = 0,
+        ramp: bool = False,
+        compensate: bool = True,
+        aggregation: str = "max",
+        eps_outside: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, weight, bias)
+        self.window, self.burnin, self.ramp = window, burnin, ramp
+        self.compensate, self.aggregation, self.eps_outside = compensate, aggregation, eps_outside
+        self.history: list[tuple[Tensor, Tensor, tuple, tuple, list[Tensor]]] = []
+        self.iteration = 0
+        self.last_negative = self.last_dropped = 0
+
+    def window_at(self, step: int) -> int:
+        if step >= self.burnin:
+            return self.window
+        return 1 + (self.window - 1) * step // self.burnin if self.ramp else 1
+
+    @staticmethod
+    def _moments(x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+        return flat.mean(dim=1), flat.square().mean(dim=1)
+
+    def train_step(self, u: Tensor, params: list[Tensor], producer) -> Tensor:
+        """One training step on ``x = producer(u, params)`` (the layer before the norm, as a
+        function of its parameters); gradients reach ``u``, ``params``, γ and β."""
+        x = producer(u, params)
+        mean_t, second_t = self._moments(x)
+        # snapshots (clone): optimizers update parameters in place
+        frozen = [p.detach().double().clone() for p in params]
+        argnums = tuple(range(len(frozen)))
+
+        def stats(*ps: Tensor) -> tuple[Tensor, Tensor]:
+            return self._moments(producer(u.detach().double(), list(ps)))
+
+        jac_mean, jac_second = torch.func.jacrev(stats, argnums=argnums)(*frozen)
+        entries = [(mean_t, second_t)]
+        used = self.window_at(self.iteration) - 1
+        for mean, second, j_mean, j_second, then in reversed(self.history[-used:] if used else []):
+            if self.compensate:
+                for jm, js, now, old in zip(j_mean, j_second, frozen, then, strict=True):
+                    delta = (now - old).unsqueeze(0)
+                    mean = mean + (jm * delta).flatten(1).sum(1)
+                    second = second + (js * delta).flatten(1).sum(1)
+            entries.append((mean, second))
+        means = torch.stack([m for m, _ in entries])
+        seconds = torch.stack([s for _, s in entries])
+        self.last_negative = int(((seconds - means.square()).detach() < 0).sum())
+        if self.aggregation == "max":
+            mu = means.mean(0)
+            nu = torch.maximum(seconds, means.square()).mean(0)
+            self.last_dropped = 0
+        else:
+            keep = (seconds - means.square()).detach() >= 0
+            none_left = ~keep.any(0)
+            keep[0] = keep[0] | none_left  # no entry left: the current batch alone
+            self.last_dropped = int((~keep).sum())
+            w = keep.double()
+            mu = (w * means).sum(0) / w.sum(0)
+            nu = (w * seconds).sum(0) / w.sum(0)
+        var = nu - mu.square()
+        xd = x.double()
+        if self.eps_outside:
+            y = (xd - _view(mu, xd)) / (torch.sqrt(_view(var, xd)) + self.eps)
+        else:
+            y = (xd - _view(mu, xd)) / torch.sqrt(_view(var, xd) + self.eps)
+        if self.weight is not None:
+            y = y * _view(self.weight, xd) + _view(self.bias, xd)
+        count = xd.numel() // xd.shape[1]
+        batch_var = (second_t - mean_t.square()).detach()
+        self._update(mean_t, batch_var * count / (count - 1), self._next_factor())
+        self.history.append((mean_t.detach(), second_t.detach(), jac_mean, jac_second, frozen))
+        self.history = self.history[-self.window :]
+        self.iteration += 1
+        return y
