@@ -147,6 +147,7 @@ def _compare(args: argparse.Namespace) -> int:
         device=device,
         dataset_root=args.data_root,
         checkpoint_every=args.checkpoint_every,
+        jobs=args.jobs,
     )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print()
@@ -193,6 +194,12 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compare.add_argument("--threads", type=int, default=2)
     compare.add_argument(
         "--checkpoint-every", type=int, default=100, help="steps between run checkpoints"
+    )
+    compare.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs at once on CPU, one thread each (default 2; 1 = one run with --threads)",
     )
     compare.set_defaults(run=_compare)
 

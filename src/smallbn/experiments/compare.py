@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -58,20 +59,22 @@ __all__ = [
     "run_sweep",
 ]
 
-#: Job method name → (registry name, needs the GroupedNorm wrapper to see groups of b).
-METHODS: dict[str, tuple[str, bool]] = {
-    "bn": ("bn", True),
-    "brn": ("brn", True),
-    "ghostbn": ("ghostbn", False),
-    "gn": ("gn", False),
-    "ln": ("ln", False),
-    "in": ("in", False),
-    "sn": ("sn", True),
-    "cbn": ("cbn", True),
-    "naive": ("cbn", True),  # cross-iteration pooling without compensation
-    "mabn": ("mabn", False),
-    "syncbn": ("syncbn", True),
+#: Job method name → registry name.  In ``groups`` mode BN is Ghost BN with groups of b,
+#: BRN/SN/MABN group natively (``norm_batch_size``), and the cross-iteration layers are called
+#: on each group in turn (:class:`~smallbn.layers.GroupedNorm`).
+METHODS: dict[str, str] = {
+    "bn": "bn",
+    "brn": "brn",
+    "gn": "gn",
+    "ln": "ln",
+    "in": "in",
+    "sn": "sn",
+    "naive": "cbn",  # cross-iteration pooling without compensation
+    "cbn": "cbn",
+    "mabn": "mabn",
 }
+_NATIVE_GROUPS = {"brn", "sn", "mabn"}
+_WRAPPED_GROUPS = {"cbn", "naive"}
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,12 @@ def preset_configs(preset: str, **overrides: Any) -> list[RunConfig]:
 
 def _norm_factory(config: RunConfig, norm_steps: int) -> Callable[..., nn.Module]:
     """The constructor the ResNet calls for each norm layer of this run."""
-    spec, wraps = METHODS[config.method]
-    b = config.norm_batch
+    spec, b = METHODS[config.method], config.norm_batch
+    grouped = config.mode == "groups" and b < config.sgd_batch
     options: dict[str, Any] = {}
-    if config.method == "brn":  # the paper's 5k/25k/40k-of-~100k ramp, scaled to this run
+    if config.method == "bn" and grouped:
+        spec, options = "ghostbn", {"group_size": b}
+    elif config.method == "brn":  # the paper's 5k/25k/40k-of-~100k ramp, scaled to this run
         options = {
             "warmup_steps": int(0.05 * norm_steps),
             "d_max_ramp_end": int(0.25 * norm_steps),
@@ -185,22 +190,20 @@ def _norm_factory(config: RunConfig, norm_steps: int) -> Callable[..., nn.Module
         }
     elif config.method == "gn":
         options = {"channels_per_group": 8}
-    elif config.method == "ghostbn":
-        options = {"group_size": b}
     elif config.method == "cbn":
         options = {"window": min(math.ceil(16 / b), 8), "burnin": int(0.25 * norm_steps)}
     elif config.method == "naive":
         options = {"window": 8, "compensate": False, "burnin": int(0.25 * norm_steps)}
-    elif config.method == "mabn":
-        options = {"norm_batch_size": b}
+    if grouped and config.method in _NATIVE_GROUPS:
+        options["norm_batch_size"] = b
     if config.sync and spec not in ("gn", "ln", "in"):
         options["sync"] = True
         spec = "syncbn" if spec == "bn" else spec  # torch's BN cannot pool on CPU
-    group = config.mode == "groups" and wraps and b < config.sgd_batch
+    wrap = grouped and config.method in _WRAPPED_GROUPS
 
     def make(channels: int, **kwargs: Any) -> nn.Module:
         layer = build_norm(spec, channels, **{**kwargs, **options})
-        return GroupedNorm(layer, b) if group else layer
+        return GroupedNorm(layer, b) if wrap else layer
 
     return make
 
@@ -322,10 +325,11 @@ def run_one(
     bar.close()
     elapsed += time.perf_counter() - began
     error_ema = _test_error(model, data, device)
+    # PreciseBN sees batches composed as in training (groups of b), normalized as in training
     precise_stream = (
         (train_x[i].to(device), train_y[i])
         for i in batch_indices(
-            train_y, config.norm_batch, config.norm_batch, config.composition, config.seed + 7
+            train_y, config.batch, config.norm_batch, config.composition, config.seed + 7
         )
     )
     precise_bn(model, precise_stream, config.precise_samples, progress=False)
@@ -370,6 +374,59 @@ def _append_result(path: Path, row: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
+def _worker_run(
+    config: RunConfig, output_dir: Path, dataset_root: str | None, checkpoint_every: int
+) -> dict[str, Any]:
+    """One run in a worker process of a parallel sweep (one thread each)."""
+    torch.set_num_threads(1)
+    data = load_dataset(config.dataset, dataset_root)
+    checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
+    row = run_one(
+        config,
+        data,
+        checkpoint,
+        device=torch.device("cpu"),
+        checkpoint_every=checkpoint_every,
+        progress=False,
+    )
+    return row
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: a worker is killed when the sweep's process dies (Linux), so a
+    killed sweep leaves no orphan training in the background to race its rerun."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _run_parallel(
+    todo: Sequence[RunConfig],
+    output_dir: Path,
+    jobs: int,
+    dataset_root: str | None,
+    checkpoint_every: int,
+    progress: bool,
+) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_die_with_parent) as pool:
+        futures = {
+            pool.submit(_worker_run, c, output_dir, dataset_root, checkpoint_every): c for c in todo
+        }
+        for future in tqdm(
+            as_completed(futures), total=len(futures), desc="runs", disable=not progress
+        ):
+            row = future.result()
+            _append_result(output_dir / "results.jsonl", row)
+            (output_dir / "checkpoints" / f"{futures[future].tag}.pt").unlink(missing_ok=True)
+
+
 def run_sweep(
     configs: Sequence[RunConfig],
     output_dir: Path,
@@ -378,10 +435,13 @@ def run_sweep(
     dataset_root: str | None = None,
     checkpoint_every: int = 100,
     progress: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Run every config not yet in ``output_dir/results.jsonl``; write the tables and plot.
 
-    Returns the result rows of ``configs`` (finished earlier or now).
+    ``jobs > 1`` runs that many configs at once in worker processes of one thread each (CPU,
+    single process only): on small CPUs this beats several threads per run, whose small
+    per-layer operations parallelize poorly.  Returns the result rows of ``configs``.
     """
     device = torch.device(device)
     rank, world = _rank()
@@ -390,6 +450,9 @@ def run_sweep(
     done = {row["key"] for row in read_results(results_path)}
     todo = [c for c in configs if c.key not in done]
     datasets: dict[str, Dataset] = {}
+    if jobs > 1 and world == 1 and device.type == "cpu" and todo:
+        _run_parallel(todo, output_dir, jobs, dataset_root, checkpoint_every, progress)
+        todo = []
     for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
         if config.dataset not in datasets:
             datasets[config.dataset] = load_dataset(config.dataset, dataset_root)

@@ -14,6 +14,7 @@ Two bases:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -388,6 +389,37 @@ class BatchStatsNorm(NormBase):
             moments = merge_moments(all_gather_moments(moments, group))
         self._check_finite(moments)
         return moments
+
+    def _sample_groups(self, x: Tensor, group_size: int) -> tuple[Tensor, int]:
+        """Split the batch into consecutive groups of ``group_size`` samples (the last may be
+        smaller): each local sample's group index and the number of groups.  With
+        synchronization, groups are formed over the concatenation of all processes' batches
+        in rank order, so a group may span two processes."""
+        size = x.shape[0]
+        process_group = self._sync_group()
+        offset, total = (0, size)
+        if process_group is not None:
+            offset, total = _distributed.rank_offset(size, process_group, x.device)
+        num_groups = max(-(-total // group_size), 1)
+        per_sample = math.prod(x.shape[2:])
+        smallest = (total - (num_groups - 1) * group_size) * per_sample
+        if smallest <= 1:
+            what = f"its smallest group of samples (group_size={group_size}, batch {total})"
+            self._raise_too_small(x, smallest, what)
+        index = torch.div(
+            torch.arange(offset, offset + size, device=x.device), group_size, rounding_mode="floor"
+        )
+        return index, num_groups
+
+    def _update_running_from_groups(self, groups: Moments, factor: float | None) -> None:
+        """Running statistics from groups: the count-weighted average of what the groups were
+        normalized with (group means, Bessel-corrected group variances), so inference matches
+        training rather than the spread of the whole batch (Wu & Johnson, 2021)."""
+        if factor is not None:
+            weight = (groups.count / groups.count.sum()).unsqueeze(-1)
+            self._update_running(
+                (weight * groups.mean).sum(0), (weight * groups.unbiased_var()).sum(0), factor
+            )
 
     def _update_running(self, mean: Tensor, unbiased_var: Tensor, factor: float | None) -> None:
         """BN's running average of a batch mean and Bessel-corrected variance (if tracking)."""

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments
+from smallbn.stats import Moments, normalize
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -41,6 +41,9 @@ class BatchRenorm(BatchStatsNorm):
         warmup_steps: steps of plain BN before the bounds are relaxed.
         r_max_ramp_end, d_max_ramp_end: step at which each bound reaches its final value.
         momentum: weight of the new batch in the running averages (paper: 0.01).
+        norm_batch_size: normalize consecutive groups of this many samples, each with its
+            own statistics, r and d (a simulated small normalization batch; running statistics
+            average the groups').
     """
 
     _family = "BatchRenorm"
@@ -60,6 +63,7 @@ class BatchRenorm(BatchStatsNorm):
         warmup_steps: int = 5000,
         r_max_ramp_end: int = 40000,
         d_max_ramp_end: int = 25000,
+        norm_batch_size: int | None = None,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
@@ -82,6 +86,7 @@ class BatchRenorm(BatchStatsNorm):
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps = int(warmup_steps)
         self.r_max_ramp_end, self.d_max_ramp_end = int(r_max_ramp_end), int(d_max_ramp_end)
+        self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (
@@ -117,6 +122,19 @@ class BatchRenorm(BatchStatsNorm):
         return gamma * r, beta + gamma * d
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        if self.norm_batch_size is not None and x.shape[0] > self.norm_batch_size:
+            index, num_groups = self._sample_groups(x, self.norm_batch_size)
+            groups = self._grouped_moments(x, index, num_groups)
+            weight, bias = self._renorm_affine(groups.detach())  # (G, C): r, d per group
+            self._update_running_from_groups(groups, factor)
+            return normalize(
+                x,
+                groups.mean[index],
+                groups.var[index],
+                self.eps,
+                None if weight is None else (weight[index] if weight.dim() == 2 else weight),
+                None if bias is None else (bias[index] if bias.dim() == 2 else bias),
+            )
         y, moments = self._batch_norm(x, self._renorm_affine)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
         return y

@@ -69,27 +69,9 @@ class GhostBatchNorm(BatchStatsNorm):
         return super().extra_repr() + f", group_size={self.group_size}"
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
-        size, group_size = x.shape[0], self.group_size
-        process_group = self._sync_group()
-        offset, total = (0, size)
-        if process_group is not None:
-            offset, total = _distributed.rank_offset(size, process_group, x.device)
-        num_groups = max(-(-total // group_size), 1)
-        per_sample = x[0:1, 0:1].numel() if size else int(torch.tensor(x.shape[2:]).prod())
-        smallest = (total - (num_groups - 1) * group_size) * per_sample
-        if smallest <= 1:
-            what = f"its smallest group of samples (group_size={self.group_size}, batch {total})"
-            self._raise_too_small(x, smallest, what)
-        index = torch.div(
-            torch.arange(offset, offset + size, device=x.device), group_size, rounding_mode="floor"
-        )
+        index, num_groups = self._sample_groups(x, self.group_size)
         groups = self._grouped_moments(x, index, num_groups)
-        if factor is not None:
-            # The average of what the groups were normalized with (count-weighted).
-            weight = (groups.count / groups.count.sum()).unsqueeze(-1)
-            self._update_running(
-                (weight * groups.mean).sum(0), (weight * groups.unbiased_var()).sum(0), factor
-            )
+        self._update_running_from_groups(groups, factor)
         return normalize(x, groups.mean[index], groups.var[index], self.eps, self.weight, self.bias)
 
 

@@ -50,6 +50,8 @@ class SwitchableNorm(BatchStatsNorm):
             ``("in", "ln")`` is the paper's variant without BN (batch 1); a single branch is
             exactly IN, LN (over C and space) or BN.
         last_gamma: initialise γ to 0 (for the last norm of a residual block).
+        norm_batch_size: the BN branch uses the statistics of consecutive groups of this
+            many samples (a simulated small normalization batch).
         sync: pool the batch branch's statistics across processes.
 
     State: BN's keys plus ``mean_weight`` and ``var_weight`` (the logits λ, λ'); a BN
@@ -70,6 +72,7 @@ class SwitchableNorm(BatchStatsNorm):
         *,
         branches: Sequence[str] = BRANCHES,
         last_gamma: bool = False,
+        norm_batch_size: int | None = None,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
@@ -81,6 +84,7 @@ class SwitchableNorm(BatchStatsNorm):
             )
         self.branches = tuple(b for b in BRANCHES if b in chosen)
         self.last_gamma = last_gamma
+        self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
         super().__init__(
             num_features,
             eps,
@@ -132,9 +136,12 @@ class SwitchableNorm(BatchStatsNorm):
                 stacklevel=4,
             )
 
-    def _batch_branch(self, instance: Moments, x: Tensor) -> Moments:
-        """BN statistics from the instance moments, pooled across processes if syncing."""
-        batch = merge_moments(instance)
+    def _batch_branch(
+        self, instance: Moments, index: Tensor | None = None, num_groups: int | None = None
+    ) -> Moments:
+        """BN statistics from the instance moments (per group of samples with ``index``),
+        pooled across processes if syncing."""
+        batch = merge_moments(instance, index, num_groups)
         group = self._sync_group()
         if group is not None:
             batch = merge_moments(all_gather_moments(batch, group))
@@ -175,8 +182,14 @@ class SwitchableNorm(BatchStatsNorm):
             if not usable["ln"]:
                 self._warn_once("ln", "for inputs with a single value per sample")
         if "bn" in self.branches:
-            if training:
-                batch = self._batch_branch(instance, x)
+            if training and self.norm_batch_size is not None and n > self.norm_batch_size:
+                index, num_groups = self._sample_groups(x, self.norm_batch_size)
+                groups = self._batch_branch(instance, index, num_groups)
+                self._update_running_from_groups(groups, factor)
+                stats["bn"] = (groups.mean[index], groups.var[index])
+                usable["bn"] = True  # _sample_groups rejected groups of a single value
+            elif training:
+                batch = self._batch_branch(instance)
                 usable["bn"] = bool(batch.count > 1) if self._sync_group() else n * per_sample > 1
                 if usable["bn"]:
                     self._update_running(batch.mean, batch.unbiased_var(), factor)
