@@ -129,7 +129,7 @@ PRESETS: dict[str, tuple[dict[str, list[tuple[str, tuple[int, ...]]]], dict[str,
             ],
             "iid": [("bn", (2, 32))],
         },
-        {"epochs": 3.0, "train_samples": 10_000, "seeds": (0, 1, 2)},
+        {"epochs": 3.0, "train_samples": 8_000, "seeds": (0, 1, 2)},
     ),
     "full": (
         {
