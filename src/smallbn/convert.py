@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn.graph import trace_producers
-from smallbn.layers import BatchStatsNorm, NormBase
+from smallbn.layers import BatchStatsNorm, GroupedNorm, NormBase
 from smallbn.registry import NormSpec, resolve_norm
 
 __all__ = [
@@ -160,14 +160,26 @@ def bind_producers(model: nn.Module) -> dict[str, str | None]:
     weight-centred convs).  :func:`convert` calls this; call it yourself after building a
     model whose layers come from :func:`smallbn.build_norm`.  Returns layer name → producer
     name (``None`` where none was found)."""
-    layers = {name: m for name, m in model.named_modules() if getattr(m, "wants_producer", False)}
+    # A GroupedNorm is traced as one opaque module standing for the layer it wraps (its
+    # per-group loop cannot be traced symbolically).
+    wrapped = {
+        f"{name}.norm": name
+        for name, m in model.named_modules()
+        if isinstance(m, GroupedNorm) and getattr(m.norm, "wants_producer", False)
+    }
+    layers = {
+        wrapped.get(name, name): model.get_submodule(wrapped.get(name, name))
+        for name, m in model.named_modules()
+        if getattr(m, "wants_producer", False)
+    }
     if not layers:
         return {}
     wanted = {id(m) for m in layers.values()}
     search = trace_producers(model, lambda m: id(m) in wanted)
     modules = dict(model.named_modules())
     bound: dict[str, str | None] = {}
-    for name, layer in layers.items():
+    for name, found in layers.items():
+        layer: Any = found.norm if isinstance(found, GroupedNorm) else found
         producer_name = search.producers.get(name)
         producer = modules[producer_name] if producer_name is not None else None
         note = None if producer is not None else search.unpaired.get(name, "no producer found")

@@ -159,6 +159,16 @@ register_norm(
     ),
     aliases=("moving_average_bn", "movingaveragebatchnorm"),
 )
+register_norm(
+    "cbn",
+    _family(
+        layers.CrossIterationBatchNorm,
+        layers.CrossIterationBatchNorm1d,
+        layers.CrossIterationBatchNorm2d,
+        layers.CrossIterationBatchNorm3d,
+    ),
+    aliases=("crossiteration", "cross_iteration", "crossiterationbatchnorm"),
+)
 register_norm("gn", {None: layers.GroupNorm}, aliases=("groupnorm",))
 register_norm("ln", {None: layers.LayerNorm}, aliases=("layernorm",))
 register_norm("in", {None: layers.InstanceNorm}, aliases=("instancenorm",))

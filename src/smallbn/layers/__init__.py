@@ -3,6 +3,12 @@
 from smallbn.layers._base import BatchStatsNorm, NormBase, set_finite_check
 from smallbn.layers.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
+from smallbn.layers.cross_iteration import (
+    CrossIterationBatchNorm,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+)
 from smallbn.layers.domain import (
     DomainBatchNorm,
     DomainBatchNorm1d,
@@ -47,6 +53,10 @@ __all__ = [
     "CenteredConv1d",
     "CenteredConv2d",
     "CenteredConv3d",
+    "CrossIterationBatchNorm",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
+    "CrossIterationBatchNorm3d",
     "DomainBatchNorm",
     "DomainBatchNorm1d",
     "DomainBatchNorm2d",

@@ -1,0 +1,192 @@
+"""Training-step cost of Cross-Iteration BN (Yao et al., CVPR 2021) against BN, and its state.
+
+One step is the forward and backward pass (no optimizer) of a 3×3 convolution followed by
+the norm, the block's input requiring a gradient (an interior layer).  Variants:
+
+* ``bn``: ``nn.BatchNorm2d`` (torch's fused kernel);
+* ``cbn``: :class:`CrossIterationBatchNorm2d` with k = 4, the conv bound as its producer:
+  the current moments, three stored iterations compensated to the current weights, and this
+  step's derivatives (one weight-gradient convolution, the mean patch, the window's inner
+  products);
+* ``cbn_naive``: the same without compensation (pooling only), to split the cost;
+* ``floor``: BN's step plus one weight-gradient convolution (see below).
+
+The paper reports 1.0 it/s for CBN against 1.3 for BN (Mask R-CNN, batch 4); the authors'
+release, which gets the derivatives from two extra autograd passes per layer and step, was
+measured on this machine at 2.9–3.5× BN's step.
+
+Method: every variant is warmed up (the window fills), then each of ``--runs`` runs times
+``--repeats`` steps of every variant, interleaved step by step in an order that rotates, so
+that drift (thermal, other processes) affects all alike; reported is the median over runs of
+the mean step time, and the ratio to BN ("paired": the median over all steps of the ratio
+to the BN step next to it in time, robust to bursts of load on a shared machine).  ``floor``
+is BN's step plus one weight-gradient convolution of the same shapes, the least any
+analytic CBN costs.  The state column is the CBN layer's window buffers (BN's own state
+excluded) against the conv weight.
+
+    python benchmarks/bench_cross_iteration.py --threads 2 --runs 5 --repeats 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from smallbn.layers.cross_iteration import CrossIterationBatchNorm2d
+
+CONFIGS = [(2, 64, 56), (2, 256, 14)]  # (N, C, H = W)
+WINDOW = 4
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=40, help="steps per variant and run")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps per variant")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def _block(channels: int, norm: str, device: torch.device) -> nn.Sequential:
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    if norm == "bn":
+        layer: nn.Module = nn.BatchNorm2d(channels)
+    else:
+        layer = CrossIterationBatchNorm2d(channels, window=WINDOW, compensate=norm == "cbn")
+    block = nn.Sequential(conv, layer).to(device).train()
+    if isinstance(layer, CrossIterationBatchNorm2d) and layer.compensate:
+        layer.bind_producer(conv)
+    return block
+
+
+def _step(block: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def run() -> None:
+        inp = x.detach().requires_grad_(True)
+        block(inp).backward(grad)
+        for p in block.parameters():
+            p.grad = None
+
+    return run
+
+
+def _floor_step(block: nn.Sequential, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    """BN's step, then the weight gradient of the conv for the output gradient ``grad``."""
+    bn_step = _step(block, x, grad)
+    weight = block[0].weight
+    assert isinstance(weight, Tensor)
+
+    def run() -> None:
+        bn_step()
+        torch.ops.aten.convolution_backward.default(
+            grad, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )  # fmt: skip
+
+    return run
+
+
+def _state_bytes(layer: nn.Module) -> int:
+    return sum(
+        b.numel() * b.element_size()
+        for name, b in layer.named_buffers()
+        if name.startswith("window_") or name == "iteration"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    args = _parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results: list[dict[str, object]] = []
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, device {device}, k = {WINDOW}; median of {args.runs} runs "
+        f"x {args.repeats} steps"
+    )
+    header = (
+        f"{'N,C,HxW':>14} {'bn ms':>8} {'cbn ms':>8} {'naive ms':>9} {'cbn/bn':>7} "
+        f"{'naive/bn':>8} {'floor/bn':>8} {'paired':>7} {'state MB':>9} {'conv W MB':>9} "
+        f"{'state/W':>7}"
+    )
+    print(header)
+    for n, c, hw in CONFIGS:
+        x = torch.randn(n, c, hw, hw, device=device)
+        grad = torch.randn(n, c, hw, hw, device=device)
+        variants = {name: _block(c, name, device) for name in ("bn", "cbn", "cbn_naive")}
+        steps = {name: _step(block, x, grad) for name, block in variants.items()}
+        steps["floor"] = _floor_step(_block(c, "bn", device), x, grad)
+        for _ in range(args.warmup):
+            for run in steps.values():
+                run()
+        names = list(steps)
+        per_run: dict[str, list[float]] = {name: [] for name in names}
+        paired: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.runs):
+            total = dict.fromkeys(names, 0.0)
+            for r in range(args.repeats):
+                shift = r % len(names)
+                step_time = {}
+                for name in names[shift:] + names[:shift]:
+                    sync()
+                    start = time.perf_counter()
+                    steps[name]()
+                    sync()
+                    step_time[name] = time.perf_counter() - start
+                    total[name] += step_time[name]
+                for name in names:
+                    paired[name].append(step_time[name] / step_time["bn"])
+            for name in names:
+                per_run[name].append(total[name] / args.repeats * 1e3)
+        median = {name: statistics.median(per_run[name]) for name in names}
+        cbn_layer = variants["cbn"][1]
+        conv_bytes = sum(p.numel() * p.element_size() for p in variants["cbn"][0].parameters())
+        state = _state_bytes(cbn_layer)
+        row = {
+            "config": f"{n},{c},{hw}x{hw}",
+            "ms": median,
+            "runs_ms": per_run,
+            "cbn_over_bn": median["cbn"] / median["bn"],
+            "naive_over_bn": median["cbn_naive"] / median["bn"],
+            "floor_over_bn": median["floor"] / median["bn"],
+            # the median over steps of the ratio to the BN step right next to it in time:
+            # less sensitive to bursts of load from other processes than the ratio of medians
+            "paired_cbn_over_bn": statistics.median(paired["cbn"]),
+            "paired_naive_over_bn": statistics.median(paired["cbn_naive"]),
+            "state_bytes": state,
+            "conv_weight_bytes": conv_bytes,
+        }
+        results.append(row)
+        print(
+            f"{row['config']:>14} {median['bn']:8.2f} {median['cbn']:8.2f} "
+            f"{median['cbn_naive']:9.2f} {row['cbn_over_bn']:7.2f} {row['naive_over_bn']:8.2f} "
+            f"{row['floor_over_bn']:8.2f} {row['paired_cbn_over_bn']:7.2f} "
+            f"{state / 2**20:9.2f} {conv_bytes / 2**20:9.2f} {state / conv_bytes:7.2f}"
+        )
+    report: dict[str, object] = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": str(device),
+        "window": WINDOW,
+        "results": results,
+    }
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

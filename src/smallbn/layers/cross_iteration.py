@@ -1,0 +1,962 @@
+"""Cross-Iteration Batch Normalization (Yao, Cao, Zheng, Huang & Lin, "Cross-Iteration Batch
+Normalization", CVPR 2021; arXiv 2002.05712).
+
+At small batch, pool the statistics of the current and the ``k − 1`` previous training
+iterations, each moved to the current weights by a first-order Taylor term.  With x the
+output of the layer right before the norm (the *producer*: a conv or linear with weights
+θ = (W, b)), per channel j and iteration t over the reduction set R = (N, *spatial), |R| = M:
+
+    μ_t = E_R[x],   ν_t = E_R[x²],
+    μ_{t−τ}(θ_t) ≈ μ_{t−τ} + ⟨∂μ_{t−τ}/∂θ, θ_t − θ_{t−τ}⟩,   same for ν,
+    μ̄ = mean_τ μ_{t−τ}(θ_t),   ν̄ = mean_τ max(ν_{t−τ}(θ_t), μ_{t−τ}(θ_t)²),   σ̄² = ν̄ − μ̄²,
+    y = γ (x − μ̄) / sqrt(σ̄² + eps) + β,
+
+with τ = 0 … k−1, the derivatives those recorded at iteration t − τ, and gradients flowing
+through the current μ_t, ν_t only (paper, Eqs. 7–10).
+
+**Derivatives, analytically** (paper §3.3; no extra autograd pass).  For a conv
+``x_j = ⟨W_j, u⟩ + b_j`` over input patches u (a linear layer: u is the input row):
+
+    ∂μ_j/∂W_j = E_R[u]                 the mean patch, the same for every j of a group,
+    ∂ν_j/∂W_j = (2/M) Σ_R x_j u         the conv weight gradient for output gradient 2x/M,
+    ∂μ_j/∂b_j = 1,   ∂ν_j/∂b_j = 2μ_j,  and ∂σ² = ∂ν − 2μ ∂μ (so ∂σ²_j/∂b_j = 0).
+
+The variance derivative costs one weight-gradient convolution per step (output gradient x
+itself: no extra pass over x; ``− 2μ ∂μ`` is applied to the small result).  The mean patch
+is a box sum of the batch-summed input, separable per spatial dim (one 0/1 matrix per dim:
+exact for any stride, padding, dilation and groups), about the cost of one pass over u.
+
+**Storage.**  Per window slot: μ and the biased σ² (C each; ν = σ² + μ²), the two derivative
+tensors (``C_in·K`` and ``C_out·C_in/groups·K``: the conv weight's size) and the scalars
+⟨∂μ, θ⟩, ⟨∂σ², θ⟩ evaluated at the weights of record time (C each).  Then
+
+    ⟨∂μ_{t−τ}, θ_t − θ_{t−τ}⟩ = ⟨∂μ_{t−τ}, θ_t⟩ − (recorded scalar)
+
+needs only the current weights: no weight snapshots, ``k·(|W| + C_in·K) + O(k·C)`` numbers
+per layer.  Storing σ² and ∂σ² rather than ν and ∂ν is the same first-order term
+(``ν(θ_t) − μ(θ_t)² = σ² + ⟨∂σ², Δθ⟩ − ⟨∂μ, Δθ⟩²``, exact algebra) without the cancellation
+of ``E[x²] − E[x]²`` in float32, and the recorded scalars stay of the size of σ² (by
+homogeneity ⟨∂σ²_j, W_j⟩ = 2σ²_j).  The window is aggregated in the centred form
+``σ̄² = mean_τ max(σ²_τ, 0) + mean_τ (μ_τ − μ̄)²`` (the max rule: ``max(ν, μ²) − μ² =
+max(σ², 0)``).  The scalars of a slot and the inner products that later use them come from
+the same batched product of the whole window with the weights, so the compensation is
+exactly zero while the weights are unchanged (micro-batches of gradient accumulation,
+frozen producers).
+
+Options: the authors' release drops window entries whose compensated variance is negative
+(``aggregation="drop"``; the current batch always stays, so at least one entry remains) and
+puts eps outside the square root (``eps_placement="outside"``: ``/(sqrt(σ̄²) + eps)``);
+burn-in is plain BN for the first ``burnin`` iterations (``burnin_mode="two_stage"``, the
+paper's) or a linear ramp of the window (``"linear"``, the release's).  ``window=None``
+picks the paper's recommendation ``k = min(ceil(16 / batch), 8)`` from the first training
+batch (summed over processes when syncing).
+
+Running statistics for inference are BN's (EMA of the current batch's μ and unbiased σ²);
+inference is BN's and folds into the conv (:meth:`NormBase.eval_affine`).
+
+**The producer** is found by :func:`smallbn.bind_producers` (which :func:`smallbn.convert`
+calls) or set with :meth:`CrossIterationBatchNorm.bind_producer`.  It is held outside the
+module tree (``state_dict``/``parameters`` do not repeat it).  In training mode a forward hook
+on it keeps a reference to its input until this layer's next training forward consumes it;
+an eval-mode model has no hook (so :func:`smallbn.fold` folds it).  Supported producers are
+``nn.Conv1d/2d/3d`` (any stride, padding, padding mode, dilation, groups, bias) and
+``nn.Linear`` before a ``(N, C)`` input.  Without a producer (none found, a transposed conv,
+or a step whose input is not the producer's output) the layer pools uncompensated
+statistics ("naive CBN"), with a one-time warning.
+
+Limitations: every training forward is an iteration, so activation checkpointing (which runs
+the forward twice) and ``nn.DataParallel`` replicas (which share the hook) are not supported;
+with DDP, keep ``broadcast_buffers=False`` or ``sync=True`` (rank 0's window would otherwise
+overwrite the others').  Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import warnings
+import weakref
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.conv import _ConvNd
+
+from smallbn import _distributed
+from smallbn.layers._base import BatchStatsNorm
+from smallbn.stats import Moments, channel_view, stats_dtype
+
+__all__ = [
+    "CrossIterationBatchNorm",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
+    "CrossIterationBatchNorm3d",
+    "recommended_window",
+]
+
+Aggregation = Literal["max", "drop"]
+EpsPlacement = Literal["inside", "outside"]
+BurninMode = Literal["two_stage", "linear"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PRODUCERS = (*_CONVS, nn.Linear)
+Producer = _ConvNd | nn.Linear
+_Layer = TypeVar("_Layer", bound="CrossIterationBatchNorm")
+
+#: Per-slot statistics, shape (k, C): μ, biased σ², and ⟨∂μ, θ⟩, ⟨∂σ², θ⟩ at record time.
+_STAT_BUFFERS = ("window_mean", "window_var", "window_mean_dot", "window_var_dot")
+#: Per-slot derivatives: ∂μ/∂W (groups, k, C_in/groups·K) and ∂σ²/∂W (C_out, k, C_in/groups·K).
+_GRAD_BUFFERS = ("window_mean_grad", "window_var_grad")
+
+
+def recommended_window(batch_size: int) -> int:
+    """The paper's window for a per-process batch of ``batch_size``: ``min(ceil(16/b), 8)``
+    (§4.1: "pooling statistics over an effective batch of at least 16")."""
+    if batch_size < 1:
+        raise ValueError(f"recommended_window: batch_size must be >= 1, got {batch_size}")
+    return min(math.ceil(16 / batch_size), 8)
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_selection(
+    size: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """``S[k, i] = 1`` when input index i is read by kernel tap k at some output position of a
+    1-D convolution (``i = o·stride + k·dilation − padding``, inside the input); ``(K, size)``.
+
+    The patch sum over all output positions is the product of these matrices over the spatial
+    dims applied to the batch-summed input: the conv's read pattern is separable.
+    """
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    taps = torch.arange(kernel).unsqueeze(1) * dilation
+    pos = taps + torch.arange(max(out, 0)).unsqueeze(0) * stride - padding  # (K, out)
+    pos = torch.where((pos >= 0) & (pos < size), pos, size)  # out of range → a dropped column
+    selection = torch.zeros(kernel, size + 1, dtype=dtype)
+    selection.scatter_(1, pos, 1.0)  # distinct positions per tap: stride >= 1
+    return selection[:, :size].to(device)
+
+
+def _conv_geometry(conv: _ConvNd, u: Tensor) -> tuple[Tensor, list[int]]:
+    """The conv's input with any padding that ``F.conv*`` does not do itself applied
+    (padding modes other than zeros, string padding), and the remaining symmetric padding."""
+    dims = u.dim() - 2
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        u = nn.functional.pad(u, conv._reversed_padding_repeated_twice, mode=mode)
+        return u, [0] * dims
+    return u, list(padding)  # type: ignore[arg-type]
+
+
+def _producer_derivatives(
+    producer: Producer, u: Tensor, x: Tensor, mean: Tensor, count: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """This process's share of ``(∂μ/∂W, ∂σ²/∂W)`` of the statistics of ``x = producer(u)``
+    over a reduction set of ``count`` values (pooled over processes: the shares sum up).
+
+    Shapes ``(groups, C_in/groups·K)`` and ``(C_out, C_in/groups·K)``, dtype ``dtype``.
+    ``mean`` is the (pooled) batch mean of x.
+    """
+    weight = producer.weight
+    channels = weight.shape[0]
+    if x.shape[0] == 0:  # an empty rank contributes nothing (and conv kernels reject N = 0)
+        groups = producer.groups if isinstance(producer, _ConvNd) else 1
+        per_channel = weight[0].numel()
+        return x.new_zeros((groups, per_channel), dtype=dtype), x.new_zeros(
+            (channels, per_channel), dtype=dtype
+        )
+    u, xs = u.detach().to(dtype), x.detach().to(dtype)
+    # A host number where reading it costs no device synchronization.
+    total: Tensor | float = float(count) if count.device.type == "cpu" else count.to(dtype)
+    if isinstance(producer, nn.Linear):
+        mean_grad = u.sum(0, keepdim=True) / total
+        second_grad = xs.t() @ u  # M/2 · ∂ν/∂W
+    else:
+        assert isinstance(producer, _CONVS)
+        u, padding = _conv_geometry(producer, u)
+        dims = u.dim() - 2
+        # M/2 · ∂ν/∂W = Σ_R x u: the conv weight gradient for output gradient x.
+        second_grad = torch.ops.aten.convolution_backward.default(
+            xs,
+            u,
+            weight.detach().to(dtype),
+            None,
+            list(producer.stride),
+            padding,
+            list(producer.dilation),
+            False,
+            [0] * dims,
+            producer.groups,
+            [False, True, False],
+        )[1]
+        patch = u.sum(0)  # (C_in, *spatial): ∂μ/∂W sums the same patches for every sample
+        for d in range(dims):
+            selection = _patch_selection(
+                patch.shape[d + 1],
+                producer.kernel_size[d],
+                producer.stride[d],
+                padding[d],
+                producer.dilation[d],
+                patch.device,
+                dtype,
+            )
+            patch = (patch.movedim(d + 1, -1) @ selection.t()).movedim(-1, d + 1)
+        mean_grad = patch.reshape(producer.groups, -1) / total
+    # ∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W, formed in place on the (C_out, C_in/groups·K) result rather
+    # than with output gradient 2(x − μ)/M, which would cost one more pass over x.
+    groups, per_channel = mean_grad.shape
+    var_grad = second_grad.reshape(channels, per_channel)
+    if isinstance(total, Tensor):
+        var_grad.mul_(2.0 / total)
+    factor = 2.0 / total if isinstance(total, float) else 1.0
+    var_grad.view(groups, channels // groups, per_channel).baddbmm_(
+        mean.to(dtype).view(groups, channels // groups, 1),
+        mean_grad.unsqueeze(1),
+        beta=factor,
+        alpha=-2.0,
+    )
+    return mean_grad, var_grad
+
+
+def _pool(
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_var: Tensor, drop: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(μ̄, σ̄², n)``: the window's mean and variance from the current batch's ``(mean, var)``
+    (differentiable) and the compensated stored entries ``(past, C)``, each iteration weighing
+    the same (paper, Eq. 9); ``n`` is the number of entries pooled per channel.
+
+    Max rule: ``ν̄ = mean max(ν, μ²)``, i.e. ``σ̄² = mean max(σ², 0) + mean (μ − μ̄)²`` (the
+    current ``σ²`` is >= 0 by construction).  Drop rule: entries with a negative compensated
+    ``σ²`` are left out; the current batch always stays, so ``n >= 1``.
+    """
+    dtype = mean.dtype
+    past_mean, past_var = past_mean.to(dtype), past_var.to(dtype)
+    means = torch.cat([mean.unsqueeze(0), past_mean])
+    if not drop:
+        variances = torch.cat([var.unsqueeze(0), past_var.clamp_min(0)])
+        pooled = means.mean(0)
+        count = torch.full_like(mean.detach(), float(means.shape[0]))
+        return pooled, (variances + (means - pooled).square()).mean(0), count
+    keep = torch.cat([torch.ones_like(var, dtype=torch.bool).unsqueeze(0), past_var >= 0])
+    count = keep.sum(0).to(dtype)
+    pooled = torch.where(keep, means, 0).sum(0) / count
+    variances = torch.cat([var.unsqueeze(0), past_var])
+    spread = torch.where(keep, variances + (means - pooled).square(), 0)
+    return pooled, spread.sum(0) / count, count
+
+
+def _inverse_std(var: Tensor, eps: float, inside: bool) -> Tensor:
+    """``1/sqrt(σ̄² + eps)`` (BN's) or ``1/(sqrt(σ̄²) + eps)`` (the authors' release)."""
+    if inside:
+        return torch.rsqrt(var + eps)
+    # sqrt has an infinite slope at 0: a constant channel would turn 0 gradients into NaN.
+    return 1.0 / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + eps)
+
+
+def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale·x + shift`` per channel in one pass; half inputs in float32, rounded once."""
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
+    y = torch.addcmul(
+        channel_view(shift, x).to(compute.dtype), compute, channel_view(scale, x).to(compute.dtype)
+    )
+    return y.to(x.dtype)
+
+
+class _WindowNorm(torch.autograd.Function):
+    """``y = γ (x − μ̄)·s(σ̄²) + β`` with ``(μ̄, σ̄², n) = _pool(μ, σ², past)``, where ``(μ, σ²)``
+    are x's own batch moments (given, computed without gradient) and ``past`` constants.
+
+    The backward is written out so that it costs about BN's (one reduction pass, two fused
+    multiply-adds) instead of autograd's separate passes for the normalization and the
+    moments.  With ``D = Σ g (x − μ̄)`` and ``S = Σ g`` per channel (torch's BN backward
+    kernel computes both in one pass):
+
+        ∂L/∂β = S,   ∂L/∂γ = s D,   ∂L/∂μ̄ = −γ s S,   ∂L/∂σ̄² = γ s′(σ̄²) D,
+        ∂L/∂μ = (∂L/∂μ̄ + 2 (μ − μ̄) ∂L/∂σ̄²) / n,   ∂L/∂σ² = ∂L/∂σ̄² / n
+            (∂μ̄/∂μ = 1/n, ∂σ̄²/∂σ² = 1/n, ∂σ̄²/∂μ = 2(μ − μ̄)/n from ``_pool``),
+        ∂L/∂x = γ s g + ∂L/∂μ / M + 2 ∂L/∂σ² (x − μ) / M.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        past_mean: Tensor,
+        past_var: Tensor,
+        eps: float,
+        inside: bool,
+        drop: bool,
+    ) -> Tensor:
+        pooled_mean, pooled_var, count = _pool(mean, var, past_mean, past_var, drop)
+        inv_std = _inverse_std(pooled_var, eps, inside)
+        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+        shift = -pooled_mean * scale
+        if bias is not None:
+            shift = shift + bias.to(shift.dtype)
+        ctx.save_for_backward(x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale)
+        ctx.inside = inside
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _apply_affine(x, scale, shift)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale = ctx.saved_tensors
+        dtype = mean.dtype
+        xs, grad = x.to(dtype), grad_y.to(dtype)
+        # D = Σ g (x − μ̄) and S = Σ g: BN's eval-mode backward with "running" stats (μ̄, 1).
+        _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
+            grad,
+            xs,
+            None,
+            pooled_mean,
+            torch.ones_like(pooled_var),
+            None,
+            None,
+            False,
+            0.0,
+            [False, True, True],
+        )
+        if ctx.inside:
+            slope = -0.5 * inv_std.pow(3)
+        else:
+            root = pooled_var.clamp_min(torch.finfo(dtype).tiny).sqrt()
+            slope = -0.5 * inv_std.square() / root
+        gamma = scale / inv_std if weight is None else weight.to(dtype)
+        grad_pooled_var = gamma * slope * centred
+        grad_pooled_mean = -scale * total
+        grad_mean = (grad_pooled_mean + 2.0 * (mean - pooled_mean) * grad_pooled_var) / count
+        grad_var = grad_pooled_var / count
+        m = x.numel() // max(x.shape[1], 1)
+        a = grad_var * (2.0 / m)
+        b = grad_mean / m - a * mean
+        grad_x = torch.addcmul(channel_view(b, x), xs, channel_view(a, x))
+        grad_x.addcmul_(grad, channel_view(scale, x))
+        grad_weight = None if weight is None else (inv_std * centred).to(weight.dtype)
+        grad_bias = None if ctx.bias_dtype is None else total.to(ctx.bias_dtype)
+        return grad_x.to(x.dtype), None, None, grad_weight, grad_bias, *([None] * 5)
+
+
+class _ProducerHook:
+    """The forward hook a layer puts on its producer: hands the producer's input and output
+    to the layer.  It holds the layer weakly, so that a layer dropped from its model (e.g.
+    replaced by :func:`smallbn.convert`) is freed, and a finalizer then removes the hook;
+    copies of a model (``copy.deepcopy``, pickling) hook the copied layer."""
+
+    def __init__(self, layer: CrossIterationBatchNorm | None) -> None:
+        self.layer = None if layer is None else weakref.ref(layer)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        layer = None if self.layer is None else self.layer()
+        if layer is not None:
+            layer._capture(args, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ProducerHook:
+        layer = None if self.layer is None else self.layer()
+        return _ProducerHook(None if layer is None else copy.deepcopy(layer, memo))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ProducerHook, (None if self.layer is None else self.layer(),))
+
+
+#: One finalizer per hooked layer: removes the layer's hook from its producer when the layer
+#: is garbage collected.
+_UNHOOK: weakref.WeakKeyDictionary[nn.Module, weakref.finalize[Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class CrossIterationBatchNorm(BatchStatsNorm):
+    """Cross-Iteration BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
+
+    Args:
+        window: k, the iterations pooled (current included); ``None`` (default) picks
+            :func:`recommended_window` of the first training batch; 1 is plain BN.
+        burnin: iterations of plain BN before the full window (paper: a quarter of training,
+            e.g. 25 of 100 ImageNet epochs; default 0: pool from the start).
+        burnin_mode: ``"two_stage"`` (paper: k = 1 for ``burnin`` iterations, then k) or
+            ``"linear"`` (release: k grows linearly to its value at iteration ``burnin``).
+        compensate: apply the Taylor compensation (``False``: naive cross-iteration pooling).
+        aggregation: ``"max"`` (paper: ν̄ = mean max(ν, μ²)) or ``"drop"`` (release: entries
+            whose compensated variance is negative are left out).
+        eps_placement: ``"inside"`` (``/sqrt(σ̄² + eps)``, BN's) or ``"outside"``
+            (``/(sqrt(σ̄²) + eps)``, the release's default).
+        sync: pool the current statistics and their derivatives across processes.
+
+    State: BN's keys plus ``iteration`` (training iterations seen), ``window_fill`` (recent
+    iterations stored), the per-slot ``window_mean``/``window_var``/``window_mean_dot``/
+    ``window_var_dot`` ``(k, C)`` and, with a producer, ``window_mean_grad``
+    ``(groups, k, C_in/groups·K)`` and ``window_var_grad`` ``(C_out, k, C_in/groups·K)``;
+    slot ``t mod k`` holds iteration t.  The window buffers appear once their shapes are
+    known (construction with an explicit ``window``; binding; the first training step) and a
+    checkpoint creates them when it has them, so loading works before or after binding; a
+    BN checkpoint loads (strict) as an empty window at iteration 0.  Each training forward
+    is an iteration (micro-batches of gradient accumulation included).
+    """
+
+    _family = "CrossIterationBatchNorm"
+    wants_producer = True
+    #: GroupedNorm may call this layer on consecutive groups of its producer's output; it
+    #: then sets ``sample_slice`` so the matching rows of the producer's input are used.
+    accepts_sample_slice = True
+
+    iteration: Tensor
+    window_fill: Tensor
+    window_mean: Tensor | None
+    window_var: Tensor | None
+    window_mean_dot: Tensor | None
+    window_var_dot: Tensor | None
+    window_mean_grad: Tensor | None
+    window_var_grad: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        window: int | None = None,
+        burnin: int = 0,
+        burnin_mode: BurninMode = "two_stage",
+        compensate: bool = True,
+        aggregation: Aggregation = "max",
+        eps_placement: EpsPlacement = "inside",
+        sync: bool = False,
+        process_group: _distributed.ProcessGroup | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if window is not None and (isinstance(window, bool) or int(window) < 1):
+            raise ValueError(
+                f"{name}: window is the number of iterations pooled (current included) and "
+                f"must be >= 1, or None to choose min(ceil(16 / batch), 8) from the first "
+                f"batch; got {window}"
+            )
+        if int(burnin) < 0:
+            raise ValueError(f"{name}: burnin is a number of iterations >= 0, got {burnin}")
+        for option, value, allowed in (
+            ("burnin_mode", burnin_mode, ("two_stage", "linear")),
+            ("aggregation", aggregation, ("max", "drop")),
+            ("eps_placement", eps_placement, ("inside", "outside")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}: {option} must be one of {allowed}, got {value!r}")
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            sync=sync,
+            process_group=process_group,
+        )
+        self.window = None if window is None else int(window)
+        self.burnin = int(burnin)
+        self.burnin_mode: BurninMode = burnin_mode
+        self.compensate = bool(compensate)
+        self.aggregation: Aggregation = aggregation
+        self.eps_placement: EpsPlacement = eps_placement
+        self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("window_fill", torch.tensor(0, dtype=torch.long, device=device))
+        for buffer in (*_STAT_BUFFERS, *_GRAD_BUFFERS):
+            self.register_buffer(buffer, None)
+        # Host-side copies of the two counters: reading the buffers every step would
+        # synchronize with the device.  Refreshed from the buffers on load.
+        self._iteration = 0
+        self._fill = 0
+        self._auto_window: int | None = None
+        self._warned: set[str] = set()
+        self._slots: dict[tuple[int, int, torch.device], Tensor] = {}
+        # The producer and its hook live outside the module tree (no duplicate parameters).
+        self.__dict__["_producer"] = None
+        self.__dict__["_hook"] = None
+        self.__dict__["_captured"] = None
+        self.sample_slice: slice | None = None
+        if self.window is not None and self.window > 1:
+            self._allocate_stats(self.window)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        text += f", window={self.window_size if self.window_size is not None else 'auto'}"
+        if self.burnin:
+            text += f", burnin={self.burnin}, burnin_mode={self.burnin_mode!r}"
+        if not self.compensate:
+            text += ", compensate=False"
+        if self.aggregation != "max":
+            text += f", aggregation={self.aggregation!r}"
+        if self.eps_placement != "inside":
+            text += f", eps_placement={self.eps_placement!r}"
+        return text
+
+    @property
+    def window_size(self) -> int | None:
+        """k in force: the window buffers' length, the constructor's ``window``, or the one
+        chosen from the first batch; ``None`` while still to be chosen."""
+        if self.window_mean is not None:
+            return int(self.window_mean.shape[0])
+        return self.window if self.window is not None else self._auto_window
+
+    def effective_window(self, iteration: int | None = None) -> int:
+        """Iterations pooled at training ``iteration`` (0-based; default: the next one),
+        burn-in applied; before k is chosen (``window=None``, no batch seen) k counts as 1."""
+        step = self._iteration if iteration is None else int(iteration)
+        return self._window_at(step, self.window_size or 1)
+
+    def _window_at(self, step: int, k: int) -> int:
+        if step >= self.burnin:
+            return k
+        if self.burnin_mode == "linear":
+            return 1 + (k - 1) * step // self.burnin
+        return 1
+
+    def _needs_record(self, step: int, k: int) -> bool:
+        """Whether a later iteration of the next k − 1 pools this one's statistics."""
+        return any(self._window_at(step + d, k) - 1 >= d for d in range(1, k))
+
+    # -- the producer ----------------------------------------------------------------------
+
+    @property
+    def producer(self) -> Producer | None:
+        """The conv/linear layer whose output this layer normalizes, or ``None``."""
+        producer: Producer | None = self.__dict__["_producer"]
+        return producer
+
+    def bind_producer(
+        self, producer: nn.Module | None, note: str | None = None
+    ) -> nn.Module | None:
+        """Use ``producer`` (an ``nn.Conv1d/2d/3d`` or ``nn.Linear`` whose output is this
+        layer's input) for the Taylor compensation; ``None`` (``note`` says why) or an
+        unsupported module means naive pooling, with a one-time warning.
+
+        Called by :func:`smallbn.bind_producers`; call it directly for models that tracing
+        cannot pair.  Rebinding to another module empties the window.  Returns ``None``
+        (the producer is used as is).
+        """
+        bound: Producer | None = producer if isinstance(producer, _PRODUCERS) else None
+        if bound is not None and bound.weight.shape[0] != self.num_features:
+            raise ValueError(
+                f"{self.describe()}: bind_producer got a {type(bound).__name__} with "
+                f"{bound.weight.shape[0]} output channels, but this layer normalizes "
+                f"{self.num_features}: bind the layer whose output is this layer's input."
+            )
+        if producer is not None and bound is None:
+            note = (
+                f"{type(producer).__name__} is not supported (supported: "
+                f"{', '.join(t.__name__ for t in _PRODUCERS)})"
+            )
+        previous = self.producer
+        self.__dict__["_producer"] = bound
+        self._sync_hook(force=True)
+        if previous is not None and bound is not previous:
+            # Stored derivatives belong to the other layer's weights.
+            self.window_mean_grad = self.window_var_grad = None
+            self._set_fill(0)
+        if bound is None:
+            if self.compensate:
+                self._warn_once(
+                    "no_producer",
+                    f"no producing conv/linear layer ({note or 'none given'}): statistics are "
+                    f"pooled across iterations without Taylor compensation (naive "
+                    f"cross-iteration BN). If the input does come from a conv or linear "
+                    f"layer, bind it with layer.bind_producer(conv).",
+                )
+            self.window_mean_grad = self.window_var_grad = None
+            return None
+        if self.window_size is not None and self.window_size > 1:
+            self._prepare_grads(self.window_size)
+        return None
+
+    def train(self: _Layer, mode: bool = True) -> _Layer:
+        """Switch training mode; the hook on the producer exists in training mode only (an
+        eval-mode model has no hooks, so :func:`smallbn.fold` can fold its norms)."""
+        super().train(mode)
+        self._sync_hook()
+        return self
+
+    def _sync_hook(self, force: bool = False) -> None:
+        """Hook the producer while training, unhook it otherwise (``force``: rehook)."""
+        handle = self.__dict__["_hook"]
+        wanted = self.training and self.producer is not None
+        if handle is not None and (force or not wanted):
+            handle.remove()
+            handle = None
+            finalizer = _UNHOOK.pop(self, None)
+            if finalizer is not None:
+                finalizer.detach()
+        if handle is None and wanted:
+            assert self.producer is not None
+            handle = self.producer.register_forward_hook(_ProducerHook(self))
+            _UNHOOK[self] = weakref.finalize(self, handle.remove)
+        self.__dict__["_hook"] = handle
+        if handle is None:
+            self.__dict__["_captured"] = None
+
+    def _capture(self, args: tuple[Any, ...], output: Any) -> None:
+        """From the hook on the producer: keep its input for this layer's next training step
+        (a reference, dropped when the step uses it)."""
+        if self.training and self.compensate:
+            self.__dict__["_captured"] = (args[0] if args else None, output)
+
+    def _producer_input(self, x: Tensor, captured: tuple[Any, Any] | None) -> Tensor | None:
+        """The producer's input for this step's ``x``, or ``None`` (with a one-time warning)
+        when ``x`` is not what the producer last returned."""
+        producer = self.producer
+        part = self.sample_slice  # set by GroupedNorm: x is these samples of the output
+        produced = captured is not None and (
+            captured[1] is x
+            or (
+                part is not None
+                and isinstance(captured[1], Tensor)
+                and captured[1][part].shape == x.shape
+                and captured[1][part].data_ptr() == x.data_ptr()
+            )
+        )
+        if captured is None or not produced or not isinstance(captured[0], Tensor):
+            self._warn_once(
+                "not_produced",
+                f"the training input is not the output of the bound "
+                f"{type(producer).__name__} (not called right before, called with keyword "
+                f"arguments, or its output was replaced); such steps are stored without "
+                f"Taylor compensation.",
+            )
+            return None
+        u = captured[0] if part is None else captured[0][part]
+        if isinstance(producer, nn.Linear) and (x.dim() != 2 or u.dim() != 2):
+            self._warn_once(
+                "linear_shape",
+                f"a Linear producer is supported for (N, C) inputs only, got "
+                f"{tuple(x.shape)}; such steps are stored without Taylor compensation.",
+            )
+            return None
+        return u
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"{self.describe()}: {message}", RuntimeWarning, stacklevel=4)
+
+    # -- window state --------------------------------------------------------------------
+
+    def _state_dtype(self) -> torch.dtype:
+        if self.window_mean is not None:
+            return self.window_mean.dtype
+        reference = self.running_mean if self.running_mean is not None else self.weight
+        base = reference.dtype if reference is not None else torch.float32
+        return torch.promote_types(torch.float32, base)
+
+    def _allocate_stats(self, k: int) -> None:
+        factory: dict[str, Any] = {"device": self.iteration.device, "dtype": self._state_dtype()}
+        for name in _STAT_BUFFERS:
+            setattr(self, name, torch.zeros(k, self.num_features, **factory))
+
+    def _grad_shapes(self, k: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        producer = self.producer
+        if producer is None or not self.compensate:
+            return None
+        weight = producer.weight
+        groups = producer.groups if isinstance(producer, _ConvNd) else 1
+        per_channel = int(weight[0].numel())
+        return (groups, k, per_channel), (int(weight.shape[0]), k, per_channel)
+
+    def _prepare_grads(self, k: int) -> None:
+        """Allocate the derivative buffers for the bound producer (or keep loaded ones of the
+        right shape); fresh ones cannot compensate stored entries, so the window restarts."""
+        shapes = self._grad_shapes(k)
+        if shapes is None:
+            return
+        current = (self.window_mean_grad, self.window_var_grad)
+        if all(t is not None and tuple(t.shape) == s for t, s in zip(current, shapes, strict=True)):
+            return
+        if any(t is not None for t in current):
+            stored = [tuple(t.shape) for t in current if t is not None]
+            self._warn_once(
+                "grad_shape",
+                f"the stored derivatives (shapes {stored}) do not fit the bound producer "
+                f"({list(shapes)}): the window restarts.",
+            )
+        factory: dict[str, Any] = {"device": self.iteration.device, "dtype": self._state_dtype()}
+        self.window_mean_grad = torch.zeros(shapes[0], **factory)
+        self.window_var_grad = torch.zeros(shapes[1], **factory)
+        self._set_fill(0)
+
+    def _set_fill(self, fill: int) -> None:
+        self._fill = fill
+        self.window_fill.fill_(fill)
+
+    def reset_window(self) -> None:
+        """Forget the stored iterations (the iteration count, hence burn-in, is kept)."""
+        self._set_fill(0)
+
+    def _resolve_window(self, x: Tensor) -> int:
+        k = self.window_size
+        if k is None:
+            batch = x.shape[0]
+            group = self._sync_group()
+            if group is not None:  # every process must choose the same k
+                batch = sum(_distributed.all_gather_sizes(batch, group, x.device))
+            k = self._auto_window = recommended_window(max(batch, 1))
+        if k > 1:
+            if self.window_mean is None:
+                self._allocate_stats(k)
+            self._prepare_grads(k)
+        return k
+
+    def _slot_index(self, step: int, k: int, past: int, device: torch.device) -> Tensor:
+        """Slots of iterations ``step − 1 … step − past`` (cached: no host→device copy)."""
+        key = (step % k, past, device)
+        index = self._slots.get(key)
+        if index is None:
+            index = torch.tensor([(step - tau) % k for tau in range(1, past + 1)], device=device)
+            self._slots[key] = index
+        return index
+
+    # -- training ------------------------------------------------------------------------
+
+    def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        captured = self.__dict__["_captured"]
+        # The producer's input is not kept past this step (past the last group of it when a
+        # GroupedNorm calls this layer on consecutive groups of the producer's output).
+        if self.sample_slice is None or (
+            captured is not None and self.sample_slice.stop >= captured[1].shape[0]
+        ):
+            self.__dict__["_captured"] = None
+        if not self.training:  # eval without running statistics: BN's batch statistics
+            return self._batch_norm(x)[0]
+        k = self._resolve_window(x)
+        step = self._iteration
+        past = min(self._window_at(step, k) - 1, self._fill)
+        record = k > 1 and self._needs_record(step, k)
+        local = self._sync_group() is None
+        inside, drop = self.eps_placement == "inside", self.aggregation == "drop"
+        fused = past == 0 and inside  # plain BN: torch's fused kernel where unsynchronized
+        if fused:
+            y, moments = self._batch_norm(x)
+        elif local:
+            with torch.no_grad():  # the gradient through them is _WindowNorm's
+                moments = self._batch_moments(x)
+        else:
+            moments = self._batch_moments(x)  # pooled across processes, with gradient
+        slot = step % k
+        if record:
+            self._record(x, moments.detach(), captured, slot)
+        dots = None
+        if self._compensating() and (record or past > 0):
+            dots = self._inner_products()
+            if record:  # the scalars ⟨∂, θ⟩ at record time, from the same batched product
+                assert self.window_mean_dot is not None and self.window_var_dot is not None
+                self.window_mean_dot[slot] = dots[0][slot]
+                self.window_var_dot[slot] = dots[1][slot]
+        if not fused:
+            if past > 0:
+                past_mean, past_var = self._past(self._slot_index(step, k, past, x.device), dots)
+            else:  # eps outside the square root: not BN even without stored iterations
+                past_mean = past_var = moments.mean.detach().new_zeros((0, self.num_features))
+            if local:
+                y = _WindowNorm.apply(
+                    x, moments.mean, moments.var, self.weight, self.bias,
+                    past_mean, past_var, self.eps, inside, drop,
+                )  # fmt: skip
+            else:  # moments pooled across processes: autograd through the all-gather
+                mean, var, _ = _pool(moments.mean, moments.var, past_mean, past_var, drop)
+                scale = _inverse_std(var, self.eps, inside)
+                if self.weight is not None:
+                    scale = scale * self.weight.to(scale.dtype)
+                shift = -mean * scale
+                if self.bias is not None:
+                    shift = shift + self.bias.to(shift.dtype)
+                y = _apply_affine(x, scale, shift)
+        self._update_running(moments.mean, moments.unbiased_var(), factor)
+        self._iteration += 1
+        self.iteration.fill_(self._iteration)
+        self._set_fill(min(self._fill + 1, k) if record else 0)
+        return y
+
+    @torch.no_grad()
+    def _record(
+        self, x: Tensor, moments: Moments, captured: tuple[Any, Any] | None, slot: int
+    ) -> None:
+        """Store this iteration's statistics and derivatives in ``slot``."""
+        assert self.window_mean is not None and self.window_var is not None
+        self.window_mean[slot] = moments.mean
+        self.window_var[slot] = moments.var
+        producer = self.producer
+        if producer is None:
+            # Entries stored from now on have no derivatives: drop stale ones (e.g. loaded
+            # before a producer was bound), so that a later binding restarts the window.
+            self.window_mean_grad = self.window_var_grad = None
+            if self.compensate:
+                self._warn_once(
+                    "no_producer",
+                    "no producing layer is bound (call smallbn.bind_producers(model) after "
+                    "building the model, or layer.bind_producer(conv)): statistics are pooled "
+                    "across iterations without Taylor compensation (naive cross-iteration BN).",
+                )
+            return
+        if self.window_var_grad is None or self.window_mean_grad is None:
+            return  # compensate=False
+        dtype = self.window_var_grad.dtype
+        u = self._producer_input(x, captured)
+        group = self._sync_group()
+        with torch.autocast(x.device.type, enabled=False):
+            if u is not None:
+                grads = _producer_derivatives(producer, u, x, moments.mean, moments.count, dtype)
+            else:
+                grads = (
+                    self.window_mean_grad.new_zeros(self.window_mean_grad[:, 0].shape),
+                    self.window_var_grad.new_zeros(self.window_var_grad[:, 0].shape),
+                )
+        if group is not None:
+            # Each process's share is already divided by the pooled count: sum them.
+            mean_grad, var_grad = grads
+            flat = torch.cat([mean_grad.flatten(), var_grad.flatten()])
+            dist.all_reduce(flat, group=group)
+            grads = (
+                flat[: mean_grad.numel()].view_as(mean_grad),
+                flat[mean_grad.numel() :].view_as(var_grad),
+            )
+        self.window_mean_grad[:, slot] = grads[0]
+        self.window_var_grad[:, slot] = grads[1]
+
+    def _compensating(self) -> bool:
+        return (
+            self.compensate
+            and self.producer is not None
+            and self.window_var_grad is not None
+            and self.window_mean_grad is not None
+        )
+
+    @torch.no_grad()
+    def _inner_products(self) -> tuple[Tensor, Tensor]:
+        """``(⟨∂μ, θ_t⟩, ⟨∂σ², θ_t⟩)`` of every slot with the current weights, ``(k, C)`` each.
+
+        One batched product over the whole window: a slot's value does not depend on which
+        slots are in use, so it is bit-for-bit the one recorded while θ is unchanged.
+        """
+        producer = self.producer
+        assert producer is not None
+        assert self.window_mean_grad is not None and self.window_var_grad is not None
+        mean_grad, var_grad = self.window_mean_grad, self.window_var_grad
+        groups, k, per_channel = mean_grad.shape
+        channels = var_grad.shape[0]
+        weight = producer.weight.detach().to(var_grad.dtype).reshape(channels, per_channel)
+        with torch.autocast(weight.device.type, enabled=False):  # bmm would run in half
+            # (C, 1, P) @ (C, P, k): a transposed operand, no copy; twice as fast on CPU
+            # as (C, k, P) @ (C, P, 1).
+            var_dot = torch.bmm(weight.unsqueeze(1), var_grad.transpose(1, 2)).reshape(channels, k)
+            var_dot = var_dot.t()
+            mean_dot = torch.bmm(
+                weight.reshape(groups, channels // groups, per_channel), mean_grad.transpose(1, 2)
+            ).reshape(channels, k)
+        bias = producer.bias
+        if bias is not None:  # ∂μ/∂b = 1, ∂σ²/∂b = 0
+            mean_dot = mean_dot + bias.detach().to(mean_dot.dtype).unsqueeze(1)
+        return mean_dot.t(), var_dot
+
+    @torch.no_grad()
+    def _past(self, index: Tensor, dots: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """``(μ, σ²)`` of the stored iterations in slots ``index``, ``(past, C)``, moved to the
+        current weights with ``dots`` (the current inner products) if given."""
+        assert self.window_mean is not None and self.window_var is not None
+        assert self.window_mean_dot is not None and self.window_var_dot is not None
+        past_mean = self.window_mean.index_select(0, index)
+        past_var = self.window_var.index_select(0, index)
+        if dots is not None:
+            shift = dots[0].index_select(0, index) - self.window_mean_dot.index_select(0, index)
+            spread = dots[1].index_select(0, index) - self.window_var_dot.index_select(0, index)
+            # ν(θ_t) − μ(θ_t)² to first order: σ² + ⟨∂σ², Δθ⟩ − ⟨∂μ, Δθ⟩².
+            past_var = past_var + spread - shift.square()
+            past_mean = past_mean + shift
+        return past_mean, past_var
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        stored = state_dict.get(prefix + "window_mean")
+        if stored is not None and self.window is not None and stored.shape[0] != self.window:
+            error_msgs.append(
+                f"{self.describe()}: the checkpoint holds a window of {stored.shape[0]} "
+                f"iterations, this layer was built with window={self.window}. Build it with "
+                f"window={stored.shape[0]} (or window=None to take the checkpoint's)."
+            )
+            for name in (*_STAT_BUFFERS, *_GRAD_BUFFERS):
+                state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._iteration = int(self.iteration)
+        k = self.window_size or 1
+        self._fill = min(int(self.window_fill), k)
+
+    def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Make the window buffers fit the checkpoint: create those it has (their shapes
+        depend on the producer and the window, so this layer may not have them yet), and
+        give those it lacks an empty window (a BN checkpoint starts CBN afresh)."""
+        fresh = False
+        for name in (*_STAT_BUFFERS, *_GRAD_BUFFERS):
+            key = prefix + name
+            mine = getattr(self, name)
+            if key in state_dict:
+                stored = state_dict[key]
+                if mine is None or mine.shape != stored.shape:
+                    dtype = mine.dtype if mine is not None else self._state_dtype()
+                    setattr(
+                        self,
+                        name,
+                        torch.zeros(stored.shape, dtype=dtype, device=self.iteration.device),
+                    )
+            elif mine is not None:
+                # Without these the stored entries cannot be used (or compensated).
+                state_dict[key] = torch.zeros_like(mine)
+                fresh = True
+        if prefix + "iteration" not in state_dict:
+            state_dict[prefix + "iteration"] = torch.zeros_like(self.iteration)
+            fresh = True
+        if fresh or prefix + "window_fill" not in state_dict:
+            state_dict[prefix + "window_fill"] = torch.zeros_like(self.window_fill)
+
+
+class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
+    """Cross-Iteration BN for ``(N, C)`` or ``(N, C, L)`` inputs (after a Linear or Conv1d)."""
+
+    _input_dim = 1
+
+
+class CrossIterationBatchNorm2d(CrossIterationBatchNorm):
+    """Cross-Iteration BN for ``(N, C, H, W)`` inputs (after a Conv2d)."""
+
+    _input_dim = 2
+
+
+class CrossIterationBatchNorm3d(CrossIterationBatchNorm):
+    """Cross-Iteration BN for ``(N, C, D, H, W)`` inputs (after a Conv3d)."""
+
+    _input_dim = 3
