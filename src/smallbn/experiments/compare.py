@@ -8,8 +8,10 @@ error with the EMA running statistics and after PreciseBN, the training time and
   of ``sgd_batch`` samples whose norm layers normalize consecutive groups of ``b`` samples
   (:class:`~smallbn.layers.GroupedNorm`; MABN and Ghost BN group natively), the groups acting as
   consecutive steps for the cross-iteration methods.  ``mode="sgd"``: the SGD batch is ``b``.
-* **Composition.** ``iid`` batches, or ``correlated``: every normalization group comes from one
-  class (groups in random order; :mod:`smallbn.experiments.sampling`).
+* **Composition.** ``iid`` batches, or ``correlated``: batches made of runs of ``class_group``
+  (default 2) samples of one class, in random order (:mod:`smallbn.experiments.sampling`), as
+  the RoIs of one image in a detection head.  A normalization group of b = 2 is then a single
+  class, while BN over 32 samples mixes 16 such runs.
 * **Robustness.** Each finished run is appended atomically to ``results.jsonl``; a run in
   progress checkpoints atomically every ``checkpoint_every`` steps.  Rerunning the same
   command skips finished runs and resumes an interrupted one from its checkpoint: nothing
@@ -94,6 +96,7 @@ class RunConfig:
     widths: tuple[int, ...] = (16, 32, 64)
     blocks: int = 1
     precise_samples: int = 2048
+    class_group: int = 2
     sync: bool = False
     world_size: int = 1
 
@@ -175,25 +178,30 @@ def preset_configs(preset: str, **overrides: Any) -> list[RunConfig]:
 # -- one run -----------------------------------------------------------------------------------
 
 
-def _norm_factory(config: RunConfig, norm_steps: int) -> Callable[..., nn.Module]:
-    """The constructor the ResNet calls for each norm layer of this run."""
+def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]:
+    """The constructor the ResNet calls for each norm layer of this run.
+
+    Schedules are in the layer's own steps: forward calls for natively grouped layers (BRN
+    counts SGD steps), group calls for the wrapped cross-iteration layers (CBN counts groups).
+    """
     spec, b = METHODS[config.method], config.norm_batch
     grouped = config.mode == "groups" and b < config.sgd_batch
+    group_calls = sgd_steps * (config.sgd_batch // b if grouped else 1)
     options: dict[str, Any] = {}
     if config.method == "bn" and grouped:
         spec, options = "ghostbn", {"group_size": b}
     elif config.method == "brn":  # the paper's 5k/25k/40k-of-~100k ramp, scaled to this run
         options = {
-            "warmup_steps": int(0.05 * norm_steps),
-            "d_max_ramp_end": int(0.25 * norm_steps),
-            "r_max_ramp_end": int(0.4 * norm_steps),
+            "warmup_steps": int(0.05 * sgd_steps),
+            "d_max_ramp_end": int(0.25 * sgd_steps),
+            "r_max_ramp_end": int(0.4 * sgd_steps),
         }
     elif config.method == "gn":
         options = {"channels_per_group": 8}
     elif config.method == "cbn":
-        options = {"window": min(math.ceil(16 / b), 8), "burnin": int(0.25 * norm_steps)}
+        options = {"window": min(math.ceil(16 / b), 8), "burnin": int(0.25 * group_calls)}
     elif config.method == "naive":
-        options = {"window": 8, "compensate": False, "burnin": int(0.25 * norm_steps)}
+        options = {"window": 8, "compensate": False, "burnin": int(0.25 * group_calls)}
     if grouped and config.method in _NATIVE_GROUPS:
         options["norm_batch_size"] = b
     if config.sync and spec not in ("gn", "ln", "in"):
@@ -252,16 +260,16 @@ def run_one(
     """Train and evaluate one config, resuming from ``checkpoint`` if it exists."""
     rank, world = _rank()
     train_x, train_y = data.train_x[: config.train_samples], data.train_y[: config.train_samples]
-    per_epoch = steps_per_epoch(train_y, config.batch, config.norm_batch, config.composition)
+    class_group = math.gcd(config.class_group, config.batch)  # SGD batches of b < class_group
+    per_epoch = steps_per_epoch(train_y, config.batch, class_group, config.composition)
     total = max(1, int(round(config.epochs * per_epoch)))
-    groups_per_step = config.batch // config.norm_batch if config.mode == "groups" else 1
     torch.manual_seed(config.seed)
     model = SmallResNet(
         data.num_classes,
         data.in_channels,
         config.widths,
         config.blocks,
-        norm=_norm_factory(config, total * groups_per_step),
+        norm=_norm_factory(config, total),
     ).to(device)
     bind_producers(model)
     optimizer = torch.optim.SGD(
@@ -278,7 +286,7 @@ def run_one(
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     stream = batch_indices(
-        train_y, config.batch, config.norm_batch, config.composition, config.seed, start
+        train_y, config.batch, class_group, config.composition, config.seed, start
     )
     bar = tqdm(
         total=total,
@@ -329,7 +337,7 @@ def run_one(
     precise_stream = (
         (train_x[i].to(device), train_y[i])
         for i in batch_indices(
-            train_y, config.batch, config.norm_batch, config.composition, config.seed + 7
+            train_y, config.batch, class_group, config.composition, config.seed + 7
         )
     )
     precise_bn(model, precise_stream, config.precise_samples, progress=False)
