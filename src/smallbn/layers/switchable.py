@@ -20,6 +20,7 @@ mixture for that call (the remaining weights renormalized), with a one-time warn
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -151,9 +152,18 @@ class SwitchableNorm(BatchStatsNorm):
     def _mix(
         self, stats: dict[str, tuple[Tensor, Tensor]], usable: dict[str, bool]
     ) -> tuple[Tensor, Tensor]:
-        keep = torch.tensor([usable[b] for b in self.branches], device=self.mean_weight.device)
-        mean_w = torch.softmax(self.mean_weight.masked_fill(~keep, float("-inf")), 0)
-        var_w = torch.softmax(self.var_weight.masked_fill(~keep, float("-inf")), 0)
+        mean_logits: Tensor = self.mean_weight
+        var_logits: Tensor = self.var_weight
+        if not all(usable.values()):  # renormalize over the computable branches only
+            index = [i for i, b in enumerate(self.branches) if not usable[b]]
+            mean_logits = mean_logits.index_fill(
+                0, mean_logits.new_tensor(index).long(), float("-inf")
+            )
+            var_logits = var_logits.index_fill(
+                0, var_logits.new_tensor(index).long(), float("-inf")
+            )
+        mean_w = torch.softmax(mean_logits, 0)
+        var_w = torch.softmax(var_logits, 0)
         mean = sum(mean_w[i] * stats[b][0] for i, b in enumerate(self.branches) if usable[b])
         var = sum(var_w[i] * stats[b][1] for i, b in enumerate(self.branches) if usable[b])
         return mean, var  # type: ignore[return-value]
@@ -162,7 +172,7 @@ class SwitchableNorm(BatchStatsNorm):
         instance = sample_moments(x)  # (N, C): the one pass over x
         self._check_finite(instance)
         n, c = instance.mean.shape
-        per_sample = int(instance.count[0]) if n else 0
+        per_sample = math.prod(x.shape[2:]) if n else 0  # from the shape: no device sync
         stats: dict[str, tuple[Tensor, Tensor]] = {}
         usable: dict[str, bool] = {}
         if "in" in self.branches:
