@@ -4,11 +4,11 @@ importance per layer), as a table and a plot."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from torch import nn
 
+from smallbn._io import atomic_write
 from smallbn.layers import SwitchableNorm
 
 __all__ = ["format_mixture_table", "mixture_weights", "plot_mixture"]
@@ -65,9 +65,6 @@ def plot_mixture(model: nn.Module, path: Path | str) -> Path:
     figure.suptitle("Switchable Normalization: learned importance of IN / LN / BN")
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
     plt.close(figure)
-    os.replace(temporary, path)
     return path

@@ -32,19 +32,19 @@ import io
 import json
 import math
 import os
-import secrets
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from smallbn._io import atomic_write
 from smallbn.convert import is_norm_layer
 from smallbn.stats import channel_moments, channel_view
 
@@ -173,9 +173,9 @@ class Recording:
         suffix = path.suffix.lower()
         json.dumps(self.metadata)  # fail before touching the disk if it is not JSON
         if suffix in (".pt", ".pth"):
-            _atomic_write(path, lambda handle: torch.save(self._to_payload(), handle))
+            atomic_write(path, lambda handle: torch.save(self._to_payload(), handle))
         elif suffix == ".npz":
-            _atomic_write(
+            atomic_write(
                 path, lambda handle: np.savez(handle, allow_pickle=False, **self._to_arrays())
             )
         else:
@@ -260,25 +260,6 @@ class Recording:
             for i in range(len(header["layers"]))
         ]
         return cls._build(header, tensors, path)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through ``write`` into a temporary sibling of ``path``, then rename it in place.
-
-    The temporary file is opened with mode ``"xb"`` (not :func:`tempfile.mkstemp`, which
-    creates files readable by the owner only) so the result has the usual umask permissions.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -791,7 +772,7 @@ def plot_stats(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     target = Path(path)
-    _atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
+    atomic_write(target, lambda handle: handle.write(buffer.getvalue()))
     return target
 
 

@@ -42,10 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from smallbn._io import atomic_write
 from smallbn.convert import bind_producers
 from smallbn.experiments.data import Dataset, load_dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.sampling import batch_indices, steps_per_epoch
+from smallbn.experiments.train import evaluate
 from smallbn.layers import GroupedNorm
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
@@ -216,11 +218,8 @@ def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]
     return make
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def _rank() -> tuple[int, int]:
@@ -235,17 +234,6 @@ def _lr(config: RunConfig, step: int, total: int) -> float:
     if step < warmup:
         return config.lr * (step + 1) / warmup
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-@torch.no_grad()
-def _test_error(model: nn.Module, data: Dataset, device: torch.device) -> float:
-    model.eval()
-    wrong = 0
-    for start in range(0, len(data.test_x), 500):
-        x = data.test_x[start : start + 500].to(device)
-        y = data.test_y[start : start + 500].to(device)
-        wrong += int((model(x).argmax(1) != y).sum())
-    return wrong / len(data.test_x)
 
 
 def run_one(
@@ -317,7 +305,7 @@ def run_one(
         done = step + 1
         if rank == 0 and (done % checkpoint_every == 0 and done < total):
             loss_value = float(loss.detach())
-            _atomic_save(
+            _save_checkpoint(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -332,7 +320,7 @@ def run_one(
             loss_value = float(loss.detach())
     bar.close()
     elapsed += time.perf_counter() - began
-    error_ema = _test_error(model, data, device)
+    error_ema = evaluate(model, data.test_x, data.test_y, device=device)
     # PreciseBN sees batches composed as in training (groups of b), normalized as in training
     precise_stream = (
         (train_x[i].to(device), train_y[i])
@@ -341,7 +329,7 @@ def run_one(
         )
     )
     precise_bn(model, precise_stream, config.precise_samples, progress=False)
-    error_precise = _test_error(model, data, device)
+    error_precise = evaluate(model, data.test_x, data.test_y, device=device)
     return {
         **dataclasses.asdict(config),
         "key": config.key,
@@ -376,10 +364,7 @@ def _append_result(path: Path, row: dict[str, Any]) -> None:
     kill at any moment leaves either the old or the new file, never half a line."""
     lines = [json.dumps(r, sort_keys=True) for r in read_results(path)]
     lines.append(json.dumps(row, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
+    atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
 
 
 def _worker_run(
@@ -594,11 +579,8 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 

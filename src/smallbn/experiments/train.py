@@ -63,13 +63,21 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
-    """Top-1 error (fraction) of ``model`` in eval mode."""
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 500,
+    device: torch.device | None = None,
+) -> float:
+    """Top-1 error (fraction) of ``model`` in eval mode; batches are moved to ``device``."""
     was_training = model.training
     model.eval()
     wrong = 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        wrong += int((logits.argmax(1) != y[start : start + batch_size]).sum())
+        images, labels = x[start : start + batch_size], y[start : start + batch_size]
+        if device is not None:
+            images, labels = images.to(device), labels.to(device)
+        wrong += int((model(images).argmax(1) != labels).sum())
     model.train(was_training)
     return wrong / max(len(x), 1)
