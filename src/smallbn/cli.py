@@ -36,14 +36,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    """``"2,32"`` → ``(2, 32)`` (argparse type: a bad list is a usage error)."""
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` → ``(0, 1, 2)`` (argparse type: a bad list is a usage error)."""
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of integers: {text!r}"
         ) from None
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``"2,32"`` → ``(2, 32)``: distinct positive sizes."""
+    sizes = _int_list(text)
     if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(f"need distinct positive batch sizes, got {text!r}")
     return sizes
@@ -106,14 +111,10 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     record.add_argument("--lr", type=float, default=0.02)
     record.add_argument("--train-samples", type=int, default=6000)
-    record.add_argument(
-        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits", "idx"]
-    )
-    record.add_argument("--data-root", default=None)
+    _add_data_arguments(record, "fashion-mnist")
     record.add_argument("--output-dir", default="runs/record")
     record.add_argument("--format", default="pt", choices=["pt", "npz"])
     record.add_argument("--seed", type=int, default=0)
-    record.add_argument("--threads", type=int, default=2)
     record.set_defaults(run=_record)
 
 
@@ -159,13 +160,17 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) -> None:
+    """The dataset and thread options every job shares."""
+    from smallbn.experiments.data import DATASETS
+
+    parser.add_argument("--dataset", default=dataset, choices=list(DATASETS))
+    parser.add_argument("--data-root", default=None, help="folder of --dataset (default: Debian's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
 
 
 def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from smallbn.experiments.compare import PRESETS
-    from smallbn.experiments.data import DATASETS
 
     compare = commands.add_parser(
         "compare",
@@ -174,9 +179,9 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compare.add_argument("--preset", default="default", choices=sorted(PRESETS))
     compare.add_argument("--full", action="store_true", help="the complete table (long; GPU)")
     compare.add_argument("--methods", default=None, help="e.g. bn,cbn,mabn (default: preset)")
-    compare.add_argument("--batch-sizes", type=_ints, default=None, help="e.g. 2,4,32")
+    compare.add_argument("--batch-sizes", type=_batch_sizes, default=None, help="e.g. 2,4,32")
     compare.add_argument("--compositions", default=None, help="iid,correlated (default both)")
-    compare.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2")
+    compare.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2")
     compare.add_argument("--epochs", type=float, default=None)
     compare.add_argument("--train-samples", type=int, default=None)
     compare.add_argument("--lr", type=float, default=None)
@@ -187,11 +192,9 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="groups: normalize groups of b inside SGD batches of 32 (default); sgd: SGD batch b",
     )
     compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
-    compare.add_argument("--dataset", default=None, choices=list(DATASETS))
-    compare.add_argument("--data-root", default=None)
+    _add_data_arguments(compare, None)
     compare.add_argument("--device", default="cpu")
     compare.add_argument("--output-dir", default="runs/compare")
-    compare.add_argument("--threads", type=int, default=2)
     compare.add_argument(
         "--checkpoint-every", type=int, default=100, help="steps between run checkpoints"
     )
@@ -217,12 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--train-samples", type=int, default=6000)
     demo.add_argument("--eval-samples", type=int, default=2000)
-    demo.add_argument(
-        "--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits", "idx"]
-    )
-    demo.add_argument("--data-root", default=None)
+    _add_data_arguments(demo, "fashion-mnist")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2)
     demo.set_defaults(run=_demo)
     _add_record_parser(commands)
     _add_compare_parser(commands)
