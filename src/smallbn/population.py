@@ -188,8 +188,9 @@ def precise_bn(
                 for batch in data:
                     calls.clear()
                     run(model, batch)
-                    seen += count(batch)
-                    bar.update(count(batch))
+                    size = count(batch)
+                    seen += size
+                    bar.update(size)
                     if seen >= num_samples:
                         break
         finally:
