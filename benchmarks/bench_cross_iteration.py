@@ -33,13 +33,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from smallbn.bench import time_steps
 from smallbn.layers.cross_iteration import CrossIterationBatchNorm2d
 
 CONFIGS = [(2, 64, 56), (2, 256, 14)]  # (N, C, H = W)
@@ -109,7 +109,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results: list[dict[str, object]] = []
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
@@ -128,28 +127,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         variants = {name: _block(c, name, device) for name in ("bn", "cbn", "cbn_naive")}
         steps = {name: _step(block, x, grad) for name, block in variants.items()}
         steps["floor"] = _floor_step(_block(c, "bn", device), x, grad)
-        for _ in range(args.warmup):
-            for run in steps.values():
-                run()
         names = list(steps)
         per_run: dict[str, list[float]] = {name: [] for name in names}
         paired: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(args.runs):
-            total = dict.fromkeys(names, 0.0)
-            for r in range(args.repeats):
-                shift = r % len(names)
-                step_time = {}
-                for name in names[shift:] + names[:shift]:
-                    sync()
-                    start = time.perf_counter()
-                    steps[name]()
-                    sync()
-                    step_time[name] = time.perf_counter() - start
-                    total[name] += step_time[name]
-                for name in names:
-                    paired[name].append(step_time[name] / step_time["bn"])
-            for name in names:
-                per_run[name].append(total[name] / args.repeats * 1e3)
+        for run in range(args.runs):
+            timings = {
+                t.name: t
+                for t in time_steps(
+                    steps,
+                    baseline="bn",
+                    repeats=args.repeats,
+                    warmup=args.warmup if run == 0 else 0,
+                    device=device,
+                )
+            }
+            for name, timing in timings.items():
+                paired[name].extend(timing.paired_ratios(timings["bn"]))
+                per_run[name].append(statistics.fmean(timing.seconds) * 1e3)
         median = {name: statistics.median(per_run[name]) for name in names}
         cbn_layer = variants["cbn"][1]
         conv_bytes = sum(p.numel() * p.element_size() for p in variants["cbn"][0].parameters())

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import smallbn
+from smallbn.bench import time_steps
 from smallbn.experiments.models import SmallResNet
 from smallbn.fold import fold_with_report
 
@@ -92,21 +93,11 @@ def _variants(batch_size: int) -> dict[str, nn.Module]:
 def _measure(
     variants: dict[str, nn.Module], x: Tensor, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    """Per-variant forward times (seconds), interleaved by :func:`smallbn.bench.time_steps`."""
+    steps = {name: functools.partial(model, x) for name, model in variants.items()}
     with torch.inference_mode():
-        for _ in range(warmup):
-            for name in names:
-                variants[name](x)
-        for r in range(repeats):
-            # rotate the order so no variant always runs right after the same other one
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                model = variants[name]
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
-    return times
+        timings = time_steps(steps, baseline="conv-only", repeats=repeats, warmup=warmup)
+    return {t.name: list(t.seconds) for t in timings}
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:

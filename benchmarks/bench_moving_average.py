@@ -33,13 +33,13 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from smallbn.bench import time_steps
 from smallbn.layers.centered_conv import CenteredConv2d
 from smallbn.layers.moving_average import MovingAverageBatchNorm2d
 
@@ -112,24 +112,14 @@ def _bench_shape(
     n, c = shape[:2]
     x = torch.randn(shape)
     grad = torch.randn(shape)
-    steps = {}
+    steps: dict[str, Callable[[], None]] = {}
     for name, model in _variants(c).items():
         model.train()
         # the norm-only variants get a leaf input that needs a gradient, as after a conv
         inp = x.clone().requires_grad_(True) if name in ("bn", "mabn") else x
         steps[name] = _step(model, inp, grad)
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+    timings = time_steps(steps, baseline="conv+bn", repeats=repeats, warmup=warmup)
+    return {t.name: list(t.seconds) for t in timings}
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:

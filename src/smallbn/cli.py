@@ -1,12 +1,13 @@
-"""The ``smallbn`` command line: ``smallbn demo``, ``smallbn record`` (and the jobs later
-issues add)."""
+"""The ``smallbn`` command line: ``smallbn demo``, ``smallbn record``, ``smallbn compare`` and
+``smallbn bench layers|network``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,6 +208,150 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compare.set_defaults(run=_compare)
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    """``"2x64x56x56"`` → ``(2, 64, 56, 56)`` (argparse type: a bad shape is a usage error)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"not an input shape NxCxHxW of positive integers (e.g. 2x64x56x56): {text!r}"
+        )
+    return values[0], values[1], values[2], values[3]
+
+
+def _shapes(text: str) -> tuple[tuple[int, int, int, int], ...]:
+    """``"2x64x56x56,8x64x32x32"`` → the shapes (at least one)."""
+    shapes = tuple(_shape(part.strip()) for part in text.split(",") if part.strip())
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"need at least one shape NxCxHxW, got {text!r}")
+    return shapes
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"need an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """``"bn,cbn"`` → registered method names (argparse type: an unknown one is a usage
+    error naming the registered methods)."""
+    from smallbn.bench.methods import check_methods
+
+    try:
+        return check_methods(text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _bench_settings(args: argparse.Namespace) -> Any:
+    from smallbn.bench.harness import Settings
+
+    return Settings(
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        seed=args.seed,
+        device=args.device,
+        finite_check=not args.no_finite_check,
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from smallbn.bench.report import format_table, write_report
+
+    try:
+        settings = _bench_settings(args)
+    except (ValueError, RuntimeError) as error:
+        print(f"smallbn bench {args.bench}: {error}", file=sys.stderr)
+        return 2
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    report: Any
+    if args.bench == "layers":
+        from smallbn.bench.layers import run_layers
+
+        report = run_layers(
+            args.methods, args.shapes, settings, control=not args.no_control, progress=progress
+        )
+    else:
+        from smallbn.bench.network import run_network
+
+        report = run_network(args.methods, args.batch_size, settings, progress=progress)
+    print(format_table(report))
+    json_path, md_path = write_report(report, Path(args.output_dir))
+    print(f"results: {json_path}  table: {md_path}")
+    return 0
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from smallbn.bench.layers import DEFAULT_SHAPES
+    from smallbn.bench.methods import DEFAULT_METHODS
+
+    bench = commands.add_parser(
+        "bench", help="speed and memory of every method against torch's BN, per layer or network"
+    )
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    layers = kinds.add_parser(
+        "layers",
+        help="training step and eval forward of conv+norm blocks, ratios to conv+BatchNorm2d",
+    )
+    network = kinds.add_parser(
+        "network", help="train/eval throughput of the comparison job's ResNet, unfolded and folded"
+    )
+    for parser, repeats, warmup in ((layers, 50, 5), (network, 20, 3)):
+        parser.add_argument(
+            "--methods",
+            type=_methods,
+            default=DEFAULT_METHODS,
+            help=f"comma-separated registered names (default: {','.join(DEFAULT_METHODS)}); "
+            f"bn, the baseline, is always measured",
+        )
+        parser.add_argument(
+            "--repeats", type=_count(1), default=repeats, help="timed calls per method"
+        )
+        parser.add_argument(
+            "--warmup", type=_count(0), default=warmup, help="untimed calls per method first"
+        )
+        parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
+        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--no-finite-check",
+            action="store_true",
+            help="skip smallbn's per-step NaN/Inf check of batch statistics (a device sync per "
+            "layer and step on CUDA; see smallbn.set_finite_check)",
+        )
+        parser.add_argument(
+            "--output-dir", default="runs/bench", help="where <layers|network>.json/.md go"
+        )
+        parser.set_defaults(run=_bench)
+    default_shapes = ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
+    layers.add_argument(
+        "--shapes",
+        type=_shapes,
+        default=DEFAULT_SHAPES,
+        help=f"comma-separated NxCxHxW inputs (default: {default_shapes})",
+    )
+    layers.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the second conv+BN block whose ratio to BN shows the run's noise",
+    )
+    network.add_argument("--batch-size", type=_count(1), default=32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallbn.experiments.demo import DEFAULT_METHODS
 
@@ -225,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     _add_record_parser(commands)
     _add_compare_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 
