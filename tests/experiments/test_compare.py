@@ -36,6 +36,7 @@ def test_tiny_sweep_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     assert (tmp_path / "results.md").read_text().count("| bn |") >= 2
     assert (tmp_path / "error_vs_batch.png").stat().st_size > 1000
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
