@@ -100,6 +100,23 @@ def test_precise_bn_restores_mode_counters_and_other_state(training):
     assert model[2].momentum == 0.1 and model[2].num_batches_tracked.item() == 3
 
 
+@pytest.mark.filterwarnings("ignore:.*no producing conv")
+def test_precise_bn_leaves_cross_iteration_training_unchanged():
+    """After PreciseBN, CBN's next training steps (window, burn-in) are those it would have
+    taken without it: its host-side step and window counters follow the restored buffers."""
+    torch.manual_seed(0)
+    model = smallbn.convert(_model().double(), "cbn", window=3, burnin=2)
+    model[1].eval()  # dropout off: the two copies must draw nothing random
+    data = _batches([4, 4, 4, 4, 4, 4], seed=5)
+    for x in data[:3]:
+        model(x)
+    twin = copy.deepcopy(model)
+    smallbn.precise_bn(model, _batches([8, 8]), num_samples=16, progress=False)
+    for x in data[3:]:
+        torch.testing.assert_close(model(x), twin(x))
+    assert model[2].iteration.item() == twin[2].iteration.item() == 6
+
+
 def test_precise_bn_per_domain():
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from smallbn import _distributed
 from smallbn.convert import freeze_norms, uses_batch_stats
-from smallbn.layers import BatchStatsNorm
+from smallbn.layers import BatchStatsNorm, NormBase
 from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments
 
 __all__ = [
@@ -108,6 +108,9 @@ def _preserved(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
             for name, value in model.named_buffers():
                 if name in buffers:
                     value.copy_(buffers[name])
+        for module in model.modules():
+            if isinstance(module, NormBase):
+                module._reload_host_state()
         for module, training in modes.items():
             module.training = training
         for module, (sync, group) in syncs.items():

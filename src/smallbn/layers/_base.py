@@ -267,6 +267,10 @@ class NormBase(nn.Module):
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""
 
+    def _reload_host_state(self) -> None:
+        """Re-read any host-side copy of buffer state (kept to avoid a device read per step)
+        after the buffers were written directly, e.g. restored by :func:`smallbn.precise_bn`."""
+
 
 class BatchStatsNorm(NormBase):
     """Base of the layers that normalize with statistics of the current batch in training.
