@@ -103,6 +103,7 @@ def test_presets_and_overrides():
     assert {(c.method, c.norm_batch) for c in default if c.composition == "iid"} == {
         ("bn", 2),
         ("bn", 32),
+        ("sn", 2),
     }
     subset = compare.preset_configs("default", methods=("gn",), batch_sizes=(4,), seeds=(9,))
     assert {(c.method, c.norm_batch, c.seed) for c in subset} == {("gn", 4, 9)}

@@ -6,8 +6,9 @@ error with the EMA running statistics and after PreciseBN, the training time and
 
 * **Normalization batch.** ``mode="groups"`` (default, as Yan et al. ICLR 2020 do): SGD batches
   of ``sgd_batch`` samples whose norm layers normalize consecutive groups of ``b`` samples
-  (:class:`~smallbn.layers.GroupedNorm`; MABN and Ghost BN group natively), the groups acting as
-  consecutive steps for the cross-iteration methods.  ``mode="sgd"``: the SGD batch is ``b``.
+  (Ghost BN for BN; ``norm_batch_size=b`` for the others, vectorized over the groups), the
+  groups acting as consecutive steps for the cross-iteration methods (CBN, MABN).
+  ``mode="sgd"``: the SGD batch is ``b``.
 * **Composition.** ``iid`` batches, or ``correlated``: batches made of runs of ``class_group``
   (default 2) samples of one class, in random order (:mod:`smallbn.experiments.sampling`), as
   the RoIs of one image in a detection head.  A normalization group of b = 2 is then a single
@@ -43,12 +44,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smallbn._io import atomic_write
-from smallbn.convert import bind_producers
+from smallbn.convert import bind_producers, uses_batch_stats
 from smallbn.experiments.data import Dataset, load_dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.sampling import batch_indices, steps_per_epoch
 from smallbn.experiments.train import evaluate
-from smallbn.layers import GroupedNorm
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
 
@@ -63,9 +63,9 @@ __all__ = [
     "run_sweep",
 ]
 
-#: Job method name → registry name.  In ``groups`` mode BN is Ghost BN with groups of b,
-#: BRN/SN/MABN group natively (``norm_batch_size``), and the cross-iteration layers are called
-#: on each group in turn (:class:`~smallbn.layers.GroupedNorm`).
+#: Job method name → registry name.  In ``groups`` mode BN is Ghost BN with groups of b and
+#: BRN/SN/MABN/CBN group natively (``norm_batch_size``; for CBN and MABN the groups are
+#: consecutive iterations, exactly as calling the layer on each group in turn would be).
 METHODS: dict[str, str] = {
     "bn": "bn",
     "brn": "brn",
@@ -77,8 +77,7 @@ METHODS: dict[str, str] = {
     "cbn": "cbn",
     "mabn": "mabn",
 }
-_NATIVE_GROUPS = {"brn", "sn", "mabn"}
-_WRAPPED_GROUPS = {"cbn", "naive"}
+_NATIVE_GROUPS = {"brn", "sn", "mabn", "cbn", "naive"}
 
 
 @dataclass(frozen=True)
@@ -128,11 +127,10 @@ PRESETS: dict[str, tuple[dict[str, list[tuple[str, tuple[int, ...]]]], dict[str,
                 ("brn", (2,)),
                 ("gn", (2,)),
                 ("sn", (2,)),
-                ("naive", (2,)),
                 ("cbn", (2,)),
                 ("mabn", (2,)),
             ],
-            "iid": [("bn", (2, 32))],
+            "iid": [("bn", (2, 32)), ("sn", (2,))],
         },
         {"epochs": 3.0, "train_samples": 8_000, "seeds": (0, 1, 2)},
     ),
@@ -183,8 +181,8 @@ def preset_configs(preset: str, **overrides: Any) -> list[RunConfig]:
 def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]:
     """The constructor the ResNet calls for each norm layer of this run.
 
-    Schedules are in the layer's own steps: forward calls for natively grouped layers (BRN
-    counts SGD steps), group calls for the wrapped cross-iteration layers (CBN counts groups).
+    Schedules are in the layer's own steps: BRN counts forward calls (SGD steps), CBN counts
+    iterations, i.e. groups (its burn-in is a quarter of the groups seen in training).
     """
     spec, b = METHODS[config.method], config.norm_batch
     grouped = config.mode == "groups" and b < config.sgd_batch
@@ -209,11 +207,9 @@ def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]
     if config.sync and spec not in ("gn", "ln", "in"):
         options["sync"] = True
         spec = "syncbn" if spec == "bn" else spec  # torch's BN cannot pool on CPU
-    wrap = grouped and config.method in _WRAPPED_GROUPS
 
     def make(channels: int, **kwargs: Any) -> nn.Module:
-        layer = build_norm(spec, channels, **{**kwargs, **options})
-        return GroupedNorm(layer, b) if wrap else layer
+        return build_norm(spec, channels, **{**kwargs, **options})
 
     return make
 
@@ -328,8 +324,11 @@ def run_one(
             train_y, config.batch, class_group, config.composition, config.seed + 7
         )
     )
-    precise_bn(model, precise_stream, config.precise_samples, progress=False)
-    error_precise = evaluate(model, data.test_x, data.test_y, device=device)
+    if any(uses_batch_stats(m) for m in model.modules()):
+        precise_bn(model, precise_stream, config.precise_samples, progress=False)
+        error_precise = evaluate(model, data.test_x, data.test_y, device=device)
+    else:  # GN/LN/IN: no population statistics to recompute
+        error_precise = error_ema
     return {
         **dataclasses.asdict(config),
         "key": config.key,

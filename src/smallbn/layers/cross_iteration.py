@@ -54,6 +54,34 @@ batch (summed over processes when syncing).
 Running statistics for inference are BN's (EMA of the current batch's μ and unbiased σ²);
 inference is BN's and folds into the conv (:meth:`NormBase.eval_affine`).
 
+**Simulated small normalization batches** (``norm_batch_size=b``; Yan et al., ICLR 2020,
+normalize groups of b samples inside an SGD batch to study the normalization batch alone).
+A training batch of N > b samples is split into ``G = ceil(N/b)`` groups of b consecutive
+samples (the last may be smaller), which are iterations ``t, t + 1, …, t + G − 1``: one call
+gives the same outputs, gradients, running statistics and window state as calling the layer
+on each group in turn (``GroupedNorm(layer, b)``), vectorized.  Group g (iteration
+``s = t + g``, moments ``μ_s, σ²_s`` over its own ``M_g`` values) pools its window
+
+    entries s − τ, τ = 1 … p_g,   p_g = min(k_s − 1, filled_s)   (k_s the burn-in window),
+
+where an entry of an earlier call is compensated with the current weights as above and an
+entry of this call is taken as is: the weights are the same, so its compensation
+``⟨∂, θ_t⟩ − ⟨∂, θ_t⟩`` is exactly zero.  Gradients flow through each group's own μ_s, σ²_s
+only (the backward of the one-iteration path, per group).  Only the last k groups can be
+read by a later call (a step reads at most k − 1 stored entries), so only they are stored,
+and their derivatives come from one weight-gradient convolution with the groups as conv
+groups.  The running statistics take one EMA step per group, in closed form
+``r ← (1 − m)^G r + Σ_g m (1 − m)^(G−1−g) s_g`` (``momentum=None``: the cumulative average
+over groups); ``iteration`` and ``num_batches_tracked`` count groups, so burn-in and
+``window=None`` (k from the group size b) mean what they mean for ``GroupedNorm``.  A batch of
+N ≤ b samples is one iteration.  A group of a single value per channel is an error before any
+state changes (``GroupedNorm`` would fail at that group, after updating the earlier ones).
+With ``sync=True`` the groups are formed over the concatenation of every process's batch in
+rank order (as Ghost BN, BRN and SN form them; a group may span two processes), the groups'
+moments and derivatives pooled across processes: two processes equal one process on the
+concatenated batch.  (``GroupedNorm`` around a synchronized layer instead pools group g of
+every process into one iteration of ``world·b`` samples, a different experiment.)
+
 **The producer** is found by :func:`smallbn.bind_producers` (which :func:`smallbn.convert`
 calls) or set with :meth:`CrossIterationBatchNorm.bind_producer`.  It is held outside the
 module tree (``state_dict``/``parameters`` do not repeat it).  In training mode a forward hook
@@ -77,6 +105,7 @@ import functools
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -87,7 +116,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, channel_view, stats_dtype
+from smallbn.stats import Moments, channel_view, mean_var, stats_dtype
 
 __all__ = [
     "CrossIterationBatchNorm",
@@ -157,6 +186,27 @@ def _conv_geometry(conv: _ConvNd, u: Tensor) -> tuple[Tensor, list[int]]:
     return u, list(padding)  # type: ignore[arg-type]
 
 
+def _patch_sums(summed: Tensor, conv: _ConvNd, padding: list[int], dtype: torch.dtype) -> Tensor:
+    """The sum over every output position of the conv's input patches, from the batch-summed
+    (and explicitly padded) input ``(..., C_in, *spatial)``: ``(..., C_in, *kernel)``."""
+    dims = len(padding)
+    lead = summed.dim() - dims
+    patch = summed
+    for d in range(dims):
+        axis = lead + d
+        selection = _patch_selection(
+            patch.shape[axis],
+            conv.kernel_size[d],
+            conv.stride[d],
+            padding[d],
+            conv.dilation[d],
+            patch.device,
+            dtype,
+        )
+        patch = (patch.movedim(axis, -1) @ selection.t()).movedim(-1, axis)
+    return patch
+
+
 def _producer_derivatives(
     producer: Producer, u: Tensor, x: Tensor, mean: Tensor, count: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -198,18 +248,8 @@ def _producer_derivatives(
             producer.groups,
             [False, True, False],
         )[1]
-        patch = u.sum(0)  # (C_in, *spatial): ∂μ/∂W sums the same patches for every sample
-        for d in range(dims):
-            selection = _patch_selection(
-                patch.shape[d + 1],
-                producer.kernel_size[d],
-                producer.stride[d],
-                padding[d],
-                producer.dilation[d],
-                patch.device,
-                dtype,
-            )
-            patch = (patch.movedim(d + 1, -1) @ selection.t()).movedim(-1, d + 1)
+        # (C_in, *spatial): ∂μ/∂W sums the same patches for every sample
+        patch = _patch_sums(u.sum(0), producer, padding, dtype)
         mean_grad = patch.reshape(producer.groups, -1) / total
     # ∂σ²/∂W = ∂ν/∂W − 2μ ∂μ/∂W, formed in place on the (C_out, C_in/groups·K) result rather
     # than with output gradient 2(x − μ)/M, which would cost one more pass over x.
@@ -225,6 +265,71 @@ def _producer_derivatives(
         alpha=-2.0,
     )
     return mean_grad, var_grad
+
+
+def _group_derivatives(
+    producer: Producer, u: Tensor, x: Tensor, mean: Tensor, count: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """:func:`_producer_derivatives` of ``G`` groups at once: this process's share of each
+    group's ``(∂μ/∂W, ∂σ²/∂W)``, shapes ``(G, groups, C_in/groups·K)`` and
+    ``(G, C_out, C_in/groups·K)``.
+
+    ``u`` ``(G, b, C_in, *spatial)`` and ``x = producer(u)`` ``(G, b, C_out, *spatial')`` hold
+    the groups' samples, zero rows filling groups of fewer than ``b`` (they add nothing to
+    the sums); ``mean`` ``(G, C_out)`` and ``count`` ``(G,)`` are the groups' (pooled) means
+    and value counts.  A conv's ``Σ_R x u`` of every group is one weight-gradient convolution:
+    sample ``i`` of every group in batch row ``i``, the groups side by side as conv groups
+    (``G·groups`` of them), so the batch sum runs within each group only.
+    """
+    weight = producer.weight
+    num, size = u.shape[:2]
+    channels = weight.shape[0]
+    u, xs = u.detach().to(dtype), x.detach().to(dtype)
+    total = count.to(dtype).view(num, 1, 1)
+    if isinstance(producer, nn.Linear):
+        mean_grad = u.sum(1, keepdim=True) / total  # (G, 1, C_in)
+        second_grad = xs.transpose(1, 2) @ u  # (G, C_out, C_in): M/2 · ∂ν/∂W
+    else:
+        assert isinstance(producer, _CONVS)
+        flat, padding = _conv_geometry(producer, u.flatten(0, 1))
+        dims = flat.dim() - 2
+        inputs = flat.view(num, size, *flat.shape[1:])  # (G, b, C_in, *padded spatial)
+        second_grad = torch.ops.aten.convolution_backward.default(
+            xs.transpose(0, 1).flatten(1, 2),  # (b, G·C_out, *spatial'): the groups as channels
+            inputs.transpose(0, 1).flatten(1, 2),
+            weight.detach().to(dtype).repeat(num, *([1] * (weight.dim() - 1))),
+            None,
+            list(producer.stride),
+            padding,
+            list(producer.dilation),
+            False,
+            [0] * dims,
+            num * producer.groups,
+            [False, True, False],
+        )[1]
+        patch = _patch_sums(inputs.sum(1), producer, padding, dtype)  # (G, C_in, *kernel)
+        mean_grad = patch.reshape(num, producer.groups, -1) / total
+    groups, per_channel = mean_grad.shape[1:]
+    # ∂σ²/∂W = (2/M) Σ_R x u − 2μ ∂μ/∂W, per conv group of output channels.
+    blocks = (num * groups, channels // groups)
+    scale = (2.0 / total).repeat_interleave(groups, 0)  # (G·groups, 1, 1)
+    var_grad = second_grad.reshape(*blocks, per_channel) * scale
+    var_grad.baddbmm_(
+        mean.to(dtype).reshape(*blocks, 1),
+        mean_grad.reshape(num * groups, 1, per_channel),
+        alpha=-2.0,
+    )
+    return mean_grad, var_grad.reshape(num, channels, per_channel)
+
+
+def _as_groups(rows: Tensor, start: int, lead: int, num: int, size: int) -> Tensor:
+    """``rows[start:]`` laid out as ``(num, size, ...)`` after ``lead`` zero rows, zero rows
+    filling the end (the groups' samples this process holds, at their places)."""
+    part, shape = rows[start:], rows.shape[1:]
+    tail = num * size - lead - part.shape[0]
+    if lead or tail:
+        part = torch.cat([part.new_zeros(lead, *shape), part, part.new_zeros(tail, *shape)])
+    return part.reshape(num, size, *shape)
 
 
 def _pool(
@@ -254,6 +359,25 @@ def _pool(
     return pooled, spread.sum(0) / count, count
 
 
+def _pool_groups(
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_var: Tensor, valid: Tensor, drop: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_pool` of ``G`` windows at once: group g's current ``(mean, var)[g]`` (``(G, C)``,
+    differentiable) with its stored entries ``past_*[g]`` (``(G, P, C)``) where ``valid[g]``
+    (``(G, P)``).  Returns ``(μ̄, σ̄², n)``, each ``(G, C)``."""
+    dtype = mean.dtype
+    past_mean, past_var = past_mean.to(dtype), past_var.to(dtype)
+    keep = valid.unsqueeze(-1)  # (G, P, 1)
+    if drop:
+        keep = keep & (past_var >= 0)
+    else:
+        past_var = past_var.clamp_min(0)
+    count = (keep.sum(1) + 1).to(dtype).expand_as(mean)
+    pooled = (mean + torch.where(keep, past_mean, 0).sum(1)) / count
+    spread = torch.where(keep, past_var + (past_mean - pooled.unsqueeze(1)).square(), 0).sum(1)
+    return pooled, (var + (mean - pooled).square() + spread) / count, count
+
+
 def _inverse_std(var: Tensor, eps: float, inside: bool) -> Tensor:
     """``1/sqrt(σ̄² + eps)`` (BN's) or ``1/(sqrt(σ̄²) + eps)`` (the authors' release)."""
     if inside:
@@ -269,6 +393,39 @@ def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         channel_view(shift, x).to(compute.dtype), compute, channel_view(scale, x).to(compute.dtype)
     )
     return y.to(x.dtype)
+
+
+def _moment_coefficients(
+    mean: Tensor,
+    weight: Tensor | None,
+    pooled_mean: Tensor,
+    pooled_var: Tensor,
+    count: Tensor,
+    inv_std: Tensor,
+    scale: Tensor,
+    centred: Tensor,
+    total: Tensor,
+    values: int | Tensor,
+    inside: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` of the gradient through the batch moments, ``∂L/∂x = a·x + b + s γ g``, from
+    ``D = centred = Σ g (x − μ̄)``, ``S = total = Σ g`` over the ``values`` (M) values of each
+    moment (the formulas of :class:`_WindowNorm`); every argument per channel, or per group
+    and channel."""
+    dtype = mean.dtype
+    if inside:
+        slope = -0.5 * inv_std.pow(3)
+    else:
+        root = pooled_var.clamp_min(torch.finfo(dtype).tiny).sqrt()
+        slope = -0.5 * inv_std.square() / root
+    gamma = scale / inv_std if weight is None else weight.to(dtype)
+    grad_pooled_var = gamma * slope * centred
+    grad_pooled_mean = -scale * total
+    grad_mean = (grad_pooled_mean + 2.0 * (mean - pooled_mean) * grad_pooled_var) / count
+    grad_var = grad_pooled_var / count
+    a = grad_var * (2.0 / values)
+    b = grad_mean / values - a * mean
+    return a, b
 
 
 class _WindowNorm(torch.autograd.Function):
@@ -330,24 +487,93 @@ class _WindowNorm(torch.autograd.Function):
             0.0,
             [False, True, True],
         )
-        if ctx.inside:
-            slope = -0.5 * inv_std.pow(3)
-        else:
-            root = pooled_var.clamp_min(torch.finfo(dtype).tiny).sqrt()
-            slope = -0.5 * inv_std.square() / root
-        gamma = scale / inv_std if weight is None else weight.to(dtype)
-        grad_pooled_var = gamma * slope * centred
-        grad_pooled_mean = -scale * total
-        grad_mean = (grad_pooled_mean + 2.0 * (mean - pooled_mean) * grad_pooled_var) / count
-        grad_var = grad_pooled_var / count
         m = x.numel() // max(x.shape[1], 1)
-        a = grad_var * (2.0 / m)
-        b = grad_mean / m - a * mean
+        a, b = _moment_coefficients(
+            mean, weight, pooled_mean, pooled_var, count, inv_std, scale, centred, total, m,
+            ctx.inside,
+        )  # fmt: skip
         grad_x = torch.addcmul(channel_view(b, x), xs, channel_view(a, x))
         grad_x.addcmul_(grad, channel_view(scale, x))
         grad_weight = None if weight is None else (inv_std * centred).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.to(ctx.bias_dtype)
         return grad_x.to(x.dtype), None, None, grad_weight, grad_bias, *([None] * 5)
+
+
+class _GroupedWindowNorm(torch.autograd.Function):
+    """:class:`_WindowNorm` of ``G`` groups of samples at once: sample n belongs to group
+    ``index[n]``, which is normalized by :func:`_pool_groups` of its own moments ``(mean,
+    var)[g]`` (``(G, C)``, given without gradient, of ``count[g]`` values each) and its
+    constant stored entries ``past_*[g]`` where ``valid[g]``.
+
+    Same backward as :class:`_WindowNorm` per group, with ``D_g = Σ g (x − μ̄_g)`` and
+    ``S_g = Σ g`` over the group's values: one pass of BN's eval-mode backward kernel with
+    the ``N·C`` (sample, channel) pairs as its channels gives them per sample, summed into
+    groups on ``(N, C)`` tensors.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: Tensor,
+        index: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        past_mean: Tensor,
+        past_var: Tensor,
+        valid: Tensor,
+        eps: float,
+        inside: bool,
+        drop: bool,
+    ) -> Tensor:
+        pooled_mean, pooled_var, pooled = _pool_groups(mean, var, past_mean, past_var, valid, drop)
+        inv_std = _inverse_std(pooled_var, eps, inside)
+        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+        shift = -pooled_mean * scale
+        if bias is not None:
+            shift = shift + bias.to(shift.dtype)
+        ctx.save_for_backward(
+            x, mean, count, index, weight, pooled_mean, pooled_var, pooled, inv_std, scale
+        )
+        ctx.inside = inside
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _apply_affine(x, scale[index], shift[index])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, mean, count, index, weight, pooled_mean, pooled_var, pooled, inv_std, scale = (
+            ctx.saved_tensors
+        )
+        dtype = mean.dtype
+        xs, grad = x.to(dtype), grad_y.to(dtype)
+        samples, channels = x.shape[:2]
+        rows = (1, samples * channels, -1)  # every (sample, channel) pair a "channel"
+        _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
+            grad.reshape(rows),
+            xs.reshape(rows),
+            None,
+            pooled_mean[index].reshape(-1),
+            xs.new_ones(samples * channels),
+            None,
+            None,
+            False,
+            0.0,
+            [False, True, True],
+        )
+        centred = mean.new_zeros(mean.shape).index_add_(0, index, centred.view(samples, channels))
+        total = mean.new_zeros(mean.shape).index_add_(0, index, total.view(samples, channels))
+        a, b = _moment_coefficients(
+            mean, weight, pooled_mean, pooled_var, pooled, inv_std, scale, centred, total,
+            count.to(dtype).unsqueeze(1), ctx.inside,
+        )  # fmt: skip
+        grad_x = torch.addcmul(channel_view(b[index], x), xs, channel_view(a[index], x))
+        grad_x.addcmul_(grad, channel_view(scale[index], x))
+        grad_weight = None if weight is None else (inv_std * centred).sum(0).to(weight.dtype)
+        grad_bias = None if ctx.bias_dtype is None else total.sum(0).to(ctx.bias_dtype)
+        return grad_x.to(x.dtype), *([None] * 4), grad_weight, grad_bias, *([None] * 6)
 
 
 class _ProducerHook:
@@ -394,7 +620,12 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             whose compensated variance is negative are left out).
         eps_placement: ``"inside"`` (``/sqrt(σ̄² + eps)``, BN's) or ``"outside"``
             (``/(sqrt(σ̄²) + eps)``, the release's default).
-        sync: pool the current statistics and their derivatives across processes.
+        norm_batch_size: b: in training, normalize consecutive groups of b samples of each
+            batch as consecutive iterations (a simulated small normalization batch, the same
+            as ``GroupedNorm(layer, b)``, vectorized; module docstring); ``None`` (default):
+            the batch is one iteration.
+        sync: pool the current statistics and their derivatives across processes (with
+            ``norm_batch_size``, groups are formed over the concatenated global batch).
 
     State: BN's keys plus ``iteration`` (training iterations seen), ``window_fill`` (recent
     iterations stored), the per-slot ``window_mean``/``window_var``/``window_mean_dot``/
@@ -404,7 +635,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     known (construction with an explicit ``window``; binding; the first training step) and a
     checkpoint creates them when it has them, so loading works before or after binding; a
     BN checkpoint loads (strict) as an empty window at iteration 0.  Each training forward
-    is an iteration (micro-batches of gradient accumulation included).
+    is an iteration (micro-batches of gradient accumulation included); with
+    ``norm_batch_size``, each group of a training batch is.
     """
 
     _family = "CrossIterationBatchNorm"
@@ -413,6 +645,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
     #: then sets ``sample_slice`` so the matching rows of the producer's input are used.
     accepts_sample_slice = True
 
+    #: b of the simulated normalization batches, or ``None`` (a class default too, so that
+    #: layers pickled before the option existed still train).
+    norm_batch_size: int | None = None
     iteration: Tensor
     window_fill: Tensor
     window_mean: Tensor | None
@@ -438,10 +673,20 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         compensate: bool = True,
         aggregation: Aggregation = "max",
         eps_placement: EpsPlacement = "inside",
+        norm_batch_size: int | None = None,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
         name = type(self).__name__
+        if norm_batch_size is not None and (
+            isinstance(norm_batch_size, bool) or int(norm_batch_size) < 1
+        ):
+            raise ValueError(
+                f"{name}: norm_batch_size is the number of samples of each simulated "
+                f"normalization batch (consecutive groups of the batch, each one iteration) "
+                f"and must be >= 1, or None to make the whole batch one iteration; got "
+                f"{norm_batch_size}"
+            )
         if window is not None and (isinstance(window, bool) or int(window) < 1):
             raise ValueError(
                 f"{name}: window is the number of iterations pooled (current included) and "
@@ -474,6 +719,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self.compensate = bool(compensate)
         self.aggregation: Aggregation = aggregation
         self.eps_placement: EpsPlacement = eps_placement
+        self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
         self.register_buffer("iteration", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("window_fill", torch.tensor(0, dtype=torch.long, device=device))
         for buffer in (*_STAT_BUFFERS, *_GRAD_BUFFERS):
@@ -485,6 +731,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self._auto_window: int | None = None
         self._warned: set[str] = set()
         self._slots: dict[tuple[int, int, torch.device], Tensor] = {}
+        # Index tensors of the grouped path, by schedule (no host→device copy per step).
+        self._group_index: dict[tuple[Any, ...], Tensor] = {}
         # The producer and its hook live outside the module tree (no duplicate parameters).
         self.__dict__["_producer"] = None
         self.__dict__["_hook"] = None
@@ -506,6 +754,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             text += f", aggregation={self.aggregation!r}"
         if self.eps_placement != "inside":
             text += f", eps_placement={self.eps_placement!r}"
+        if self.norm_batch_size is not None:
+            text += f", norm_batch_size={self.norm_batch_size}"
         return text
 
     @property
@@ -707,13 +957,16 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         """Forget the stored iterations (the iteration count, hence burn-in, is kept)."""
         self._set_fill(0)
 
-    def _resolve_window(self, x: Tensor) -> int:
+    def _resolve_window(self, x: Tensor, batch: int | None = None) -> int:
+        """k, chosen from ``batch`` (default: the batch of ``x``, summed over processes when
+        syncing) if still to be chosen; allocates the window buffers."""
         k = self.window_size
         if k is None:
-            batch = x.shape[0]
-            group = self._sync_group()
-            if group is not None:  # every process must choose the same k
-                batch = sum(_distributed.all_gather_sizes(batch, group, x.device))
+            if batch is None:
+                batch = x.shape[0]
+                group = self._sync_group()
+                if group is not None:  # every process must choose the same k
+                    batch = sum(_distributed.all_gather_sizes(batch, group, x.device))
             k = self._auto_window = recommended_window(max(batch, 1))
         if k > 1:
             if self.window_mean is None:
@@ -742,6 +995,14 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             self.__dict__["_captured"] = None
         if not self.training:  # eval without running statistics: BN's batch statistics
             return self._batch_norm(x)[0]
+        size = self.norm_batch_size
+        if size is not None and (x.shape[0] > size or self._sync_group() is not None):
+            offset, total = 0, x.shape[0]
+            group = self._sync_group()
+            if group is not None:
+                offset, total = _distributed.rank_offset(x.shape[0], group, x.device)
+            if total > size:
+                return self._forward_groups(x, factor, captured, offset, total)
         k = self._resolve_window(x)
         step = self._iteration
         past = min(self._window_at(step, k) - 1, self._fill)
@@ -790,6 +1051,241 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self.iteration.fill_(self._iteration)
         self._set_fill(min(self._fill + 1, k) if record else 0)
         return y
+
+    # -- simulated normalization batches ----------------------------------------------------
+
+    def _forward_groups(
+        self,
+        x: Tensor,
+        factor: float | None,
+        captured: tuple[Any, Any] | None,
+        offset: int,
+        total: int,
+    ) -> Tensor:
+        """One training call on ``G = ceil(total/b)`` groups of ``b`` consecutive samples of
+        the (global) batch, iterations ``t … t + G − 1``, all at once (module docstring).
+        ``offset``: where this process's samples start in the global batch of ``total``."""
+        size = self.norm_batch_size
+        assert size is not None
+        device, samples = x.device, x.shape[0]
+        num = -(-total // size)
+        smallest = (total - (num - 1) * size) * math.prod(x.shape[2:])
+        if smallest <= 1:
+            what = f"its smallest group of samples (norm_batch_size={size}, batch {total})"
+            self._raise_too_small(x, smallest, what)
+        index = self._cached_index(
+            ("samples", offset, samples, size, device),
+            lambda: [(offset + n) // size for n in range(samples)],
+            device,
+        )
+        local = self._sync_group() is None
+        if local and samples == num * size:  # equal groups: two passes over x, no merging
+            with torch.no_grad():  # the gradient through them is _GroupedWindowNorm's
+                xs = x.to(stats_dtype(x.dtype)).reshape(num, size, *x.shape[1:])
+                mean, var = mean_var(xs, [1, *range(3, xs.dim())])
+                values = float(size * math.prod(x.shape[2:]))
+                groups = Moments(mean.new_full((num,), values), mean, var)
+                self._check_finite(groups)
+        elif local:
+            with torch.no_grad():
+                groups = self._grouped_moments(x, index, num)
+        else:
+            groups = self._grouped_moments(x, index, num)  # pooled across processes
+        current = groups.detach()
+        k = self._resolve_window(x, batch=size)
+        step = self._iteration
+        pasts, records, fill = self._group_schedule(step, self._fill, num, k)
+        # The timeline: the groups' own moments at positions 0 … G − 1, then the stored
+        # iterations t − 1, t − 2, … (compensated) at G, G + 1, …
+        stored = max(max(past - g for g, past in enumerate(pasts)), 0)
+        timeline_mean, timeline_var = current.mean, current.var
+        if stored:
+            dots = self._inner_products() if self._compensating() else None
+            old_mean, old_var = self._past(self._slot_index(step, k, stored, device), dots)
+            timeline_mean = torch.cat([timeline_mean, old_mean.to(timeline_mean.dtype)])
+            timeline_var = torch.cat([timeline_var, old_var.to(timeline_var.dtype)])
+        # Entry τ = 1 … k − 1 of group g: iteration t + g − τ, pooled if τ <= pasts[g].
+        key = (num, stored, tuple(pasts), k, device)
+        gather = self._cached_index(
+            ("gather", *key),
+            lambda: [
+                [(g - tau if tau <= g else num + tau - g - 1) if tau <= past else 0
+                 for tau in range(1, k)]
+                for g, past in enumerate(pasts)
+            ],
+            device,
+        )  # fmt: skip
+        valid = self._cached_index(
+            ("valid", *key),
+            lambda: [[tau <= past for tau in range(1, k)] for past in pasts],
+            device,
+            torch.bool,
+        )
+        past_mean, past_var = timeline_mean[gather], timeline_var[gather]  # (G, k − 1, C)
+        # Records that a later call can read: the last k groups' (records are monotone in t).
+        recorded = [g for g in range(max(num - k, 0), num) if records[g]]
+        if recorded:
+            slots = self._record_groups(x, current, captured, step, k, recorded[0], offset)
+            if self._compensating():
+                # ⟨∂, θ⟩ at record time, from the batched product that later calls repeat.
+                assert self.window_mean_dot is not None and self.window_var_dot is not None
+                dots = self._inner_products()
+                self.window_mean_dot.index_copy_(0, slots, dots[0].index_select(0, slots))
+                self.window_var_dot.index_copy_(0, slots, dots[1].index_select(0, slots))
+        inside, drop = self.eps_placement == "inside", self.aggregation == "drop"
+        if local:
+            y = _GroupedWindowNorm.apply(
+                x, groups.mean, groups.var, groups.count, index, self.weight, self.bias,
+                past_mean, past_var, valid, self.eps, inside, drop,
+            )  # fmt: skip
+        else:  # moments pooled across processes: autograd through the all-gather
+            mean, var, _ = _pool_groups(groups.mean, groups.var, past_mean, past_var, valid, drop)
+            scale = _inverse_std(var, self.eps, inside)
+            if self.weight is not None:
+                scale = scale * self.weight.to(scale.dtype)
+            shift = -mean * scale
+            if self.bias is not None:
+                shift = shift + self.bias.to(shift.dtype)
+            y = _apply_affine(x, scale[index], shift[index])
+        if factor is not None:
+            self._update_running_groups(current)
+        self._iteration += num
+        self.iteration.fill_(self._iteration)
+        self._set_fill(fill)
+        return y
+
+    def _group_schedule(
+        self, step: int, fill: int, num: int, k: int
+    ) -> tuple[list[int], list[bool], int]:
+        """For iterations ``step … step + num − 1``: the stored iterations each pools, whether
+        each is recorded, and the window fill after the last — :meth:`_forward_train`'s
+        bookkeeping, iteration by iteration."""
+        pasts, records = [], []
+        for t in range(step, step + num):
+            pasts.append(min(self._window_at(t, k) - 1, fill))
+            record = k > 1 and (t >= self.burnin or self._needs_record(t, k))
+            records.append(record)
+            fill = min(fill + 1, k) if record else 0
+        return pasts, records, fill
+
+    def _cached_index(
+        self,
+        key: tuple[Any, ...],
+        build: Callable[[], list[Any]],
+        device: torch.device,
+        dtype: torch.dtype = torch.long,
+    ) -> Tensor:
+        """``torch.tensor(build())`` on ``device``, built once per ``key``."""
+        cache: dict[tuple[Any, ...], Tensor] = self.__dict__.setdefault("_group_index", {})
+        index = cache.get(key)
+        if index is None:
+            if len(cache) >= 256:  # burn-in ramps make new schedules: keep it small
+                cache.clear()
+            index = torch.tensor(build(), dtype=dtype, device=device)
+            cache[key] = index
+        return index
+
+    @torch.no_grad()
+    def _record_groups(
+        self,
+        x: Tensor,
+        groups: Moments,
+        captured: tuple[Any, Any] | None,
+        step: int,
+        k: int,
+        first: int,
+        offset: int,
+    ) -> Tensor:
+        """Store groups ``first … G − 1`` (iterations ``step + first …``) in their slots, as
+        :meth:`_record` stores one iteration; the derivatives of all of them come from one
+        batched computation (:func:`_group_derivatives`).  Returns the slots."""
+        size = self.norm_batch_size
+        assert size is not None
+        assert self.window_mean is not None and self.window_var is not None
+        chosen = groups.mean.shape[0] - first
+        slots = self._cached_index(
+            ("slots", (step + first) % k, chosen, k, x.device),
+            lambda: [(step + first + g) % k for g in range(chosen)],
+            x.device,
+        )
+        self.window_mean.index_copy_(0, slots, groups.mean[first:].to(self.window_mean.dtype))
+        self.window_var.index_copy_(0, slots, groups.var[first:].to(self.window_var.dtype))
+        producer = self.producer
+        if producer is None:
+            self.window_mean_grad = self.window_var_grad = None  # as in _record
+            if self.compensate:
+                self._warn_once(
+                    "no_producer",
+                    "no producing layer is bound (call smallbn.bind_producers(model) after "
+                    "building the model, or layer.bind_producer(conv)): statistics are pooled "
+                    "across iterations without Taylor compensation (naive cross-iteration BN).",
+                )
+            return slots
+        if self.window_var_grad is None or self.window_mean_grad is None:
+            return slots  # compensate=False
+        dtype = self.window_var_grad.dtype
+        u = self._producer_input(x, captured)
+        if u is not None:
+            # This process's samples of the recorded groups, laid out (chosen, b, ...).
+            begin = first * size
+            start = max(begin - offset, 0)
+            lead = max(offset - begin, 0) if start < x.shape[0] else 0
+            with torch.autocast(x.device.type, enabled=False):
+                grads = _group_derivatives(
+                    producer,
+                    _as_groups(u, start, lead, chosen, size),
+                    _as_groups(x, start, lead, chosen, size),
+                    groups.mean[first:],
+                    groups.count[first:],
+                    dtype,
+                )
+        else:
+            grads = (
+                self.window_mean_grad.new_zeros(chosen, *self.window_mean_grad[:, 0].shape),
+                self.window_var_grad.new_zeros(chosen, *self.window_var_grad[:, 0].shape),
+            )
+        group = self._sync_group()
+        if group is not None:  # each process's share is divided by the pooled count
+            mean_grad, var_grad = grads
+            flat = torch.cat([mean_grad.flatten(), var_grad.flatten()])
+            dist.all_reduce(flat, group=group)
+            grads = (
+                flat[: mean_grad.numel()].view_as(mean_grad),
+                flat[mean_grad.numel() :].view_as(var_grad),
+            )
+        self.window_mean_grad.index_copy_(1, slots, grads[0].transpose(0, 1).to(dtype))
+        self.window_var_grad.index_copy_(1, slots, grads[1].transpose(0, 1).to(dtype))
+        return slots
+
+    @torch.no_grad()
+    def _update_running_groups(self, groups: Moments) -> None:
+        """BN's running average updated once per group, in order, as ``G`` calls would: in
+        closed form, ``r ← (1 − m)^G r + Σ_g m (1 − m)^(G−1−g) s_g`` (``momentum=None``:
+        the cumulative average, counting groups); ``num_batches_tracked`` counts the groups."""
+        running_mean, running_var = self.running_stats()
+        assert self.num_batches_tracked is not None
+        num, channels = groups.mean.shape
+        dtype = torch.promote_types(running_mean.dtype, groups.mean.dtype)
+        start = torch.cat([running_mean.to(dtype), running_var.to(dtype)])
+        values = torch.cat([groups.mean, groups.unbiased_var()], dim=1).to(dtype)
+        momentum = self.momentum
+        if momentum is None:
+            # The forward template counted one step already: ``seen`` came before (factor
+            # 1/(seen + g + 1) for group g), so r ← (seen·r + Σ_g s_g) / (seen + G).
+            seen = int(self.num_batches_tracked) - 1
+            after = (start * seen + values.sum(0)) / (seen + num)
+        else:
+            keep = 1.0 - momentum
+            weights = self._cached_index(
+                ("ema", num, momentum, dtype, values.device),
+                lambda: [momentum * keep ** (num - 1 - g) for g in range(num)],
+                values.device,
+                dtype,
+            )
+            after = torch.addmv(start, values.t(), weights, beta=keep**num)
+        running_mean.copy_(after[:channels])
+        running_var.copy_(after[channels:])
+        self.num_batches_tracked.add_(num - 1)
 
     @torch.no_grad()
     def _record(
@@ -912,9 +1408,11 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self._reload_host_state()
+
+    def _reload_host_state(self) -> None:
         self._iteration = int(self.iteration)
-        k = self.window_size or 1
-        self._fill = min(int(self.window_fill), k)
+        self._fill = min(int(self.window_fill), self.window_size or 1)
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Make the window buffers fit the checkpoint: create those it has (their shapes
