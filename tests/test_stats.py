@@ -20,6 +20,7 @@ from smallbn.stats import (
     channel_moments,
     merge_moments,
     normalize,
+    normalize_with_population,
     sample_moments,
     stats_dtype,
     update_running_stats,
@@ -295,6 +296,42 @@ def test_normalize_matches_the_formula_for_shared_and_per_sample_stats():
     per_sample_var = torch.linspace(0.5, 3, 12, dtype=torch.float64).reshape(4, 3)
     expected = (x - per_sample_mean[..., None]) / torch.sqrt(per_sample_var[..., None] + eps)
     torch.testing.assert_close(normalize(x, per_sample_mean, per_sample_var, eps), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize_with_population_matches_the_formula(dtype, affine):
+    """The fused path (matching dtypes) and the fallback (bf16 input, float32 stats) both
+    compute BN's inference map, with gradients for the input and the affine parameters."""
+    x = rand((4, 3, 5, 2), seed=9).to(dtype).requires_grad_(True)
+    stats_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    mean = torch.tensor([0.5, -1.0, 2.0], dtype=stats_dtype)
+    var = torch.tensor([1.0, 4.0, 0.25], dtype=stats_dtype)
+    w = torch.tensor([2.0, 1.0, -1.0], dtype=stats_dtype, requires_grad=True) if affine else None
+    b = torch.tensor([0.0, 1.0, 3.0], dtype=stats_dtype, requires_grad=True) if affine else None
+    eps = 1e-3
+    view = (1, 3, 1, 1)
+    reference = (x.double() - mean.double().view(view)) / torch.sqrt(var.double().view(view) + eps)
+    if affine:
+        reference = reference * w.double().view(view) + b.double().view(view)
+    y = normalize_with_population(x, mean, var, eps, w, b)
+    assert y.dtype == dtype
+    tolerance = {
+        torch.float64: {},
+        torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+        torch.bfloat16: {"atol": 3e-2, "rtol": 1e-2},
+    }[dtype]
+    torch.testing.assert_close(y.double(), reference, **tolerance)
+    grad = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(grad.to(dtype))
+    scale = torch.rsqrt(var.double() + eps) * (w.double() if affine else 1.0)
+    torch.testing.assert_close(x.grad.double(), grad * scale.view(view), **tolerance)
+    if affine:
+        normalized = (x.double() - mean.double().view(view)) * torch.rsqrt(var.double() + eps).view(
+            view
+        )
+        torch.testing.assert_close(w.grad.double(), (grad * normalized).sum((0, 2, 3)), **tolerance)
+        torch.testing.assert_close(b.grad.double(), grad.sum((0, 2, 3)), **tolerance)
 
 
 def test_update_running_stats_is_bn_ema():

@@ -40,6 +40,7 @@ __all__ = [
     "mean_var",
     "merge_moments",
     "normalize",
+    "normalize_with_population",
     "sample_moments",
     "stats_dtype",
     "update_running_stats",
@@ -244,6 +245,24 @@ def normalize(
         channel_view(shift, x).to(compute.dtype), compute, channel_view(scale, x).to(compute.dtype)
     )
     return y.to(x.dtype)
+
+
+def normalize_with_population(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`normalize` with fixed per-channel statistics (inference, FrozenBN): torch's fused
+    eval-mode batch-norm kernel where the dtypes allow it (the same affine map, one kernel
+    instead of five small ops), :func:`normalize` otherwise (half inputs, float32 stats)."""
+    same = mean.dim() == 1 and mean.dtype == var.dtype == x.dtype
+    same = same and all(p is None or p.dtype == x.dtype for p in (weight, bias))
+    if same and not (mean.requires_grad or var.requires_grad):
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    return normalize(x, mean, var, eps, weight, bias)
 
 
 def fused_batch_norm(

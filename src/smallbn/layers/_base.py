@@ -29,6 +29,7 @@ from smallbn.stats import (
     fused_batch_norm,
     merge_moments,
     normalize,
+    normalize_with_population,
     sample_moments,
     update_running_stats,
 )
@@ -320,7 +321,7 @@ class BatchStatsNorm(NormBase):
         return self._forward_eval(x, *args)
 
     def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
-        return normalize(x, *self.running_stats(), self.eps, self.weight, self.bias)
+        return normalize_with_population(x, *self.running_stats(), self.eps, self.weight, self.bias)
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         """Normalize with batch statistics; update running stats with ``factor`` if given."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from smallbn.layers._base import NormBase
-from smallbn.stats import normalize
+from smallbn.stats import normalize_with_population
 
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -49,7 +49,7 @@ class FrozenBatchNorm(NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return normalize(x, *self.running_stats(), self.eps, self.weight, self.bias)
+        return normalize_with_population(x, *self.running_stats(), self.eps, self.weight, self.bias)
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):
