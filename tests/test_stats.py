@@ -314,14 +314,17 @@ def test_normalize_with_population_matches_the_formula(dtype, affine):
     reference = (x.double() - mean.double().view(view)) / torch.sqrt(var.double().view(view) + eps)
     if affine:
         reference = reference * w.double().view(view) + b.double().view(view)
+    with torch.no_grad():  # inference: torch's fused kernel where the dtypes match
+        inferred = normalize_with_population(x, mean, var, eps, w, b)
     y = normalize_with_population(x, mean, var, eps, w, b)
-    assert y.dtype == dtype
+    assert y.dtype == inferred.dtype == dtype
     tolerance = {
         torch.float64: {},
         torch.float32: {"atol": 1e-5, "rtol": 1e-5},
         torch.bfloat16: {"atol": 3e-2, "rtol": 1e-2},
     }[dtype]
     torch.testing.assert_close(y.double(), reference, **tolerance)
+    torch.testing.assert_close(inferred.double(), reference.detach(), **tolerance)
     grad = torch.randn(y.shape, dtype=torch.float64)
     y.backward(grad.to(dtype))
     scale = torch.rsqrt(var.double() + eps) * (w.double() if affine else 1.0)

@@ -257,10 +257,15 @@ def normalize_with_population(
 ) -> Tensor:
     """:func:`normalize` with fixed per-channel statistics (inference, FrozenBN): torch's fused
     eval-mode batch-norm kernel where the dtypes allow it (the same affine map, one kernel
-    instead of five small ops), :func:`normalize` otherwise (half inputs, float32 stats)."""
+    instead of five small ops), :func:`normalize` otherwise (half inputs, float32 stats, and
+    inputs that need a gradient: the fused kernel keeps x for backward, :func:`normalize` with
+    fixed statistics and affine keeps nothing of x's size, which FrozenBN in training needs)."""
     same = mean.dim() == 1 and mean.dtype == var.dtype == x.dtype
     same = same and all(p is None or p.dtype == x.dtype for p in (weight, bias))
-    if same and not (mean.requires_grad or var.requires_grad):
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, mean, var, weight, bias)
+    )
+    if same and not grads:
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
     return normalize(x, mean, var, eps, weight, bias)
 
