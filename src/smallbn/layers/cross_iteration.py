@@ -207,6 +207,26 @@ def _patch_sums(summed: Tensor, conv: _ConvNd, padding: list[int], dtype: torch.
     return patch
 
 
+def _conv_weight_grad(
+    producer: _ConvNd, grad_out: Tensor, u: Tensor, weight: Tensor, padding: list[int], groups: int
+) -> Tensor:
+    """``Σ grad_out ⊗ patches(u)``: the weight gradient of ``producer``'s convolution geometry
+    (stride, dilation, the given padding and groups) for output gradient ``grad_out``."""
+    return torch.ops.aten.convolution_backward.default(
+        grad_out,
+        u,
+        weight,
+        None,
+        list(producer.stride),
+        padding,
+        list(producer.dilation),
+        False,
+        [0] * (u.dim() - 2),
+        groups,
+        [False, True, False],
+    )[1]
+
+
 def _producer_derivatives(
     producer: Producer, u: Tensor, x: Tensor, mean: Tensor, count: Tensor, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
@@ -233,21 +253,10 @@ def _producer_derivatives(
     else:
         assert isinstance(producer, _CONVS)
         u, padding = _conv_geometry(producer, u)
-        dims = u.dim() - 2
         # M/2 · ∂ν/∂W = Σ_R x u: the conv weight gradient for output gradient x.
-        second_grad = torch.ops.aten.convolution_backward.default(
-            xs,
-            u,
-            weight.detach().to(dtype),
-            None,
-            list(producer.stride),
-            padding,
-            list(producer.dilation),
-            False,
-            [0] * dims,
-            producer.groups,
-            [False, True, False],
-        )[1]
+        second_grad = _conv_weight_grad(
+            producer, xs, u, weight.detach().to(dtype), padding, producer.groups
+        )
         # (C_in, *spatial): ∂μ/∂W sums the same patches for every sample
         patch = _patch_sums(u.sum(0), producer, padding, dtype)
         mean_grad = patch.reshape(producer.groups, -1) / total
@@ -292,21 +301,15 @@ def _group_derivatives(
     else:
         assert isinstance(producer, _CONVS)
         flat, padding = _conv_geometry(producer, u.flatten(0, 1))
-        dims = flat.dim() - 2
         inputs = flat.view(num, size, *flat.shape[1:])  # (G, b, C_in, *padded spatial)
-        second_grad = torch.ops.aten.convolution_backward.default(
+        second_grad = _conv_weight_grad(
+            producer,
             xs.transpose(0, 1).flatten(1, 2),  # (b, G·C_out, *spatial'): the groups as channels
             inputs.transpose(0, 1).flatten(1, 2),
             weight.detach().to(dtype).repeat(num, *([1] * (weight.dim() - 1))),
-            None,
-            list(producer.stride),
             padding,
-            list(producer.dilation),
-            False,
-            [0] * dims,
             num * producer.groups,
-            [False, True, False],
-        )[1]
+        )
         patch = _patch_sums(inputs.sum(1), producer, padding, dtype)  # (G, C_in, *kernel)
         mean_grad = patch.reshape(num, producer.groups, -1) / total
     groups, per_channel = mean_grad.shape[1:]
