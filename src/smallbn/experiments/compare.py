@@ -25,6 +25,7 @@ error with the EMA running statistics and after PreciseBN, the training time and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -366,12 +367,18 @@ def _append_result(path: Path, row: dict[str, Any]) -> None:
     atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
 
 
+@functools.lru_cache(maxsize=2)
+def _worker_dataset(name: str, root: str | None) -> Dataset:
+    """A worker process reads (and checks) the data once, not once per run."""
+    return load_dataset(name, root)
+
+
 def _worker_run(
     config: RunConfig, output_dir: Path, dataset_root: str | None, checkpoint_every: int
 ) -> dict[str, Any]:
     """One run in a worker process of a parallel sweep (one thread each)."""
     torch.set_num_threads(1)
-    data = load_dataset(config.dataset, dataset_root)
+    data = _worker_dataset(config.dataset, dataset_root)
     checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
     row = run_one(
         config,
