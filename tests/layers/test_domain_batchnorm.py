@@ -70,6 +70,22 @@ def lockstep(layer, ref, shape, schedule, seed=0):
         )
 
 
+def test_inference_with_one_domain_equals_per_sample_ids():
+    """Inference with an int domain (torch's fused kernel) equals the per-sample path."""
+    torch.manual_seed(0)
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    for domain in (0, 1, 1):
+        layer(torch.randn(4, 3, 5, 5) * (domain + 1) + domain, domain=domain)
+    layer.eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        for domain in (0, 1):
+            torch.testing.assert_close(
+                layer(x, domain=domain), layer(x, domain=torch.full((4,), domain))
+            )
+        assert not torch.allclose(layer(x, domain=0), layer(x, domain=1))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_int_domain_matches_reference(shape):
     layer = DOMAIN[len(shape)](shape[1], num_domains=3, momentum=0.2, dtype=torch.float64)

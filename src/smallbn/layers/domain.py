@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
-from smallbn.stats import Moments, merge_moments, normalize, sample_moments
+from smallbn.stats import (
+    Moments,
+    merge_moments,
+    normalize,
+    normalize_with_population,
+    sample_moments,
+)
 
 __all__ = [
     "DomainBatchNorm",
@@ -141,6 +147,14 @@ class DomainBatchNorm(BatchStatsNorm):
         return super().forward(x, domain)
 
     def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
+        domain = self.active_domain if args[0] is None else args[0]
+        if not isinstance(domain, Tensor) and 0 <= int(domain) < self.num_domains:
+            # one domain for the whole batch: BN's inference with that domain's statistics
+            running_mean, running_var = self.running_stats()
+            return normalize_with_population(
+                x, running_mean[int(domain)], running_var[int(domain)], self.eps, self.weight,
+                self.bias,
+            )  # fmt: skip
         index = self._domain_index(x, args[0])
         running_mean, running_var = self.running_stats()
         return normalize(
