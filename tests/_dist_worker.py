@@ -9,13 +9,8 @@ references itself.
 
 from __future__ import annotations
 
-import os
-import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,47 +187,26 @@ def run_steps(
     return {"steps": steps, "eval_y": eval_y}
 
 
-def worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
-    """One process of the world: run every scenario, save the results to ``out_dir``."""
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store_path, world),
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
+def run_scenarios(rank: int, world: int) -> dict[str, Any]:
+    """One process of the world (``_spawn.run_world``'s body): run every scenario."""
+    my_group = None
+    for ranks in PARTITIONS[world]:  # every rank must create every group
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            my_group = group
+    results = {}
+    for name, scenario in SCENARIOS.items():
+        sync: dict[str, Any] = (
+            {"sync": False, "process_group": my_group}
+            if scenario.explicit_group
+            else {"sync": True}
         )
-        my_group = None
-        for ranks in PARTITIONS[world]:  # every rank must create every group
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                my_group = group
-        results = {}
-        for name, scenario in SCENARIOS.items():
-            sync: dict[str, Any] = (
-                {"sync": False, "process_group": my_group}
-                if scenario.explicit_group
-                else {"sync": True}
-            )
-            layer = scenario.build(**sync).to(DTYPE)
-            init_params(layer)
-            batches = [
-                make_batch(scenario.kind, world, step, rank, sizes[rank])
-                for step, sizes in enumerate(SIZES[world])
-            ]
-            eval_x, _, eval_domain = make_batch(
-                scenario.kind, world, -1, rank, EVAL_SIZES[world][rank]
-            )
-            results[name] = run_steps(layer, batches, eval_x, eval_domain)
-        dist.barrier()
-        dist.destroy_process_group()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        # Leave the traceback in a file before this process goes down (and, with it, its
-        # connections, which makes the other ranks fail too): the parent reports every
-        # rank's traceback, ordered by the time on the first line, root cause first.
-        # (No destroy_process_group here: it would close the connections first.)
-        text = f"{time.time_ns()}\n{traceback.format_exc()}"
-        Path(out_dir, f"rank{rank}.error").write_text(text)
-        raise
+        layer = scenario.build(**sync).to(DTYPE)
+        init_params(layer)
+        batches = [
+            make_batch(scenario.kind, world, step, rank, sizes[rank])
+            for step, sizes in enumerate(SIZES[world])
+        ]
+        eval_x, _, eval_domain = make_batch(scenario.kind, world, -1, rank, EVAL_SIZES[world][rank])
+        results[name] = run_steps(layer, batches, eval_x, eval_domain)
+    return results

@@ -19,9 +19,7 @@ from global ranks; each part is compared with a reference over its own ranks' ba
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 
 # tests/ on sys.path (conftest.py does it too) so that the spawned workers can import the
 # worker module by name.
@@ -39,6 +35,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_worker as dw  # noqa: E402
 import smallbn  # noqa: E402
+from _spawn import run_world  # noqa: E402
 
 pytestmark = [
     pytest.mark.distributed,
@@ -55,71 +52,14 @@ SPAWN_DEADLINE_S = 180.0
 # -- running the world ----------------------------------------------------------------------
 
 
-def _spawn_world(world: int, tmp: Path) -> list[dict[str, Any]]:
-    """Run :func:`_dist_worker.worker` on ``world`` processes; return each rank's results.
-
-    A worker that raises fails the caller with that worker's traceback; a world that hangs
-    is killed after ``SPAWN_DEADLINE_S``.
-    """
-    out_dir = tmp / "out"
-    out_dir.mkdir()
-    store = tmp / "filestore"
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by the children
-    try:
-        context = mp.start_processes(
-            dw.worker,
-            args=(world, str(store), str(out_dir)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + SPAWN_DEADLINE_S
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for p in context.processes:
-                        if p.is_alive():
-                            p.kill()
-                    pytest.fail(
-                        f"{world}-process run did not finish within {SPAWN_DEADLINE_S:.0f}s "
-                        f"(a collective is probably waiting on a rank that skipped it)"
-                        + _error_files(out_dir),
-                        pytrace=False,
-                    )
-        except ProcessException as exc:  # join() raises it when a worker fails
-            # Each failing worker left its traceback in a file; the one join() forwards may be
-            # a secondary failure ("connection closed by peer") of a rank that outlived the
-            # first.
-            failure: str | None = _error_files(out_dir) or f"\n{exc}"
-        else:
-            failure = None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    if failure is not None:  # failed outside the except block: no chained spawn internals
-        pytest.fail(f"a worker of the {world}-process run failed:{failure}", pytrace=False)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-def _error_files(out_dir: Path) -> str:
-    """The workers' tracebacks, first failure (usually the root cause) first."""
-    errors = []
-    for path in out_dir.glob("*.error"):
-        stamp, _, trace = path.read_text().partition("\n")
-        errors.append((int(stamp), path.stem, trace))
-    return "".join(f"\n--- {rank} ---\n{trace}" for _, rank, trace in sorted(errors))
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def world_results(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[int, list[dict[str, Any]]]:
     world = request.param
-    return world, _spawn_world(world, tmp_path_factory.mktemp(f"world{world}"))
+    return world, run_world(
+        dw.run_scenarios, world, tmp_path_factory.mktemp(f"world{world}"), SPAWN_DEADLINE_S
+    )
 
 
 # -- the single-process reference -----------------------------------------------------------

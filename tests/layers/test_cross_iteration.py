@@ -9,26 +9,22 @@ from __future__ import annotations
 import copy
 import gc
 import io
-import os
-import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import smallbn
+from _spawn import run_world
 from reference import RefCrossIterationBatchNorm
 from smallbn.experiments.models import SmallResNet
 from smallbn.layers.cross_iteration import (
@@ -808,49 +804,15 @@ def _sync_steps(block: nn.Sequential, rank: int | None) -> list[dict[str, Tensor
     return results
 
 
-def _sync_worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            store=dist.FileStore(store, world),
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-        )
-        results = _sync_steps(_sync_block(sync=True), rank)
-        dist.barrier()
-        dist.destroy_process_group()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"rank{rank}.error").write_text(f"{time.time_ns()}\n{traceback.format_exc()}")
-        raise
+def _sync_body(rank: int, world: int) -> list[dict[str, Any]]:
+    return _sync_steps(_sync_block(sync=True), rank)
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_sync_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
     world = 2
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    try:
-        mp.start_processes(
-            _sync_worker,
-            args=(world, str(tmp_path / "store"), str(tmp_path)),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
-    except Exception:
-        errors = "".join(p.read_text() for p in sorted(tmp_path.glob("*.error")))
-        pytest.fail(f"a worker failed:\n{errors}", pytrace=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = run_world(_sync_body, world, tmp_path)
     expected = _sync_steps(_sync_block(sync=False), None)
     for step, sizes in enumerate(SYNC_SIZES):
         start = 0
