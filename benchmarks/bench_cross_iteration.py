@@ -30,7 +30,6 @@ excluded) against the conv weight.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from collections.abc import Callable
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from smallbn.bench import time_steps
+from smallbn.bench.report import write_json
 from smallbn.layers.cross_iteration import CrossIterationBatchNorm2d
 
 CONFIGS = [(2, 64, 56), (2, 256, 14)]  # (N, C, H = W)
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "results": results,
     }
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2))
+        write_json(args.output, report)
     return report
 
 

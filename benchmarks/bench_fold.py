@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -32,6 +30,8 @@ from torch import Tensor, nn
 
 import smallbn
 from smallbn.bench import time_steps
+from smallbn.bench.harness import quartiles
+from smallbn.bench.report import write_json
 from smallbn.experiments.models import SmallResNet
 from smallbn.fold import fold_with_report
 
@@ -100,11 +100,6 @@ def _measure(
     return {t.name: list(t.seconds) for t in timings}
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     times = _measure(variants, x, args.repeats, args.warmup)
     load_after = os.getloadavg()[0]
 
-    stats = {name: _quartiles(values) for name, values in times.items()}
+    stats = {name: quartiles(values) for name, values in times.items()}
     floor = stats["conv-only"][1]
     print(
         f"SmallResNet(widths={WIDTHS}, blocks={BLOCKS}), batch {args.batch_size}x1x28x28, eval, "
@@ -166,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "load_average": [load_before, load_after],
     }
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)
         print(f"wrote {args.output}")
     return result
 

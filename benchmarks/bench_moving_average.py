@@ -29,10 +29,8 @@ closest to the unloaded cost).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from smallbn.bench import time_steps
+from smallbn.bench.harness import quartiles
+from smallbn.bench.report import write_json
 from smallbn.layers.centered_conv import CenteredConv2d
 from smallbn.layers.moving_average import MovingAverageBatchNorm2d
 
@@ -122,11 +122,6 @@ def _bench_shape(
     return {t.name: list(t.seconds) for t in timings}
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4)
-    return q1, median, q3
-
-
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -144,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"\n{label}: forward + backward per step, ms: median [q1, q3], min")
         row: dict[str, object] = {}
         for name, values in times.items():
-            q1, median, q3 = _quartiles(values)
+            q1, median, q3 = quartiles(values)
             low = min(values)
             print(
                 f"  {name:<16} {1e3 * median:8.3f}  [{1e3 * q1:.3f}, {1e3 * q3:.3f}]  "
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print("  ratios: paired median [q1, q3], ratio of minima")
         for variant, base in RATIOS:
             paired = [a / b for a, b in zip(times[variant], times[base], strict=True)]
-            q1, median, q3 = _quartiles(paired)
+            q1, median, q3 = quartiles(paired)
             of_minima = min(times[variant]) / min(times[base])
             print(
                 f"  {variant + ' / ' + base:<28} {median:.3f}  [{q1:.3f}, {q3:.3f}]  "
@@ -175,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     results["load_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\nload average after: {results['load_after']}")
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
+        write_json(args.output, results)
     return results
 
 

@@ -7,7 +7,6 @@ measured in the same run (issue target: within 1.3x at N=2, C=64, 56x56 and N=8,
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 import smallbn
 from smallbn.bench import conv_block, time_training_steps
+from smallbn.bench.report import write_json
 
 SHAPES = [(2, 64, 56, 56), (8, 64, 32, 32)]
 
@@ -53,7 +53,7 @@ def main() -> None:
             {"shape": shape, **{t.name: {"ms": t.median_ms, "ratio": t.ratio} for t in timings}}
         )
     if args.output:
-        args.output.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+        write_json(args.output, {"threads": args.threads, "rows": rows})
 
 
 if __name__ == "__main__":

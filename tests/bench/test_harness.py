@@ -77,3 +77,24 @@ def test_settings_are_checked_and_recorded():
     assert record["torch"] == torch.__version__ and "cpu" in record and "load_average" in record
     with pytest.raises(ValueError, match="repeats >= 1"):
         Settings(repeats=0)
+
+
+def test_quartiles_match_numpy_linear_percentiles():
+    import numpy as np
+
+    from smallbn.bench.harness import quartiles
+
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    expected = np.percentile(values, [25, 50, 75])  # numpy's default "linear" = inclusive
+    assert quartiles(values) == pytest.approx(tuple(expected))
+    assert quartiles([2.5]) == (2.5, 2.5, 2.5)
+
+
+def test_write_json_is_atomic_and_creates_folders(tmp_path):
+    import json
+
+    from smallbn.bench.report import write_json
+
+    path = write_json(tmp_path / "a" / "b.json", {"x": [1, 2]})
+    assert json.loads(path.read_text()) == {"x": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]  # no temporary left behind

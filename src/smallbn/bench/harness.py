@@ -19,7 +19,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ __all__ = [
     "eval_forward",
     "fixed_threads",
     "load_average",
+    "quartiles",
     "synchronizer",
     "time_eval_forwards",
     "time_steps",
@@ -121,6 +122,14 @@ class Settings:
                 yield
         finally:
             set_finite_check(previous)
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(q1, median, q3)`` of ``values`` (inclusive method: a single value is all three)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def cpu_model() -> str:

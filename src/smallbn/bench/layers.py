@@ -22,7 +22,6 @@ methods: its ratio to BN is the harness's own noise in that run.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +34,7 @@ from smallbn.bench.harness import (
     conv_block,
     eval_forward,
     load_average,
+    quartiles,
     time_steps,
     training_step,
 )
@@ -139,9 +139,7 @@ def build_block(method: str, channels: int) -> nn.Module:
 
 
 def _iqr(values: Sequence[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    q1, _, q3 = quartiles(values)
     return q1, q3
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "format_table",
     "settings_line",
     "to_markdown",
+    "write_json",
     "write_report",
 ]
 
@@ -188,12 +189,17 @@ def to_markdown(report: Report) -> str:
     return "\n".join([settings_line(report), "", *table, "", *notes]) + "\n"
 
 
+def write_json(path: Path, data: object) -> Path:
+    """``data`` as indented JSON at ``path``, written atomically (parent folders created)."""
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    return atomic_write(path, lambda handle: handle.write(text))
+
+
 def write_report(report: Report, output_dir: Path) -> tuple[Path, Path]:
     """Write ``<kind>.json`` and ``<kind>.md`` (``kind``: ``layers`` or ``network``) into
     ``output_dir``, each atomically; returns their paths."""
     kind = "layers" if isinstance(report, LayersReport) else "network"
-    data = json.dumps(report.to_json(), indent=2).encode()
     markdown = to_markdown(report).encode()
-    json_path = atomic_write(output_dir / f"{kind}.json", lambda f: f.write(data))
+    json_path = write_json(output_dir / f"{kind}.json", report.to_json())
     md_path = atomic_write(output_dir / f"{kind}.md", lambda f: f.write(markdown))
     return json_path, md_path
