@@ -30,13 +30,14 @@ from smallbn.mixture import format_mixture_table
 from smallbn.registry import build_norm
 
 
-def _cbn_factory(window: int, burnin: float) -> Any:
+def _cbn_factory(window: int, burnin: float, compensate: bool = True) -> Any:
     def factory(config: compare.RunConfig, sgd_steps: int) -> Any:
         groups = sgd_steps * (config.sgd_batch // config.norm_batch)
         options = {
             "window": window,
             "burnin": int(burnin * groups),
             "norm_batch_size": config.norm_batch,
+            "compensate": compensate,
         }
         return lambda channels, **kw: build_norm("cbn", channels, **{**kw, **options})
 
@@ -67,16 +68,18 @@ def main() -> None:
     cbn = sub.add_parser("cbn")
     cbn.add_argument("--window", type=int, default=8)
     cbn.add_argument("--burnin", type=float, default=0.25, help="fraction of the groups seen")
+    cbn.add_argument("--no-compensate", action="store_true", help="naive pooling")
     sn = sub.add_parser("sn")
     sn.add_argument("--mixture-lr", type=float, default=1.0, help="scale of the mixture's lr")
     for p in (cbn, sn):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--train-samples", type=int, default=8_000)
         p.add_argument("--epochs", type=float, default=3.0)
+        p.add_argument("--composition", choices=("correlated", "iid"), default="correlated")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe == "cbn":
-        compare._norm_factory = _cbn_factory(args.window, args.burnin)  # type: ignore[assignment]
+        compare._norm_factory = _cbn_factory(args.window, args.burnin, not args.no_compensate)  # type: ignore[assignment]
         method = "cbn"
     else:
         _MixtureScaledSGD.scale = args.mixture_lr
@@ -91,7 +94,7 @@ def main() -> None:
         compare.evaluate = evaluate_and_show  # type: ignore[assignment]
         method = "sn"
     config = compare.RunConfig(
-        method, 2, "correlated", args.seed, epochs=args.epochs, train_samples=args.train_samples
+        method, 2, args.composition, args.seed, epochs=args.epochs, train_samples=args.train_samples
     )
     data = load_dataset(config.dataset)
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ from smallbn.stats import (
     channel_moments,
     merge_moments,
     normalize,
+    normalize_from_sample_moments,
     normalize_with_population,
     sample_moments,
     stats_dtype,
@@ -279,6 +280,114 @@ def test_gradcheck_moments_merge_normalize():
     assert torch.autograd.gradcheck(by_pieces, (x, w, b))
     assert torch.autograd.gradgradcheck(by_pieces, (x, w, b))
     assert torch.autograd.gradcheck(by_groups, (x, w, b))
+
+
+# -- normalization from per-sample moments (Ghost BN, grouped BRN, SN, DomainBN) ------------
+
+
+def _mixture_statistics(index: torch.Tensor, groups: int, logits, weight, bias, per_sample_affine):
+    """A statistics function exercising every kind of dependence: per-group merge (Ghost BN),
+    instance and layer branches mixed by softmax logits (SN), a per-sample affine (BRN)."""
+
+    def statistics(instance: Moments):
+        merged = merge_moments(instance, index, groups)
+        n, c = instance.mean.shape
+        layer = merge_moments(
+            Moments(
+                instance.count.unsqueeze(0).expand(c, n),
+                instance.mean.t().unsqueeze(-1),
+                instance.var.t().unsqueeze(-1),
+            )
+        )
+        mix = torch.softmax(logits, 0)
+        mean = mix[0] * instance.mean + mix[1] * layer.mean + mix[2] * merged.mean[index]
+        var = mix[0] * instance.var + mix[1] * layer.var + mix[2] * merged.var[index]
+        if per_sample_affine:
+            scale = 1.0 + 0.1 * index.to(mean.dtype).unsqueeze(1)  # a constant per group, as r
+            return mean, var, weight * scale, bias + scale
+        return mean, var, weight, bias
+
+    return statistics
+
+
+@pytest.mark.parametrize("per_sample_affine", [False, True], ids=["affine", "per-sample-affine"])
+@pytest.mark.parametrize("shape", [(6, 3, 4), (6, 3, 4, 5), (6, 2, 2, 3, 2), (1, 3, 4, 4)])
+def test_normalize_from_sample_moments_gradcheck_and_equals_autograd(shape, per_sample_affine):
+    x = rand(shape, seed=11).requires_grad_(True)
+    c = shape[1]
+    weight = torch.linspace(0.5, 1.5, c, dtype=torch.float64).requires_grad_(True)
+    bias = torch.linspace(-1.0, 1.0, c, dtype=torch.float64).requires_grad_(True)
+    logits = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    index = torch.arange(shape[0]) // 2
+    groups = int(index.max()) + 1
+
+    def fused(x, weight, bias, logits):
+        stats = _mixture_statistics(index, groups, logits, weight, bias, per_sample_affine)
+        return normalize_from_sample_moments(x, stats, 1e-3, (weight, bias, logits))
+
+    def reference(x, weight, bias, logits):
+        stats = _mixture_statistics(index, groups, logits, weight, bias, per_sample_affine)
+        mean, var, w, b = stats(sample_moments(x))
+        return normalize(x, mean, var, 1e-3, w, b)
+
+    inputs = (x, weight, bias, logits)
+    assert torch.autograd.gradcheck(fused, inputs)
+    grad_y = rand(shape, seed=12)
+    expected = torch.autograd.grad(reference(*inputs), inputs, grad_y)
+    y = fused(*inputs)
+    torch.testing.assert_close(y, reference(*inputs), rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, inputs, grad_y), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if len(shape) in (4, 5):  # the channels-last path (no row reshape): the same gradients
+        layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        xc = x.detach().contiguous(memory_format=layout).requires_grad_(True)
+        assert not xc.is_contiguous()
+        inputs_cl = (xc, weight, bias, logits)
+        got = torch.autograd.grad(fused(*inputs_cl), inputs_cl, grad_y)
+        for g, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+def test_normalize_from_sample_moments_runs_statistics_once_and_handles_partial_grads():
+    x = rand((4, 3, 5), seed=13)
+    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def statistics(instance: Moments):
+        calls.append(1)
+        merged = merge_moments(instance)
+        return merged.mean.expand(4, 3), merged.var.expand(4, 3), weight, None
+
+    y = normalize_from_sample_moments(x, statistics, 1e-5, (weight, None))  # x without grad
+    assert len(calls) == 1
+    (grad_w,) = torch.autograd.grad(y.sum(), weight, retain_graph=True)
+    torch.testing.assert_close(grad_w, torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    (again,) = torch.autograd.grad((y * y).sum(), weight)  # a second backward of one graph
+    torch.testing.assert_close(again, 2 * (y.detach() ** 2).sum((0, 2)) / weight.detach())
+    with torch.no_grad():  # no gradients: the plain path, same numbers
+        torch.testing.assert_close(
+            normalize_from_sample_moments(x, statistics, 1e-5, (weight, None)), y.detach()
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_normalize_from_sample_moments_half_inputs_use_float32_statistics(dtype):
+    x64 = rand((4, 3, 6, 6), seed=14)
+    x = x64.to(dtype).requires_grad_(True)
+
+    def statistics(instance: Moments):
+        assert instance.mean.dtype == torch.float32
+        merged = merge_moments(instance, torch.tensor([0, 0, 1, 1]), 2)
+        index = torch.tensor([0, 0, 1, 1])
+        return merged.mean[index], merged.var[index], None, None
+
+    y = normalize_from_sample_moments(x, statistics, 1e-5)
+    assert y.dtype == dtype
+    mean, var, _, _ = statistics(sample_moments(x.float()))
+    reference = normalize(x.float(), mean, var, 1e-5)
+    torch.testing.assert_close(y.float(), reference, rtol=1e-2, atol=1e-2)
+    y.float().square().sum().backward()
+    assert x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
 
 
 # -- normalize and running statistics ---------------------------------------------------------

@@ -388,7 +388,11 @@ class BatchStatsNorm(NormBase):
     def _grouped_moments(self, x: Tensor, index: Tensor, num_groups: int) -> Moments:
         """Moments per group of samples (``index[n]`` is sample n's group), pooled across
         processes if syncing: every rank must pass the same ``num_groups``."""
-        moments = merge_moments(sample_moments(x), index, num_groups)
+        return self._merge_groups(sample_moments(x), index, num_groups)
+
+    def _merge_groups(self, instance: Moments, index: Tensor, num_groups: int) -> Moments:
+        """:meth:`_grouped_moments` from the samples' instance moments ``(N, C)``."""
+        moments = merge_moments(instance, index, num_groups)
         group = self._sync_group()
         if group is not None:
             moments = merge_moments(all_gather_moments(moments, group))

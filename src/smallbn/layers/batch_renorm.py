@@ -21,7 +21,7 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, normalize
+from smallbn.stats import Moments, SampleNormalization, normalize_from_sample_moments
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -124,17 +124,19 @@ class BatchRenorm(BatchStatsNorm):
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
         if self.norm_batch_size is not None and x.shape[0] > self.norm_batch_size:
             index, num_groups = self._sample_groups(x, self.norm_batch_size)
-            groups = self._grouped_moments(x, index, num_groups)
-            weight, bias = self._renorm_affine(groups.detach())  # (G, C): r, d per group
-            self._update_running_from_groups(groups, factor)
-            return normalize(
-                x,
-                groups.mean[index],
-                groups.var[index],
-                self.eps,
-                None if weight is None else (weight[index] if weight.dim() == 2 else weight),
-                None if bias is None else (bias[index] if bias.dim() == 2 else bias),
-            )
+
+            def statistics(instance: Moments) -> SampleNormalization:
+                groups = self._merge_groups(instance, index, num_groups)
+                weight, bias = self._renorm_affine(groups.detach())  # (G, C): r, d per group
+                self._update_running_from_groups(groups, factor)
+                return (
+                    groups.mean[index],
+                    groups.var[index],
+                    None if weight is None else (weight[index] if weight.dim() == 2 else weight),
+                    None if bias is None else (bias[index] if bias.dim() == 2 else bias),
+                )
+
+            return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
         y, moments = self._batch_norm(x, self._renorm_affine)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
         return y

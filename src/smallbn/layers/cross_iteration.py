@@ -116,7 +116,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, channel_view, mean_var, stats_dtype
+from smallbn.stats import Moments, channel_view, mean_var, scale_shift, stats_dtype
 
 __all__ = [
     "CrossIterationBatchNorm",
@@ -392,8 +392,8 @@ def _inverse_std(var: Tensor, eps: float, inside: bool) -> Tensor:
 def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale·x + shift`` per channel in one pass; half inputs in float32, rounded once."""
     compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
-    y = torch.addcmul(
-        channel_view(shift, x).to(compute.dtype), compute, channel_view(scale, x).to(compute.dtype)
+    y = scale_shift(
+        compute, channel_view(scale, x).to(compute.dtype), channel_view(shift, x).to(compute.dtype)
     )
     return y.to(x.dtype)
 
@@ -495,7 +495,7 @@ class _WindowNorm(torch.autograd.Function):
             mean, weight, pooled_mean, pooled_var, count, inv_std, scale, centred, total, m,
             ctx.inside,
         )  # fmt: skip
-        grad_x = torch.addcmul(channel_view(b, x), xs, channel_view(a, x))
+        grad_x = scale_shift(xs, channel_view(a, x), channel_view(b, x))
         grad_x.addcmul_(grad, channel_view(scale, x))
         grad_weight = None if weight is None else (inv_std * centred).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.to(ctx.bias_dtype)
@@ -572,7 +572,7 @@ class _GroupedWindowNorm(torch.autograd.Function):
             mean, weight, pooled_mean, pooled_var, pooled, inv_std, scale, centred, total,
             count.to(dtype).unsqueeze(1), ctx.inside,
         )  # fmt: skip
-        grad_x = torch.addcmul(channel_view(b[index], x), xs, channel_view(a[index], x))
+        grad_x = scale_shift(xs, channel_view(a[index], x), channel_view(b[index], x))
         grad_x.addcmul_(grad, channel_view(scale[index], x))
         grad_weight = None if weight is None else (inv_std * centred).sum(0).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.sum(0).to(ctx.bias_dtype)

@@ -25,8 +25,10 @@ from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
 from smallbn.stats import (
     Moments,
+    SampleNormalization,
     merge_moments,
     normalize,
+    normalize_from_sample_moments,
     normalize_with_population,
     sample_moments,
 )
@@ -163,21 +165,24 @@ class DomainBatchNorm(BatchStatsNorm):
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         index = self._domain_index(x, args[0])
-        domains = self._grouped_moments(x, index, self.num_domains)
-        present = domains.count > 0
-        too_small = present & (domains.count <= 1)
-        if bool(too_small.any()):
-            self._raise_too_small(x, 1, f"domain {torch.nonzero(too_small).flatten().tolist()}")
-        if factor is not None:
-            # Only the domains present in the batch move.
-            running_mean, running_var = self.running_stats()
-            with torch.no_grad():
-                weight = (factor * present.to(running_mean.dtype)).unsqueeze(-1)
-                running_mean.lerp_(domains.mean.to(running_mean), weight)
-                running_var.lerp_(domains.unbiased_var().to(running_var), weight)
-        return normalize(
-            x, domains.mean[index], domains.var[index], self.eps, self.weight, self.bias
-        )
+
+        def statistics(instance: Moments) -> SampleNormalization:
+            domains = self._merge_groups(instance, index, self.num_domains)
+            present = domains.count > 0
+            too_small = present & (domains.count <= 1)
+            if bool(too_small.any()):
+                which = torch.nonzero(too_small).flatten().tolist()
+                self._raise_too_small(x, 1, f"domain {which}")
+            if factor is not None:
+                # Only the domains present in the batch move.
+                running_mean, running_var = self.running_stats()
+                with torch.no_grad():
+                    weight = (factor * present.to(running_mean.dtype)).unsqueeze(-1)
+                    running_mean.lerp_(domains.mean.to(running_mean), weight)
+                    running_var.lerp_(domains.unbiased_var().to(running_var), weight)
+            return domains.mean[index], domains.var[index], self.weight, self.bias
+
+        return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
 
 
 class DomainBatchNorm1d(DomainBatchNorm):

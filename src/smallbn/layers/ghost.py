@@ -22,7 +22,7 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import normalize
+from smallbn.stats import Moments, SampleNormalization, normalize_from_sample_moments
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -70,9 +70,13 @@ class GhostBatchNorm(BatchStatsNorm):
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
         index, num_groups = self._sample_groups(x, self.group_size)
-        groups = self._grouped_moments(x, index, num_groups)
-        self._update_running_from_groups(groups, factor)
-        return normalize(x, groups.mean[index], groups.var[index], self.eps, self.weight, self.bias)
+
+        def statistics(instance: Moments) -> SampleNormalization:
+            groups = self._merge_groups(instance, index, num_groups)
+            self._update_running_from_groups(groups, factor)
+            return groups.mean[index], groups.var[index], self.weight, self.bias
+
+        return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
 
 
 class GhostBatchNorm1d(GhostBatchNorm):

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, all_gather_moments, merge_moments, normalize, sample_moments
+from smallbn.stats import (
+    Moments,
+    SampleNormalization,
+    all_gather_moments,
+    merge_moments,
+    normalize_from_sample_moments,
+)
 
 __all__ = [
     "BRANCHES",
@@ -169,7 +175,18 @@ class SwitchableNorm(BatchStatsNorm):
         return mean, var  # type: ignore[return-value]
 
     def _normalize(self, x: Tensor, factor: float | None, training: bool) -> Tensor:
-        instance = sample_moments(x)  # (N, C): the one pass over x
+        def statistics(instance: Moments) -> SampleNormalization:
+            mean, var = self._statistics(x, instance, factor, training)
+            return mean, var, self.weight, self.bias
+
+        params = (self.weight, self.bias, self.mean_weight, self.var_weight)
+        return normalize_from_sample_moments(x, statistics, self.eps, params)
+
+    def _statistics(
+        self, x: Tensor, instance: Moments, factor: float | None, training: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The mixed ``(μ, σ²)``, each ``(N, C)``, from x's instance moments (the one pass
+        over x)."""
         self._check_finite(instance)
         n, c = instance.mean.shape
         per_sample = math.prod(x.shape[2:]) if n else 0  # from the shape: no device sync
@@ -213,7 +230,7 @@ class SwitchableNorm(BatchStatsNorm):
         if not any(usable.values()):
             self._raise_too_small(x, per_sample, "every branch of the mixture")
         mean, var = self._mix(stats, usable)
-        return normalize(x, mean.expand(n, c), var.expand(n, c), self.eps, self.weight, self.bias)
+        return mean.expand(n, c), var.expand(n, c)
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         return self._normalize(x, factor, training=True)
