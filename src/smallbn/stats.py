@@ -44,6 +44,7 @@ __all__ = [
     "normalize",
     "normalize_from_sample_moments",
     "normalize_with_population",
+    "sample_grad_sums",
     "sample_moments",
     "scale_shift",
     "stats_dtype",
@@ -265,6 +266,35 @@ SampleNormalization = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 SampleStatistics = Callable[["Moments"], SampleNormalization]
 
 
+def sample_grad_sums(grad: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Σ g (x − μ), Σ g)`` per sample and channel over ``*spatial``, for ``mean`` ``(N, C)``:
+    what the backward of a normalization with per-sample statistics needs.
+
+    Contiguous inputs take one pass of BN's eval-mode backward kernel with the N·C (sample,
+    channel) pairs as its channels and "running" statistics (μ, 1); others (channels-last,
+    where that reshape would copy x and g) ``Σ g x − μ Σ g``.
+    """
+    n, c = x.shape[:2]
+    if x.is_contiguous() and grad.is_contiguous():
+        rows = (1, n * c, -1)
+        _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
+            grad.reshape(rows),
+            x.reshape(rows),
+            None,
+            mean.reshape(-1),
+            x.new_ones(n * c),
+            None,
+            None,
+            False,
+            0.0,
+            [False, True, True],
+        )
+        return centred.view(n, c), total.view(n, c)
+    dims = list(range(2, x.dim()))
+    total = grad.sum(dim=dims)
+    return (grad * x).sum(dim=dims) - mean * total, total
+
+
 class _SampleStatsNormalize(torch.autograd.Function):
     """``y = γ (x − μ)/sqrt(σ² + eps) + β`` where ``(μ, σ², γ, β) = statistics(μ_in, σ²_in)``
     is any differentiable function of x's instance moments (per sample and channel, over
@@ -320,27 +350,7 @@ class _SampleStatsNormalize(torch.autograd.Function):
         grad = grad_y.to(compute.dtype)
         n, c = compute.shape[:2]
         mean = mean.expand(n, c)
-        if compute.is_contiguous() and grad.is_contiguous():
-            # S and D per (sample, channel) in one pass: BN's eval-mode backward kernel with
-            # the N·C pairs as channels and "running" statistics (μ, 1).
-            rows = (1, n * c, -1)
-            _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
-                grad.reshape(rows),
-                compute.reshape(rows),
-                None,
-                mean.reshape(-1),
-                compute.new_ones(n * c),
-                None,
-                None,
-                False,
-                0.0,
-                [False, True, True],
-            )
-            centred, total = centred.view(n, c), total.view(n, c)
-        else:  # e.g. channels-last: reshaping to rows would copy x and g
-            dims = list(range(2, compute.dim()))
-            total = grad.sum(dim=dims)
-            centred = (grad * compute).sum(dim=dims) - mean * total
+        centred, total = sample_grad_sums(grad, compute, mean)
         grad_mean = -scale * total
         grad_var = -0.5 * gamma * inv_std.pow(3) * centred
         outputs, grads = [out_mean, out_var], [grad_mean, grad_var]

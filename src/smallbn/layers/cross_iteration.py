@@ -116,7 +116,14 @@ from torch.nn.modules.conv import _ConvNd
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, channel_view, mean_var, scale_shift, stats_dtype
+from smallbn.stats import (
+    Moments,
+    channel_view,
+    mean_var,
+    sample_grad_sums,
+    scale_shift,
+    stats_dtype,
+)
 
 __all__ = [
     "CrossIterationBatchNorm",
@@ -509,9 +516,8 @@ class _GroupedWindowNorm(torch.autograd.Function):
     constant stored entries ``past_*[g]`` where ``valid[g]``.
 
     Same backward as :class:`_WindowNorm` per group, with ``D_g = Σ g (x − μ̄_g)`` and
-    ``S_g = Σ g`` over the group's values: one pass of BN's eval-mode backward kernel with
-    the ``N·C`` (sample, channel) pairs as its channels gives them per sample, summed into
-    groups on ``(N, C)`` tensors.
+    ``S_g = Σ g`` over the group's values: :func:`~smallbn.stats.sample_grad_sums` gives them
+    per sample in one pass, summed into groups on ``(N, C)`` tensors.
     """
 
     @staticmethod
@@ -552,22 +558,9 @@ class _GroupedWindowNorm(torch.autograd.Function):
         )
         dtype = mean.dtype
         xs, grad = x.to(dtype), grad_y.to(dtype)
-        samples, channels = x.shape[:2]
-        rows = (1, samples * channels, -1)  # every (sample, channel) pair a "channel"
-        _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
-            grad.reshape(rows),
-            xs.reshape(rows),
-            None,
-            pooled_mean[index].reshape(-1),
-            xs.new_ones(samples * channels),
-            None,
-            None,
-            False,
-            0.0,
-            [False, True, True],
-        )
-        centred = mean.new_zeros(mean.shape).index_add_(0, index, centred.view(samples, channels))
-        total = mean.new_zeros(mean.shape).index_add_(0, index, total.view(samples, channels))
+        centred, total = sample_grad_sums(grad, xs, pooled_mean[index])
+        centred = mean.new_zeros(mean.shape).index_add_(0, index, centred)
+        total = mean.new_zeros(mean.shape).index_add_(0, index, total)
         a, b = _moment_coefficients(
             mean, weight, pooled_mean, pooled_var, pooled, inv_std, scale, centred, total,
             count.to(dtype).unsqueeze(1), ctx.inside,
