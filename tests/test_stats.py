@@ -18,6 +18,7 @@ from smallbn.stats import (
     Moments,
     all_gather_moments,
     channel_moments,
+    merge_equal_moments,
     merge_moments,
     normalize,
     normalize_from_sample_moments,
@@ -160,6 +161,34 @@ def test_merge_by_index_equals_moments_of_each_group(batch, num_groups, data):
         assert float(merged.count[g]) == count
         assert_np(merged.mean[g], mean, 1e-9)
         assert_np(merged.var[g], var, 1e-9)
+
+
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 6), st.integers(0, 1))
+def test_merge_of_equal_counts_equals_the_general_merge(n, c, size, dim):
+    x = rand((n, c, size), seed=n * 100 + c * 10 + size)
+    instance = sample_moments(x)  # every summary counts `size` values
+    mean, var = merge_equal_moments(instance.mean, instance.var, dim)
+    if dim == 0:
+        expected = merge_moments(instance)
+        want_mean, want_var = expected.mean.unsqueeze(0), expected.var.unsqueeze(0)
+    else:
+        by_channel = Moments(
+            instance.count.unsqueeze(0).expand(c, n),
+            instance.mean.t().unsqueeze(-1),
+            instance.var.t().unsqueeze(-1),
+        )
+        expected = merge_moments(by_channel)
+        want_mean, want_var = expected.mean, expected.var
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    # and both equal numpy's variance of the pooled values
+    values = x.numpy()
+    if dim == 0:  # per channel over (N, size)
+        want = np.moveaxis(values, 1, 0).reshape(c, -1).var(axis=1)
+        np.testing.assert_allclose(var[0].numpy(), want, rtol=1e-10, atol=1e-12)
+    else:  # per sample over (C, size)
+        want = values.reshape(n, -1).var(axis=1)
+        np.testing.assert_allclose(var[:, 0].numpy(), want, rtol=1e-10, atol=1e-12)
 
 
 def test_merge_by_index_needs_num_groups():

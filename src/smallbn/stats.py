@@ -40,6 +40,7 @@ __all__ = [
     "channel_view",
     "fused_batch_norm",
     "mean_var",
+    "merge_equal_moments",
     "merge_moments",
     "normalize",
     "normalize_from_sample_moments",
@@ -200,6 +201,17 @@ def merge_moments(
     if squeeze:
         return Moments(total[0], merged_mean[0], merged_var[0])
     return Moments(total, merged_mean, merged_var)
+
+
+def merge_equal_moments(mean: Tensor, var: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """:func:`merge_moments` of summaries that all count the same number of values, along
+    ``dim`` (kept, size 1): ``μ = mean_i μᵢ``, ``σ² = mean_i σᵢ² + mean_i (μᵢ − μ)²``.
+
+    Five small ops instead of the general merge's index arithmetic: Switchable Norm's layer
+    and batch branches run it in every forward."""
+    pooled = mean.mean(dim, keepdim=True)
+    spread = (mean - pooled).square().mean(dim, keepdim=True)
+    return pooled, var.mean(dim, keepdim=True) + spread
 
 
 def all_gather_moments(moments: Moments, group: _distributed.ProcessGroup | None) -> Moments:

@@ -34,6 +34,7 @@ from smallbn.stats import (
     Moments,
     SampleNormalization,
     all_gather_moments,
+    merge_equal_moments,
     merge_moments,
     normalize_from_sample_moments,
 )
@@ -148,8 +149,12 @@ class SwitchableNorm(BatchStatsNorm):
     ) -> Moments:
         """BN statistics from the instance moments (per group of samples with ``index``),
         pooled across processes if syncing."""
-        batch = merge_moments(instance, index, num_groups)
         group = self._sync_group()
+        if index is None and group is None and instance.count.numel() > 0:
+            mean, var = merge_equal_moments(instance.mean, instance.var, 0)  # equal counts
+            batch = Moments(instance.count.sum(), mean[0], var[0])
+        else:
+            batch = merge_moments(instance, index, num_groups)
         if group is not None:
             batch = merge_moments(all_gather_moments(batch, group))
         self._check_finite(batch)
@@ -198,13 +203,7 @@ class SwitchableNorm(BatchStatsNorm):
             if not usable["in"]:
                 self._warn_once("in", "for inputs with a single value per sample and channel")
         if "ln" in self.branches:
-            by_channel = Moments(
-                instance.count.unsqueeze(0).expand(c, n),
-                instance.mean.t().unsqueeze(-1),
-                instance.var.t().unsqueeze(-1),
-            )
-            layer = merge_moments(by_channel)  # (N, 1)
-            stats["ln"] = (layer.mean, layer.var)
+            stats["ln"] = merge_equal_moments(instance.mean, instance.var, 1)  # (N, 1)
             usable["ln"] = per_sample * c > 1
             if not usable["ln"]:
                 self._warn_once("ln", "for inputs with a single value per sample")
