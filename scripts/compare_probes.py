@@ -1,15 +1,20 @@
 """Single-run probes behind the README's reading of the comparison (correlated groups, b = 2).
 
 Each probe trains one :func:`smallbn.experiments.compare.run_one` config of the default preset
-(Fashion-MNIST, 8,000 images, 3 epochs) with one thing changed, and prints the test error with
-EMA statistics and after PreciseBN:
+(Fashion-MNIST, 8,000 images, 3 epochs, b = 2) with one thing changed, and prints the test
+error with EMA statistics and after PreciseBN:
 
     .venv/bin/python scripts/compare_probes.py cbn --window 16 --burnin 0.25 --seed 0
     .venv/bin/python scripts/compare_probes.py cbn --window 8 --burnin 0.05 --seed 0
+    .venv/bin/python scripts/compare_probes.py cbn --burnin 0.5 --seed 0        # seeds 0, 1, 2
+    .venv/bin/python scripts/compare_probes.py cbn --composition iid --seed 0  # seeds 0, 1, 2
+    .venv/bin/python scripts/compare_probes.py cbn --composition iid --window 1 --seed 0
+    .venv/bin/python scripts/compare_probes.py cbn --composition iid --no-compensate --seed 0
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 0 --seed 1   # mixture frozen
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 10 --seed 1  # 10x its lr
 
-``cbn`` replaces the job's CBN options (window, burn-in as a fraction of the groups seen);
+``cbn`` replaces the job's CBN options (window, burn-in as a fraction of the groups seen,
+``--no-compensate`` for naive pooling); ``--composition`` picks correlated or i.i.d. groups;
 ``sn`` scales the learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and
 prints the learned mixture per layer.  Probes, not product: they patch the job's norm factory
 and optimizer for one run.

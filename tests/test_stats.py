@@ -399,6 +399,22 @@ def test_normalize_from_sample_moments_runs_statistics_once_and_handles_partial_
         )
 
 
+def test_normalize_from_sample_moments_refuses_a_second_derivative():
+    x = rand((4, 3, 5), seed=15).requires_grad_(True)
+
+    def statistics(instance: Moments):
+        merged = merge_moments(instance)
+        return merged.mean.expand(4, 3), merged.var.expand(4, 3), None, None
+
+    y = normalize_from_sample_moments(x, statistics, 1e-5)
+    # create_graph with a constant incoming gradient: once_differentiable would return a
+    # gradient without graph here, and a penalty on it would silently add nothing.
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((y * rand((4, 3, 5), seed=16)).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad((y * rand((4, 3, 5), seed=16)).sum(), x)  # first order: fine
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_normalize_from_sample_moments_half_inputs_use_float32_statistics(dtype):
     x64 = rand((4, 3, 6, 6), seed=14)

@@ -22,13 +22,13 @@ All functions are differentiable: gradients reach every input that contributed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from smallbn import _distributed
 
@@ -38,6 +38,7 @@ __all__ = [
     "all_gather_moments",
     "channel_moments",
     "channel_view",
+    "first_order_only",
     "fused_batch_norm",
     "mean_var",
     "merge_equal_moments",
@@ -271,6 +272,33 @@ def normalize(
     return y.to(x.dtype)
 
 
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
+
+def first_order_only(what: str) -> Callable[[_Backward], _Backward]:
+    """Decorate a custom autograd Function's ``backward`` whose formulas are first-order only:
+    a backward with ``create_graph=True`` (a second derivative, e.g. a gradient penalty)
+    raises a clear error instead of returning gradients that silently lack the second-order
+    terms (``once_differentiable`` only errs when the incoming gradient itself has a graph)."""
+
+    def decorate(backward: _Backward) -> _Backward:
+        @functools.wraps(backward)
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled():  # autograd runs backward in grad mode = create_graph
+                raise RuntimeError(
+                    f"{what} is differentiable once: its backward is written out to first "
+                    f"order, so a backward with create_graph=True (double backward, gradient "
+                    f"penalties) is not supported. Use torch.nn.BatchNorm or GroupNorm "
+                    f"for second derivatives."
+                )
+            with torch.no_grad():
+                return backward(ctx, *grads)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate
+
+
 #: ``(mean, var, weight, bias)`` to normalize each sample with: mean/var ``(N, C)``,
 #: weight/bias ``(C,)``, ``(N, C)`` or ``None``.
 SampleNormalization = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
@@ -354,7 +382,7 @@ class _SampleStatsNormalize(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("Per-sample-statistics normalization (Ghost BN, grouped BRN, SN, DomainBN)")
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         compute, inst_mean = ctx.saved_tensors
         mean, inv_std, gamma, scale = ctx.stat

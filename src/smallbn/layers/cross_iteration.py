@@ -111,7 +111,6 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.conv import _ConvNd
 
 from smallbn import _distributed
@@ -119,6 +118,7 @@ from smallbn.layers._base import BatchStatsNorm
 from smallbn.stats import (
     Moments,
     channel_view,
+    first_order_only,
     mean_var,
     sample_grad_sums,
     scale_shift,
@@ -479,7 +479,7 @@ class _WindowNorm(torch.autograd.Function):
         return _apply_affine(x, scale, shift)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("Cross-Iteration BN")
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale = ctx.saved_tensors
         dtype = mean.dtype
@@ -551,7 +551,7 @@ class _GroupedWindowNorm(torch.autograd.Function):
         return _apply_affine(x, scale[index], shift[index])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("Cross-Iteration BN")
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, count, index, weight, pooled_mean, pooled_var, pooled, inv_std, scale = (
             ctx.saved_tensors
