@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import smallbn
 from _spawn import run_world
+from _sync_training import assert_ranks_equal_concatenated, train_on_slices
 from reference import RefCrossIterationBatchNorm
 from smallbn.experiments.models import SmallResNet
 from smallbn.layers.cross_iteration import (
@@ -761,14 +762,6 @@ def test_eval_without_running_stats_uses_the_batch() -> None:
 SYNC_SIZES = [[3, 2], [1, 4], [0, 5], [2, 2], [4, 1], [2, 3]]
 
 
-def _sync_data(step: int) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(1000 + step)
-    total = sum(SYNC_SIZES[step])
-    u = torch.randn(total, 3, 6, 5, generator=gen, dtype=torch.float64) * (1 + step) + 0.5
-    g = torch.randn(total, 4, 3, 3, generator=gen, dtype=torch.float64)
-    return u, g
-
-
 def _sync_block(sync: bool) -> nn.Sequential:
     torch.manual_seed(0)
     block = nn.Sequential(
@@ -779,33 +772,8 @@ def _sync_block(sync: bool) -> nn.Sequential:
     return block
 
 
-def _sync_steps(block: nn.Sequential, rank: int | None) -> list[dict[str, Tensor]]:
-    """Train ``block`` on this rank's slices (``rank=None``: the whole batches); gradients
-    summed across processes as DDP would."""
-    opt = torch.optim.SGD(block.parameters(), lr=0.2, momentum=0.9)
-    results = []
-    for step, sizes in enumerate(SYNC_SIZES):
-        u, g = _sync_data(step)
-        if rank is not None:
-            start = sum(sizes[:rank])
-            u, g = u[start : start + sizes[rank]], g[start : start + sizes[rank]]
-        u = u.clone().requires_grad_()
-        y = block(u)
-        (y * g).sum().backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.parameters()]
-        if rank is not None:
-            for grad in grads:
-                dist.all_reduce(grad)
-        for p, grad in zip(block.parameters(), grads, strict=True):
-            p.grad = grad
-        results.append({"y": y.detach(), "u_grad": u.grad, "grads": [gr.clone() for gr in grads]})
-        opt.step()
-        opt.zero_grad()
-    return results
-
-
 def _sync_body(rank: int, world: int) -> list[dict[str, Any]]:
-    return _sync_steps(_sync_block(sync=True), rank)
+    return train_on_slices(_sync_block(sync=True), SYNC_SIZES, rank)
 
 
 @pytest.mark.distributed
@@ -813,21 +781,8 @@ def _sync_body(rank: int, world: int) -> list[dict[str, Any]]:
 def test_sync_equals_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
     world = 2
     ranks = run_world(_sync_body, world, tmp_path)
-    expected = _sync_steps(_sync_block(sync=False), None)
-    for step, sizes in enumerate(SYNC_SIZES):
-        start = 0
-        for rank in range(world):
-            part = slice(start, start + sizes[rank])
-            start += sizes[rank]
-            got = ranks[rank][step]
-            where = f"step {step}, rank {rank}"
-            close(got["y"], expected[step]["y"][part], f"output ({where})")
-            if sizes[rank]:
-                close(got["u_grad"], expected[step]["u_grad"][part], f"input grad ({where})")
-            for i, (mine, want) in enumerate(
-                zip(got["grads"], expected[step]["grads"], strict=True)
-            ):
-                close(mine, want, f"parameter {i} gradient ({where})")
+    expected = train_on_slices(_sync_block(sync=False), SYNC_SIZES, None)
+    assert_ranks_equal_concatenated(ranks, expected, SYNC_SIZES, close)
 
 
 def test_grouped_norm_calls_compensate_each_group_like_separate_steps():

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import smallbn
 import smallbn.layers.cross_iteration as cross_iteration
 from _spawn import run_world
+from _sync_training import assert_ranks_equal_concatenated, train_on_slices
 from smallbn.layers.cross_iteration import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
@@ -445,14 +446,6 @@ def test_resuming_from_a_checkpoint_continues_identically(source: str) -> None:
 SYNC_SIZES = [[3, 2], [1, 4], [0, 5], [1, 1], [4, 3], [2, 3], [5, 0]]
 
 
-def _sync_data(step: int) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(1000 + step)
-    total = sum(SYNC_SIZES[step])
-    u = torch.randn(total, 3, 6, 5, generator=gen, dtype=torch.float64) * (1 + step) + 0.5
-    g = torch.randn(total, 4, 3, 3, generator=gen, dtype=torch.float64)
-    return u, g
-
-
 def _sync_block(sync: bool) -> nn.Sequential:
     torch.manual_seed(0)
     block = nn.Sequential(
@@ -463,43 +456,10 @@ def _sync_block(sync: bool) -> nn.Sequential:
     return block
 
 
-def _sync_steps(block: nn.Sequential, rank: int | None) -> list[dict[str, Any]]:
-    """Train ``block`` on this rank's slices (``rank=None``: the whole batches); gradients
-    summed across processes as DDP would."""
-    opt = torch.optim.SGD(block.parameters(), lr=0.2, momentum=0.9)
-    results = []
-    for step, sizes in enumerate(SYNC_SIZES):
-        u, g = _sync_data(step)
-        if rank is not None:
-            start = sum(sizes[:rank])
-            u, g = u[start : start + sizes[rank]], g[start : start + sizes[rank]]
-        u = u.clone().requires_grad_()
-        y = block(u)
-        (y * g).sum().backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.parameters()]
-        if rank is not None:
-            for grad in grads:
-                dist.all_reduce(grad)
-        for p, grad in zip(block.parameters(), grads, strict=True):
-            p.grad = grad
-        state = {k: v.clone() for k, v in block[1].state_dict().items()}
-        results.append(
-            {
-                "y": y.detach(),
-                "u_grad": u.grad,
-                "grads": [gr.clone() for gr in grads],
-                "state": state,
-            }
-        )
-        opt.step()
-        opt.zero_grad()
-    return results
-
-
 def _sync_body(rank: int, world: int) -> list[dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every step compensated, nothing falls back
-        return _sync_steps(_sync_block(sync=True), rank)
+        return train_on_slices(_sync_block(sync=True), SYNC_SIZES, rank, record_state=True)
 
 
 @pytest.mark.distributed
@@ -510,18 +470,7 @@ def test_sync_groups_span_the_concatenated_batch(tmp_path: Path) -> None:
     process on the concatenated batch."""
     world = 2
     ranks = run_world(_sync_body, world, tmp_path)
-    expected = _sync_steps(_sync_block(sync=False), None)
-    for step, sizes in enumerate(SYNC_SIZES):
-        start = 0
-        for rank in range(world):
-            part = slice(start, start + sizes[rank])
-            start += sizes[rank]
-            got, want = ranks[rank][step], expected[step]
-            where = f"step {step}, rank {rank}"
-            _close(got["y"], want["y"][part], f"output ({where})", 1e-9)
-            if sizes[rank]:
-                _close(got["u_grad"], want["u_grad"][part], f"input grad ({where})", 1e-9)
-            for i, (mine, theirs) in enumerate(zip(got["grads"], want["grads"], strict=True)):
-                _close(mine, theirs, f"parameter {i} gradient ({where})", 1e-9)
-            for key, value in got["state"].items():
-                _close(value, want["state"][key], f"state {key} ({where})", 1e-9)
+    expected = train_on_slices(_sync_block(sync=False), SYNC_SIZES, None, record_state=True)
+    assert_ranks_equal_concatenated(
+        ranks, expected, SYNC_SIZES, lambda a, b, what: _close(a, b, what, 1e-9)
+    )
