@@ -35,7 +35,9 @@ from smallbn import _distributed
 __all__ = [
     "Moments",
     "SampleNormalization",
+    "affine_from_moments",
     "all_gather_moments",
+    "apply_affine",
     "channel_moments",
     "channel_view",
     "first_order_only",
@@ -244,6 +246,30 @@ def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.mul(x, scale).add_(shift)
 
 
+def affine_from_moments(
+    mean: Tensor, inv_std: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with ``γ (x − μ)·s + β = a·x + b``: ``a = γ s``, ``b = β − μ a``, where
+    ``s = inv_std`` (``1/sqrt(σ² + eps)``, or any other scale, e.g. CBN's eps-outside one);
+    γ and β are cast to the statistics' dtype."""
+    scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return scale, shift
+
+
+def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale·x + shift`` with per-channel ``(C,)`` or per-sample ``(N, C)`` coefficients, in
+    one product and one in-place sum; half-precision inputs are computed in float32 and
+    rounded once at the end."""
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
+    y = scale_shift(
+        compute, channel_view(scale, x).to(compute.dtype), channel_view(shift, x).to(compute.dtype)
+    )
+    return y.to(x.dtype)
+
+
 def normalize(
     x: Tensor,
     mean: Tensor,
@@ -259,17 +285,8 @@ def normalize(
     torch's BN kernels do.  Half-precision inputs are normalized in float32 and rounded once
     at the end: rounding μ to bfloat16 first would cost ``2⁻⁹·|μ|/σ`` of accuracy.
     """
-    compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    y = scale_shift(
-        compute, channel_view(scale, x).to(compute.dtype), channel_view(shift, x).to(compute.dtype)
-    )
-    return y.to(x.dtype)
+    scale, shift = affine_from_moments(mean, torch.rsqrt(var + eps), weight, bias)
+    return apply_affine(x, scale, shift)
 
 
 _Backward = TypeVar("_Backward", bound=Callable[..., Any])
@@ -368,18 +385,17 @@ class _SampleStatsNormalize(torch.autograd.Function):
             leaves = (inst_mean.requires_grad_(), inst_var.requires_grad_())
             instance = Moments(inst_mean.new_full((x.shape[0],), float(per_sample)), *leaves)
             mean, var, weight, bias = statistics(instance)
-            inv_std = torch.rsqrt(var + eps)
-            gamma = inv_std.new_ones(()) if weight is None else weight.to(inv_std.dtype)
-            scale = inv_std * gamma
-            shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-        outputs = (mean, var, weight, bias)
-        ctx.graph = leaves, outputs, [p for p in params if p.requires_grad]
+        ctx.graph = leaves, (mean, var, weight, bias), [p for p in params if p.requires_grad]
         ctx.param_needs = [p.requires_grad for p in params]
         ctx.per_sample = per_sample
+        # The affine map needs no graph: backward differentiates (mean, var, weight, bias).
+        mean, var = mean.detach(), var.detach()
+        inv_std = torch.rsqrt(var + eps)
+        gamma = inv_std.new_ones(()) if weight is None else weight.detach().to(inv_std.dtype)
+        scale, shift = affine_from_moments(mean, inv_std, gamma, bias)
         ctx.save_for_backward(compute, inst_mean.detach())
-        ctx.stat = (mean.detach(), inv_std.detach(), gamma.detach(), scale.detach())
-        y = scale_shift(compute, channel_view(scale.detach(), x), channel_view(shift.detach(), x))
-        return y.to(x.dtype)
+        ctx.stat = (mean, inv_std, gamma, scale)
+        return apply_affine(compute, scale, shift).to(x.dtype)
 
     @staticmethod
     @first_order_only("Per-sample-statistics normalization (Ghost BN, grouped BRN, SN, DomainBN)")

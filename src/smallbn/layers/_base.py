@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from smallbn import _distributed
 from smallbn.stats import (
     Moments,
+    affine_from_moments,
     all_gather_moments,
     channel_moments,
     fused_batch_norm,
@@ -58,13 +59,7 @@ def set_finite_check(enabled: bool) -> bool:
 def _affine_from_stats(
     mean: Tensor, var: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
+    return affine_from_moments(mean, torch.rsqrt(var + eps), weight, bias)
 
 
 class NormBase(nn.Module):

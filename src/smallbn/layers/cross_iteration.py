@@ -117,6 +117,8 @@ from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
 from smallbn.stats import (
     Moments,
+    affine_from_moments,
+    apply_affine,
     channel_view,
     first_order_only,
     mean_var,
@@ -396,15 +398,6 @@ def _inverse_std(var: Tensor, eps: float, inside: bool) -> Tensor:
     return 1.0 / (var.clamp_min(torch.finfo(var.dtype).tiny).sqrt() + eps)
 
 
-def _apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``scale·x + shift`` per channel in one pass; half inputs in float32, rounded once."""
-    compute = x if x.dtype in (torch.float32, torch.float64) else x.to(stats_dtype(x.dtype))
-    y = scale_shift(
-        compute, channel_view(scale, x).to(compute.dtype), channel_view(shift, x).to(compute.dtype)
-    )
-    return y.to(x.dtype)
-
-
 def _moment_coefficients(
     mean: Tensor,
     weight: Tensor | None,
@@ -469,14 +462,11 @@ class _WindowNorm(torch.autograd.Function):
     ) -> Tensor:
         pooled_mean, pooled_var, count = _pool(mean, var, past_mean, past_var, drop)
         inv_std = _inverse_std(pooled_var, eps, inside)
-        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-        shift = -pooled_mean * scale
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
+        scale, shift = affine_from_moments(pooled_mean, inv_std, weight, bias)
         ctx.save_for_backward(x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale)
         ctx.inside = inside
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _apply_affine(x, scale, shift)
+        return apply_affine(x, scale, shift)
 
     @staticmethod
     @first_order_only("Cross-Iteration BN")
@@ -539,16 +529,13 @@ class _GroupedWindowNorm(torch.autograd.Function):
     ) -> Tensor:
         pooled_mean, pooled_var, pooled = _pool_groups(mean, var, past_mean, past_var, valid, drop)
         inv_std = _inverse_std(pooled_var, eps, inside)
-        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-        shift = -pooled_mean * scale
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
+        scale, shift = affine_from_moments(pooled_mean, inv_std, weight, bias)
         ctx.save_for_backward(
             x, mean, count, index, weight, pooled_mean, pooled_var, pooled, inv_std, scale
         )
         ctx.inside = inside
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _apply_affine(x, scale[index], shift[index])
+        return apply_affine(x, scale[index], shift[index])
 
     @staticmethod
     @first_order_only("Cross-Iteration BN")
@@ -1035,13 +1022,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
                 )  # fmt: skip
             else:  # moments pooled across processes: autograd through the all-gather
                 mean, var, _ = _pool(moments.mean, moments.var, past_mean, past_var, drop)
-                scale = _inverse_std(var, self.eps, inside)
-                if self.weight is not None:
-                    scale = scale * self.weight.to(scale.dtype)
-                shift = -mean * scale
-                if self.bias is not None:
-                    shift = shift + self.bias.to(shift.dtype)
-                y = _apply_affine(x, scale, shift)
+                inv_std = _inverse_std(var, self.eps, inside)
+                scale, shift = affine_from_moments(mean, inv_std, self.weight, self.bias)
+                y = apply_affine(x, scale, shift)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
         self._iteration += 1
         self.iteration.fill_(self._iteration)
@@ -1136,13 +1119,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             )  # fmt: skip
         else:  # moments pooled across processes: autograd through the all-gather
             mean, var, _ = _pool_groups(groups.mean, groups.var, past_mean, past_var, valid, drop)
-            scale = _inverse_std(var, self.eps, inside)
-            if self.weight is not None:
-                scale = scale * self.weight.to(scale.dtype)
-            shift = -mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias.to(shift.dtype)
-            y = _apply_affine(x, scale[index], shift[index])
+            inv_std = _inverse_std(var, self.eps, inside)
+            scale, shift = affine_from_moments(mean, inv_std, self.weight, self.bias)
+            y = apply_affine(x, scale[index], shift[index])
         if factor is not None:
             self._update_running_groups(current)
         self._iteration += num
