@@ -10,13 +10,20 @@ error with EMA statistics and after PreciseBN:
     .venv/bin/python scripts/compare_probes.py cbn --composition iid --seed 0  # seeds 0, 1, 2
     .venv/bin/python scripts/compare_probes.py cbn --composition iid --window 1 --seed 0
     .venv/bin/python scripts/compare_probes.py cbn --composition iid --no-compensate --seed 0
+    .venv/bin/python scripts/compare_probes.py cbn --burnin-mode linear --seed 0  # seeds 0, 1
+    .venv/bin/python scripts/compare_probes.py pooled --seed 0                # seeds 0, 1, 2
+    .venv/bin/python scripts/compare_probes.py pooled --detach-past --seed 0  # seeds 0, 1, 2
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 0 --seed 1   # mixture frozen
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 10 --seed 1  # 10x its lr
 
 ``cbn`` replaces the job's CBN options (window, burn-in as a fraction of the groups seen,
-``--no-compensate`` for naive pooling); ``--composition`` picks correlated or i.i.d. groups;
-``sn`` scales the learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and
-prints the learned mixture per layer.  Probes, not product: they patch the job's norm factory
+``--no-compensate`` for naive pooling, the release's linear ramp of k, aggregation and eps
+placement); ``--composition`` picks correlated or i.i.d. groups; ``pooled`` is a diagnostic,
+not a method: it pools the statistics of the last ``--window`` groups *of the same SGD batch*
+(same weights, so nothing to compensate) with the gradient flowing through every pooled group,
+or, with ``--detach-past``, through the current group only as in CBN; ``sn`` scales the
+learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and prints the learned
+mixture per layer.  Probes, not product: they patch the job's norm factory
 and optimizer for one run.
 """
 
@@ -35,7 +42,7 @@ from smallbn.mixture import format_mixture_table
 from smallbn.registry import build_norm
 
 
-def _cbn_factory(window: int, burnin: float, compensate: bool = True) -> Any:
+def _cbn_factory(window: int, burnin: float, compensate: bool = True, **extra: Any) -> Any:
     def factory(config: compare.RunConfig, sgd_steps: int) -> Any:
         groups = sgd_steps * (config.sgd_batch // config.norm_batch)
         options = {
@@ -43,8 +50,55 @@ def _cbn_factory(window: int, burnin: float, compensate: bool = True) -> Any:
             "burnin": int(burnin * groups),
             "norm_batch_size": config.norm_batch,
             "compensate": compensate,
+            **extra,
         }
         return lambda channels, **kw: build_norm("cbn", channels, **{**kw, **options})
+
+    return factory
+
+
+class _InBatchPooling(torch.nn.BatchNorm2d):
+    """Statistics pooled over the last ``window`` groups of b samples *of the same SGD
+    batch*, gradient through every pooled group unless ``detach_past`` (a diagnostic, not a
+    method: groups of one batch share weights, so no compensation is needed)."""
+
+    def __init__(self, channels: int, b: int, window: int, detach_past: bool, **kw: Any):
+        super().__init__(channels, **kw)
+        self.b, self.window, self.detach_past = b, window, detach_past
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        groups = x.shape[0] // self.b
+        xg = x.reshape(groups, self.b, *x.shape[1:])
+        dims = [1, *range(3, xg.dim())]
+        mean, square = xg.mean(dims), xg.square().mean(dims)  # (G, C)
+        pooled_mean, pooled_square = [], []
+        for g in range(groups):
+            lo = max(0, g - self.window + 1)
+            m, q = mean[lo : g + 1], square[lo : g + 1]
+            if self.detach_past:
+                m = torch.cat([m[:-1].detach(), m[-1:]])
+                q = torch.cat([q[:-1].detach(), q[-1:]])
+            pooled_mean.append(m.mean(0))
+            pooled_square.append(q.mean(0))
+        mu, nu = torch.stack(pooled_mean), torch.stack(pooled_square)
+        var = (nu - mu.square()).clamp_min(0)
+        shape = (groups, 1, -1) + (1,) * (xg.dim() - 3)
+        y = (xg - mu.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = y.reshape_as(x) * self.weight.view(1, -1, *([1] * (x.dim() - 2)))
+        y = y + self.bias.view(1, -1, *([1] * (x.dim() - 2)))
+        assert self.running_mean is not None and self.running_var is not None
+        with torch.no_grad():  # the job evaluates after PreciseBN; EMA kept for its EMA column
+            self.running_mean.lerp_(x.mean([0, 2, 3]), self.momentum or 0.1)
+            self.running_var.lerp_(x.var([0, 2, 3]), self.momentum or 0.1)
+        return y
+
+
+def _pooled_factory(window: int, detach_past: bool) -> Any:
+    def factory(config: compare.RunConfig, sgd_steps: int) -> Any:
+        b = config.norm_batch
+        return lambda channels, **kw: _InBatchPooling(channels, b, window, detach_past, **kw)
 
     return factory
 
@@ -55,10 +109,11 @@ class _MixtureScaledSGD(torch.optim.SGD):
     scale = 1.0
 
     def __init__(self, params: Any, **kwargs: Any) -> None:
-        params = list(params)
-        mixture = [p for p in params if p.dim() == 1 and p.numel() == 3]
-        rest = [p for p in params if all(p is not q for q in mixture)]
-        super().__init__([{"params": rest}, {"params": mixture, "mixture": True}], **kwargs)
+        tensors: list[torch.Tensor] = list(params)
+        mixture = [p for p in tensors if p.dim() == 1 and p.numel() == 3]
+        rest = [p for p in tensors if all(p is not q for q in mixture)]
+        groups: list[dict[str, Any]] = [{"params": rest}, {"params": mixture, "mixture": True}]
+        super().__init__(groups, **kwargs)
 
     def step(self, closure: Any = None) -> Any:
         for group in self.param_groups:  # the job sets every group's lr before each step
@@ -74,9 +129,15 @@ def main() -> None:
     cbn.add_argument("--window", type=int, default=8)
     cbn.add_argument("--burnin", type=float, default=0.25, help="fraction of the groups seen")
     cbn.add_argument("--no-compensate", action="store_true", help="naive pooling")
+    cbn.add_argument("--burnin-mode", choices=("two_stage", "linear"), default="two_stage")
+    cbn.add_argument("--aggregation", choices=("max", "drop"), default="max")
+    cbn.add_argument("--eps-placement", choices=("inside", "outside"), default="inside")
+    pooled = sub.add_parser("pooled")
+    pooled.add_argument("--window", type=int, default=8)
+    pooled.add_argument("--detach-past", action="store_true")
     sn = sub.add_parser("sn")
     sn.add_argument("--mixture-lr", type=float, default=1.0, help="scale of the mixture's lr")
-    for p in (cbn, sn):
+    for p in (cbn, pooled, sn):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--train-samples", type=int, default=8_000)
         p.add_argument("--epochs", type=float, default=3.0)
@@ -84,11 +145,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe == "cbn":
-        compare._norm_factory = _cbn_factory(args.window, args.burnin, not args.no_compensate)  # type: ignore[assignment]
+        compare._norm_factory = _cbn_factory(  # type: ignore[assignment]
+            args.window,
+            args.burnin,
+            not args.no_compensate,
+            burnin_mode=args.burnin_mode,
+            aggregation=args.aggregation,
+            eps_placement=args.eps_placement,
+        )
         method = "cbn"
+    elif args.probe == "pooled":
+        compare._norm_factory = _pooled_factory(args.window, args.detach_past)  # type: ignore[assignment]
+        method = "cbn"  # the job's grouped CBN path; the factory replaces the layer
     else:
         _MixtureScaledSGD.scale = args.mixture_lr
-        compare.torch.optim.SGD = _MixtureScaledSGD  # type: ignore[misc]
+        compare.torch.optim.SGD = _MixtureScaledSGD  # type: ignore[misc, assignment]
         evaluate = compare.evaluate
 
         def evaluate_and_show(model: torch.nn.Module, *a: Any, **kw: Any) -> float:
