@@ -23,8 +23,8 @@ not a method: it pools the statistics of the last ``--window`` groups *of the sa
 (same weights, so nothing to compensate) with the gradient flowing through every pooled group,
 or, with ``--detach-past``, through the current group only as in CBN; ``sn`` scales the
 learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and prints the learned
-mixture per layer.  Probes, not product: they patch the job's norm factory
-and optimizer for one run.
+mixture per layer.  Probes, not product: they patch the job's norm factory and optimizer for
+one run.
 """
 
 from __future__ import annotations
