@@ -377,13 +377,11 @@ class _SampleStatsNormalize(torch.autograd.Function):
         ctx: Any, x: Tensor, statistics: SampleStatistics, eps: float, *params: Tensor
     ) -> Tensor:
         compute = x.to(stats_dtype(x.dtype))
-        dims = list(range(2, x.dim()))
-        inst_mean = compute.mean(dim=dims)
-        inst_var = (compute - channel_view(inst_mean, x)).square_().mean(dim=dims)
-        per_sample = x[0, 0].numel()
+        detached = sample_moments(compute)  # forward runs without grad: plain tensors
+        inst_mean, per_sample = detached.mean, x[0, 0].numel()
         with torch.enable_grad():
-            leaves = (inst_mean.requires_grad_(), inst_var.requires_grad_())
-            instance = Moments(inst_mean.new_full((x.shape[0],), float(per_sample)), *leaves)
+            leaves = (inst_mean.requires_grad_(), detached.var.requires_grad_())
+            instance = Moments(detached.count, *leaves)
             mean, var, weight, bias = statistics(instance)
         ctx.graph = leaves, (mean, var, weight, bias), [p for p in params if p.requires_grad]
         ctx.param_needs = [p.requires_grad for p in params]
