@@ -6,8 +6,10 @@ same run (interleaved, median of per-repeat ratios; :func:`smallbn.bench.time_st
 * ``grad_sums``: :func:`smallbn.stats.sample_grad_sums` (per-sample Σg(x−μ), Σg) on contiguous
   inputs (one BN-backward kernel pass), on channels-last inputs (Σgx − μΣg), and on
   channels-last inputs copied to contiguous first (what grouped CBN used to do).
-* ``weight_grad``: the conv weight-gradient CBN's second-moment derivative costs, NCHW against
-  channels-last, at the benchmark shapes.
+* ``weight_grad``: the conv weight-gradient CBN's second-moment derivative costs, at the
+  benchmark shapes: torch's ``convolution_backward`` in NCHW (what CBN uses) against
+  channels-last, an explicit im2col (``unfold``) and batched matmul, and the same sum written
+  as a forward convolution of the padded input by the output (batch and channel dims swapped).
 * ``resnet``: the comparison job's SmallResNet (BN, batch 32 training step; 500-image eval
   forward), contiguous against channels-last, with the job's one thread per run.
 
@@ -67,7 +69,16 @@ def _weight_grad(shape: tuple[int, ...]) -> dict[str, Callable[[], object]]:
             y, u, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
         )
 
-    return {name: grad(inputs) for name, inputs in layouts.items()}
+    steps = {name: grad(inputs) for name, inputs in layouts.items()}
+    n = shape[0]
+    steps["unfold+bmm"] = lambda: torch.bmm(
+        y.reshape(n, channels, -1), F.unfold(u, 3, padding=1).transpose(1, 2)
+    ).sum(0)
+    padded = F.pad(u, (1, 1, 1, 1))
+    steps["as forward conv"] = lambda: F.conv2d(
+        padded.transpose(0, 1), y.transpose(0, 1)
+    ).transpose(0, 1)
+    return steps
 
 
 def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
