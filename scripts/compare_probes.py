@@ -23,8 +23,9 @@ not a method: it pools the statistics of the last ``--window`` groups *of the sa
 (same weights, so nothing to compensate) with the gradient flowing through every pooled group,
 or, with ``--detach-past``, through the current group only as in CBN; ``sn`` scales the
 learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and prints the learned
-mixture per layer.  Probes, not product: they patch the job's norm factory and optimizer for
-one run.
+mixture per layer.  ``--lr`` is the job's peak learning rate (default: the job's, 0.2; the
+README's probe figures for CBN and SN were taken at the job's earlier default, ``--lr 0.05``).
+Probes, not product: they patch the job's norm factory and optimizer for one run.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def main() -> None:
         p.add_argument("--train-samples", type=int, default=8_000)
         p.add_argument("--epochs", type=float, default=3.0)
         p.add_argument("--composition", choices=("correlated", "iid"), default="correlated")
+        p.add_argument("--lr", type=float, default=compare.RunConfig.lr, help="peak lr")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe == "cbn":
@@ -170,7 +172,13 @@ def main() -> None:
         compare.evaluate = evaluate_and_show  # type: ignore[assignment]
         method = "sn"
     config = compare.RunConfig(
-        method, 2, args.composition, args.seed, epochs=args.epochs, train_samples=args.train_samples
+        method,
+        2,
+        args.composition,
+        args.seed,
+        epochs=args.epochs,
+        train_samples=args.train_samples,
+        lr=args.lr,
     )
     data = load_dataset(config.dataset)
     with tempfile.TemporaryDirectory() as tmp:
