@@ -15,6 +15,8 @@ error with EMA statistics and after PreciseBN:
     .venv/bin/python scripts/compare_probes.py pooled --detach-past --seed 0  # seeds 0, 1, 2
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 0 --seed 1   # mixture frozen
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 10 --seed 1  # 10x its lr
+    .venv/bin/python scripts/compare_probes.py cbn --burnin 0 --seed 0  # seeds 0, 1, 2
+    .venv/bin/python scripts/compare_probes.py cbn --epochs 9 --seed 0 --loss-trace 18
 
 ``cbn`` replaces the job's CBN options (window, burn-in as a fraction of the groups seen,
 ``--no-compensate`` for naive pooling, the release's linear ramp of k, aggregation and eps
@@ -23,9 +25,10 @@ not a method: it pools the statistics of the last ``--window`` groups *of the sa
 (same weights, so nothing to compensate) with the gradient flowing through every pooled group,
 or, with ``--detach-past``, through the current group only as in CBN; ``sn`` scales the
 learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and prints the learned
-mixture per layer.  ``--lr`` is the job's peak learning rate (default: the job's, 0.2; the
-README's probe figures for CBN and SN were taken at the job's earlier default, ``--lr 0.05``).
-Probes, not product: they patch the job's norm factory and optimizer for one run.
+mixture per layer; ``--loss-trace N`` prints the mean training loss over N equal parts of the
+run.  ``--lr`` is the job's peak learning rate (default: the job's, 0.2; the README says which
+probe figures were taken at the job's earlier default, ``--lr 0.05``).  Probes, not product:
+they patch the job's norm factory, optimizer or loss for one run.
 """
 
 from __future__ import annotations
@@ -123,6 +126,20 @@ class _MixtureScaledSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+def _trace_losses() -> list[float]:
+    """The job's training losses, step by step (its cross-entropy, wrapped)."""
+    losses: list[float] = []
+    cross_entropy = compare.F.cross_entropy
+
+    def traced(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    compare.F.cross_entropy = traced  # type: ignore[assignment]
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="probe", required=True)
@@ -144,6 +161,9 @@ def main() -> None:
         p.add_argument("--epochs", type=float, default=3.0)
         p.add_argument("--composition", choices=("correlated", "iid"), default="correlated")
         p.add_argument("--lr", type=float, default=compare.RunConfig.lr, help="peak lr")
+        p.add_argument(
+            "--loss-trace", type=int, default=0, help="print the mean training loss of N parts"
+        )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe == "cbn":
@@ -180,6 +200,7 @@ def main() -> None:
         train_samples=args.train_samples,
         lr=args.lr,
     )
+    losses = _trace_losses() if args.loss_trace else None
     data = load_dataset(config.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         row = compare.run_one(
@@ -190,6 +211,9 @@ def main() -> None:
             checkpoint_every=10**9,
             progress=False,
         )
+    if losses is not None:
+        parts = torch.tensor(losses[: row["steps"]]).tensor_split(args.loss_trace)
+        print("training loss by part:", " ".join(f"{float(p.mean()):.3f}" for p in parts))
     settings = {k: v for k, v in vars(args).items() if k != "probe"}
     print(
         f"{args.probe} {settings}: test error {100 * row['error_ema']:.1f}% (EMA), "
