@@ -40,9 +40,10 @@ from torch import Tensor, nn
 
 from smallbn.bench import time_steps
 from smallbn.bench.report import write_json
+from smallbn.cli import _shapes as parse_shapes
 from smallbn.layers.cross_iteration import CrossIterationBatchNorm2d
 
-CONFIGS = [(2, 64, 56), (2, 256, 14)]  # (N, C, H = W)
+SHAPES = ((2, 64, 56, 56), (2, 256, 14, 14))  # (N, C, H, W)
 WINDOW = 4
 
 
@@ -54,6 +55,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps per variant")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=SHAPES,
+        help="comma-separated NxCxHxW inputs, as for `smallbn bench layers` (default: "
+        "2x64x56x56,2x256x14x14; a tiny one such as 2x8x4x4 shows the per-step overhead)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON")
     return parser.parse_args(argv)
 
@@ -121,9 +129,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"{'state/W':>7}"
     )
     print(header)
-    for n, c, hw in CONFIGS:
-        x = torch.randn(n, c, hw, hw, device=device)
-        grad = torch.randn(n, c, hw, hw, device=device)
+    for n, c, h, w in args.shapes:
+        x = torch.randn(n, c, h, w, device=device)
+        grad = torch.randn(n, c, h, w, device=device)
         variants = {name: _block(c, name, device) for name in ("bn", "cbn", "cbn_naive")}
         steps = {name: _step(block, x, grad) for name, block in variants.items()}
         steps["floor"] = _floor_step(_block(c, "bn", device), x, grad)
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         conv_bytes = sum(p.numel() * p.element_size() for p in variants["cbn"][0].parameters())
         state = _state_bytes(cbn_layer)
         row = {
-            "config": f"{n},{c},{hw}x{hw}",
+            "config": f"{n},{c},{h}x{w}",
             "ms": median,
             "runs_ms": per_run,
             "cbn_over_bn": median["cbn"] / median["bn"],

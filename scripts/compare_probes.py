@@ -127,7 +127,8 @@ class _MixtureScaledSGD(torch.optim.SGD):
 
 
 def _trace_losses() -> list[float]:
-    """The job's training losses, step by step (its cross-entropy, wrapped)."""
+    """The job's training losses, step by step: ``torch.nn.functional.cross_entropy`` (the
+    job's ``F``) wrapped for the rest of this process, which runs the one probe."""
     losses: list[float] = []
     cross_entropy = compare.F.cross_entropy
 
