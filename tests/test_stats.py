@@ -17,7 +17,10 @@ from smallbn import _distributed
 from smallbn.stats import (
     Moments,
     all_gather_moments,
+    apply_affine,
+    apply_channel_affine,
     channel_moments,
+    detached_channel_moments,
     merge_equal_moments,
     merge_moments,
     normalize,
@@ -86,6 +89,44 @@ def test_sample_moments_match_numpy(shape):
     assert m.mean.shape == m.var.shape == shape[:2]
     assert_np(m.mean, mean)
     assert_np(m.var, var)  # a (N, C) input: each sample's variance is 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_detached_channel_moments_match_numpy(shape, dtype):
+    x = rand(shape, seed=5, dtype=dtype).requires_grad_(dtype != torch.bfloat16)
+    m = detached_channel_moments(x)
+    count, mean, var = np_channel(x)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    assert not (m.mean.requires_grad or m.var.requires_grad)
+    assert m.mean.dtype == stats_dtype(dtype) and m.mean.shape == (shape[1],)
+    assert float(m.count) == count
+    assert_np(m.mean, mean, tol)
+    assert_np(m.var, var, tol)
+
+
+def test_detached_channel_moments_channels_last_and_large_offset():
+    gen = torch.Generator().manual_seed(6)
+    x = (1e4 + torch.randn(6, 3, 8, 8, generator=gen)).float()
+    count, mean, var = np_channel(x)
+    for xs in (x, x.to(memory_format=torch.channels_last)):
+        m = detached_channel_moments(xs)
+        assert_np(m.mean, mean, 1e-6)
+        np.testing.assert_allclose(m.var.numpy(), var, rtol=2e-3)  # as channel_moments
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 3), (1, 3, 6), (2, 3, 4, 5), (2, 3, 2, 3, 4)], ids=str)
+def test_apply_channel_affine_is_scale_times_x_plus_shift(shape, dtype):
+    x = rand(shape, seed=7, dtype=dtype)
+    scale, shift = rand((shape[1],), seed=8), rand((shape[1],), seed=9)
+    view = (1, shape[1]) + (1,) * (len(shape) - 2)
+    expected = x.double() * scale.view(view) + shift.view(view)
+    y = apply_channel_affine(x, scale.float(), shift.float())
+    assert y.dtype == dtype and y.shape == x.shape
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(y, apply_affine(x, scale.float(), shift.float()))
 
 
 def test_unbiased_var_of_single_values_is_the_biased_one():

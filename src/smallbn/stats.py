@@ -38,7 +38,9 @@ __all__ = [
     "affine_from_moments",
     "all_gather_moments",
     "apply_affine",
+    "apply_channel_affine",
     "channel_moments",
+    "detached_channel_moments",
     "channel_view",
     "first_order_only",
     "fused_batch_norm",
@@ -157,6 +159,22 @@ def channel_moments(x: Tensor) -> Moments:
     return Moments(xs.new_full((), float(count)), mean, var)
 
 
+def detached_channel_moments(x: Tensor) -> Moments:
+    """:func:`channel_moments` without gradient, from torch's BN statistics kernel.
+
+    For float32/float64 inputs with at least one value per channel the kernel computes the
+    mean and the biased variance in one call (two passes in C++, as exact as
+    :func:`channel_moments`'s two passes, any memory format), about the cost of one pass
+    fewer plus no autograd bookkeeping; other inputs go through :func:`channel_moments`.
+    """
+    count = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 0
+    if count == 0 or x.dtype not in (torch.float32, torch.float64):
+        with torch.no_grad():
+            return channel_moments(x.detach())
+    mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
+    return Moments(mean.new_full((), float(count)), mean, var)
+
+
 def sample_moments(x: Tensor) -> Moments:
     """Moments per sample and channel over ``*spatial``: ``mean``/``var`` of shape ``(N, C)``.
 
@@ -268,6 +286,19 @@ def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         compute, channel_view(scale, x).to(compute.dtype), channel_view(shift, x).to(compute.dtype)
     )
     return y.to(x.dtype)
+
+
+def apply_channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """:func:`apply_affine` with per-channel ``(C,)`` coefficients, without gradient, in one
+    pass for float32/float64 inputs: torch's inference BN kernel with mean 0, variance 1 and
+    eps 0 computes exactly ``x·scale + shift`` (its ``1/sqrt(1 + 0)`` is 1)."""
+    if x.dtype not in (torch.float32, torch.float64) or scale.dim() != 1 or x.dim() < 2:
+        return apply_affine(x, scale, shift)
+    scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    zeros = torch.zeros_like(scale)
+    return torch.batch_norm(
+        x, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0, False
+    )
 
 
 def normalize(

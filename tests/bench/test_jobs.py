@@ -2,6 +2,7 @@
 they were measured under, usage errors for bad arguments."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -157,3 +158,25 @@ def test_a_disturbed_run_is_flagged_by_its_control_block():
     assert "warning: at 2x4x4x4 a second conv + BN block measured 1.50× (train)" in format_table(
         noisy
     )
+
+
+def test_the_cross_iteration_benchmark_script_runs_and_reports_its_floors(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "bench_cross_iteration", root / "benchmarks" / "bench_cross_iteration.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "cbn.json"
+    argv = ["--shapes", "2x4x4x4", "--runs", "1", "--repeats", "2", "--warmup", "1"]
+    threads = torch.get_num_threads()
+    try:
+        report = module.main([*argv, "--threads", "1", "--output", str(output)])
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = report["results"]
+    assert set(row["ms"]) == {"bn", "cbn", "cbn_naive", "floor", "floor_fwd"}
+    assert all(value > 0 for value in row["ms"].values())
+    assert row["state_bytes"] > 0
+    assert json.loads(output.read_text())["results"][0]["config"] == "2,4,4x4"

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from smallbn import _distributed
 from smallbn.stats import (
+    detached_channel_moments,
     Moments,
     affine_from_moments,
     all_gather_moments,
@@ -353,6 +354,16 @@ class BatchStatsNorm(NormBase):
         local_count = x.numel() // x.shape[1]
         if local_count <= 1 and (group is None or float(moments.count) <= 1):
             self._raise_too_small(x, local_count if group is None else int(moments.count))
+        self._check_finite(moments)
+        return moments
+
+    def _local_batch_moments(self, x: Tensor) -> Moments:
+        """:meth:`_batch_moments` of an unsynchronized layer, without gradient (for layers
+        whose backward is written out), from torch's fused statistics kernel."""
+        local_count = x.numel() // x.shape[1]
+        if local_count <= 1:
+            self._raise_too_small(x, local_count)
+        moments = detached_channel_moments(x)
         self._check_finite(moments)
         return moments
 

@@ -119,6 +119,7 @@ from smallbn.stats import (
     Moments,
     affine_from_moments,
     apply_affine,
+    apply_channel_affine,
     channel_view,
     first_order_only,
     mean_var,
@@ -466,7 +467,7 @@ class _WindowNorm(torch.autograd.Function):
         ctx.save_for_backward(x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale)
         ctx.inside = inside
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return apply_affine(x, scale, shift)
+        return apply_channel_affine(x, scale, shift)
 
     @staticmethod
     @first_order_only("Cross-Iteration BN")
@@ -995,9 +996,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         fused = past == 0 and inside  # plain BN: torch's fused kernel where unsynchronized
         if fused:
             y, moments = self._batch_norm(x)
-        elif local:
-            with torch.no_grad():  # the gradient through them is _WindowNorm's
-                moments = self._batch_moments(x)
+        elif local:  # the gradient through them is _WindowNorm's
+            moments = self._local_batch_moments(x)
         else:
             moments = self._batch_moments(x)  # pooled across processes, with gradient
         slot = step % k
