@@ -25,10 +25,10 @@ Method: every variant is warmed up (the window fills), then each of ``--runs`` r
 that drift (thermal, other processes) affects all alike; reported is the median over runs of
 the mean step time, and the ratio to BN ("paired": the median over all steps of the ratio
 to the BN step next to it in time, robust to bursts of load on a shared machine).  The two
-floors are BN's step plus one weight-gradient convolution of the same shapes, the least any
-analytic CBN costs; on this 2-core CPU the convolution costs more in the forward pass than
-after the backward (its primitive is not the one just used), so ``floor_fwd`` is the one
-an implementation that records its derivatives in the forward pass can approach.  The state column is the CBN layer's window buffers (BN's own state
+floors add to BN's step the weight-gradient convolution any analytic CBN needs; on this
+2-core CPU it measured dearer in the forward pass, where CBN takes it, than after the
+backward, so ``floor_fwd`` (with the window read) is the floor this implementation can
+approach.  The state column is the CBN layer's window buffers (BN's own state
 excluded) against the conv weight.
 
     python benchmarks/bench_cross_iteration.py --threads 2 --runs 5 --repeats 40

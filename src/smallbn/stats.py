@@ -289,16 +289,15 @@ def apply_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 
 def apply_channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """:func:`apply_affine` with per-channel ``(C,)`` coefficients, without gradient, in one
-    pass for float32/float64 inputs: torch's inference BN kernel with mean 0, variance 1 and
-    eps 0 computes exactly ``x·scale + shift`` (its ``1/sqrt(1 + 0)`` is 1)."""
+    """:func:`apply_affine` with per-channel ``(C,)`` coefficients, in one pass for
+    float32/float64 inputs: torch's inference BN kernel with mean 0, variance 1 and eps 0
+    computes ``x·scale + shift`` (its ``1/sqrt(1 + 0)`` is 1), where the product and the
+    in-place sum of :func:`scale_shift` take two passes."""
     if x.dtype not in (torch.float32, torch.float64) or scale.dim() != 1 or x.dim() < 2:
         return apply_affine(x, scale, shift)
     scale, shift = scale.to(x.dtype), shift.to(x.dtype)
     zeros = torch.zeros_like(scale)
-    return torch.batch_norm(
-        x, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0, False
-    )
+    return torch.batch_norm(x, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0, False)
 
 
 def normalize(

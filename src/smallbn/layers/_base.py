@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from smallbn import _distributed
 from smallbn.stats import (
-    detached_channel_moments,
     Moments,
     affine_from_moments,
     all_gather_moments,
     channel_moments,
+    detached_channel_moments,
     fused_batch_norm,
     merge_moments,
     normalize,
