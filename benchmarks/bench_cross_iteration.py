@@ -25,11 +25,10 @@ Method: every variant is warmed up (the window fills), then each of ``--runs`` r
 that drift (thermal, other processes) affects all alike; reported is the median over runs of
 the mean step time, and the ratio to BN ("paired": the median over all steps of the ratio
 to the BN step next to it in time, robust to bursts of load on a shared machine).  The two
-floors add to BN's step the weight-gradient convolution any analytic CBN needs; on this
-2-core CPU it measured dearer in the forward pass, where CBN takes it, than after the
-backward, so ``floor_fwd`` (with the window read) is the floor this implementation can
-approach.  The state column is the CBN layer's window buffers (BN's own state
-excluded) against the conv weight.
+floors add to BN's step the weight-gradient convolution any analytic CBN needs; ``floor_fwd``
+places it where this implementation takes it (the forward pass) and adds the window read,
+so it is the floor this implementation can approach.  The state column is the CBN layer's
+window buffers (BN's own state excluded) against the conv weight.
 
     python benchmarks/bench_cross_iteration.py --threads 2 --runs 5 --repeats 40
 """
@@ -95,6 +94,15 @@ def _step(block: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
     return run
 
 
+def _weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """The 3×3, padding-1 conv's weight gradient for output gradient ``grad_out``: the one
+    extra convolution CBN's second-moment derivative costs."""
+    return torch.ops.aten.convolution_backward.default(
+        grad_out, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )[1]  # fmt: skip
+
+
 def _floor_step(block: nn.Sequential, x: Tensor, grad: Tensor) -> Callable[[], None]:
     """BN's step, then the weight gradient of the conv for the output gradient ``grad``."""
     bn_step = _step(block, x, grad)
@@ -103,10 +111,7 @@ def _floor_step(block: nn.Sequential, x: Tensor, grad: Tensor) -> Callable[[], N
 
     def run() -> None:
         bn_step()
-        torch.ops.aten.convolution_backward.default(
-            grad, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [False, True, False],
-        )  # fmt: skip
+        _weight_grad(grad, x, weight)
 
     return run
 
@@ -124,10 +129,7 @@ def _floor_forward_step(block: nn.Sequential, x: Tensor, grad: Tensor) -> Callab
     def run() -> None:
         inp = x.detach().requires_grad_(True)
         out = conv(inp)
-        torch.ops.aten.convolution_backward.default(
-            out.detach(), x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [False, True, False],
-        )  # fmt: skip
+        _weight_grad(out.detach(), x, weight)
         torch.bmm(weight.detach().reshape(channels, 1, -1), window.transpose(1, 2))
         norm(out).backward(grad)
         for p in block.parameters():

@@ -162,15 +162,14 @@ def channel_moments(x: Tensor) -> Moments:
 def detached_channel_moments(x: Tensor) -> Moments:
     """:func:`channel_moments` without gradient, from torch's BN statistics kernel.
 
-    For float32/float64 inputs with at least one value per channel the kernel computes the
-    mean and the biased variance in one call (two passes in C++, as exact as
-    :func:`channel_moments`'s two passes, any memory format), about the cost of one pass
-    fewer plus no autograd bookkeeping; other inputs go through :func:`channel_moments`.
+    For float32/float64 inputs with at least one value per channel, one fused call (two
+    passes in C++, as exact as :func:`channel_moments`'s two passes, any memory format)
+    replaces the four tensor operations and the autograd node of :func:`channel_moments`;
+    other inputs go through :func:`channel_moments` on the detached input.
     """
     count = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 0
     if count == 0 or x.dtype not in (torch.float32, torch.float64):
-        with torch.no_grad():
-            return channel_moments(x.detach())
+        return channel_moments(x.detach())
     mean, var = torch.batch_norm_update_stats(x.detach(), None, None, 0.0)
     return Moments(mean.new_full((), float(count)), mean, var)
 

@@ -345,25 +345,25 @@ class BatchStatsNorm(NormBase):
     def _sync_group(self) -> _distributed.ProcessGroup | None:
         return _distributed.active_group(self.sync, self.process_group)
 
-    def _batch_moments(self, x: Tensor) -> Moments:
-        """Per-channel moments over the batch, pooled across the process group if syncing."""
-        moments = channel_moments(x)
+    def _batch_moments(self, x: Tensor, differentiable: bool = True) -> Moments:
+        """Per-channel moments over the batch, pooled across the process group if syncing.
+
+        ``differentiable=False`` (layers whose backward is written out) returns them detached;
+        unsynchronized, they then come from torch's fused statistics kernel
+        (:func:`~smallbn.stats.detached_channel_moments`).
+        """
         group = self._sync_group()
-        if group is not None:
-            moments = merge_moments(all_gather_moments(moments, group))
+        if group is None and not differentiable:
+            moments = detached_channel_moments(x)
+        else:
+            moments = channel_moments(x)
+            if group is not None:
+                moments = merge_moments(all_gather_moments(moments, group))
+            if not differentiable:
+                moments = moments.detach()
         local_count = x.numel() // x.shape[1]
         if local_count <= 1 and (group is None or float(moments.count) <= 1):
             self._raise_too_small(x, local_count if group is None else int(moments.count))
-        self._check_finite(moments)
-        return moments
-
-    def _local_batch_moments(self, x: Tensor) -> Moments:
-        """:meth:`_batch_moments` of an unsynchronized layer, without gradient (for layers
-        whose backward is written out), from torch's fused statistics kernel."""
-        local_count = x.numel() // x.shape[1]
-        if local_count <= 1:
-            self._raise_too_small(x, local_count)
-        moments = detached_channel_moments(x)
         self._check_finite(moments)
         return moments
 

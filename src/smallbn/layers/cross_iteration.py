@@ -997,7 +997,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         if fused:
             y, moments = self._batch_norm(x)
         elif local:  # the gradient through them is _WindowNorm's
-            moments = self._local_batch_moments(x)
+            moments = self._batch_moments(x, differentiable=False)
         else:
             moments = self._batch_moments(x)  # pooled across processes, with gradient
         slot = step % k
