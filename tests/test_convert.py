@@ -1,4 +1,5 @@
 import copy
+import functools
 
 import pytest
 import torch
@@ -7,8 +8,21 @@ from torch import nn
 import smallbn
 from smallbn.experiments.models import SmallResNet
 
-NAMES = ["bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "gn", "ln", "in", "sn", "mabn"]
-BN_EVAL_NAMES = ["syncbn", "brn", "ghostbn", "frozenbn", "domainbn"]
+NAMES = [
+    "bn",
+    "syncbn",
+    "brn",
+    "ghostbn",
+    "frozenbn",
+    "domainbn",
+    "gn",
+    "ln",
+    "in",
+    "sn",
+    "mabn",
+    "cbn",
+]
+BN_EVAL_NAMES = ["syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "cbn"]
 # MABN centres the convs that feed it (a different function); the round trip is exact when
 # that is turned off, and a model trained with MABN keeps its centred convs when converted back.
 OPTIONS = {"mabn": {"center_producer": False}}
@@ -61,9 +75,9 @@ def test_pretrained_bn_state_dict_loads_into_converted_model(name, images):
         torch.testing.assert_close(
             converted.eval()(images), pretrained(images), rtol=1e-5, atol=1e-5
         )
-    if name in ("domainbn", "sn", "mabn"):
-        # State beyond BN's (per-domain rows, mixture logits, moving-average windows): the
-        # way out is converting back to BN.
+    if name in ("domainbn", "sn", "mabn", "cbn"):
+        # State beyond BN's (per-domain rows, mixture logits, moving-average windows, CBN's
+        # iteration counters): the way out is converting back to BN.
         pretrained.load_state_dict(smallbn.convert(converted, "bn").state_dict())
     else:
         pretrained.load_state_dict(converted.state_dict())
@@ -157,10 +171,115 @@ def test_converted_layers_name_themselves_in_errors():
 
 def test_mabn_convert_centres_producing_convs_and_keeps_them_when_converted_back(images):
     model = _pretrained_resnet()
-    converted = smallbn.convert(copy.deepcopy(model), "mabn")
+    copied = copy.deepcopy(model)
+    stem_weight = copied.stem.weight
+    converted = smallbn.convert(copied, "mabn")
     assert isinstance(converted.stem, smallbn.CenteredConv2d)
-    assert converted.stem.weight is not model.stem.weight  # deepcopy; identity kept within
+    assert converted.stem.weight is stem_weight  # the replaced conv's Parameter, shared
     back = smallbn.convert(converted, "bn")
     assert isinstance(back.stem, smallbn.CenteredConv2d) and isinstance(
         back.stem_norm, nn.BatchNorm2d
     )
+
+
+# -- edge cases of the model walk --------------------------------------------------------------
+
+
+def test_dim_applies_to_rank_agnostic_sources_only():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.SyncBatchNorm(4), nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5)
+    )
+    smallbn.convert(model, "brn", dim=2)
+    assert type(model[1]) is smallbn.BatchRenorm2d
+    assert type(model[4]) is smallbn.BatchRenorm1d
+    model.train()(torch.randn(3, 1, 5, 5))
+
+
+def test_a_norm_registered_under_two_names_stays_one_layer():
+    norm = nn.BatchNorm2d(2)
+    model = nn.Module()
+    model.a, model.b = norm, norm  # two names in one parent
+    model.inner = nn.Sequential(norm)  # and a third in another
+    smallbn.convert(model, "brn")
+    assert type(model.a) is smallbn.BatchRenorm2d
+    assert model.a is model.b is model.inner[0]
+
+
+def test_partial_options_beat_the_old_layers_and_kwargs_beat_both():
+    model = nn.Sequential(nn.BatchNorm2d(4, eps=1e-5, momentum=0.1))
+    smallbn.convert(model, functools.partial(smallbn.BatchRenorm2d, momentum=0.01, eps=1e-3))
+    assert model[0].momentum == 0.01 and model[0].eps == 1e-3
+    smallbn.convert(model, functools.partial(smallbn.GhostBatchNorm2d, momentum=0.2), momentum=0.3)
+    assert model[0].momentum == 0.3 and model[0].eps == 1e-3
+
+
+def test_a_failed_convert_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), smallbn.DomainBatchNorm2d(4, 2))
+    with pytest.raises(ValueError, match="cannot replace '2'"):
+        smallbn.convert(model, "domainbn", num_domains=3)  # 2 domains' statistics: no map to 3
+    assert [type(m) for m in model] == [nn.BatchNorm2d, nn.Conv2d, smallbn.DomainBatchNorm2d]
+
+
+def test_domain_statistics_errors_name_the_layer_and_the_fix():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    smallbn.convert(model, "domainbn", num_domains=2)
+    with pytest.raises(ValueError, match=r"cannot replace '0'.*convert to 'bn' first"):
+        smallbn.convert(model, "domainbn", num_domains=3)
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=r"cannot replace '0'.*source_domain=.* out of range"):
+            smallbn.convert(model, "bn", source_domain=bad)
+    assert type(model[0]) is smallbn.DomainBatchNorm2d
+
+
+def test_a_layer_instance_or_a_lazy_layer_gets_a_clear_error():
+    with pytest.raises(TypeError, match="pass its class"):
+        smallbn.convert(nn.Sequential(nn.BatchNorm2d(4)), smallbn.BatchRenorm2d(4))
+    with pytest.raises(ValueError, match="run one forward pass before converting"):
+        smallbn.convert(nn.Sequential(nn.LazyBatchNorm2d()), "brn")
+
+
+def test_dtype_override_reaches_the_affine_parameters():
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+    weight = model[0].weight.detach().clone()
+    smallbn.convert(model, "brn", dtype=torch.float64)
+    for tensor in (model[0].weight, model[0].bias, model[0].running_mean):
+        assert tensor.dtype == torch.float64
+    torch.testing.assert_close(model[0].weight.float(), weight, rtol=0, atol=0)
+
+
+def test_a_source_without_tensors_takes_the_models_dtype():
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    ).double()
+    smallbn.convert(model, "sn")
+    assert model[1].mean_weight.dtype == torch.float64
+    model.train()(torch.randn(2, 1, 4, 4, dtype=torch.float64))
+
+
+def test_freeze_norms_freezes_what_equals_its_eval_map_and_leaves_switchable_norm():
+    model = _pretrained_resnet()
+    smallbn.convert(model, "sn", where=lambda name, _: name.startswith("stages.0"))
+    smallbn.convert(model, "brn", where=lambda name, _: name == "stem_norm")
+    model.train()(torch.randn(4, 1, 12, 12))
+    model.eval()
+    images = torch.randn(3, 1, 12, 12)
+    expected = model(images)
+    smallbn.freeze_norms(model)
+    assert type(model.stem_norm) is smallbn.FrozenBatchNorm2d
+    assert type(model.stages[0].bn1) is smallbn.SwitchableNorm2d
+    torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_binding_survives_other_smallbn_layers_and_later_converts():
+    model = _pretrained_resnet().train()
+    smallbn.convert(model, "brn")
+    smallbn.convert(model, "cbn", window=2, where=lambda name, _: name == "stem_norm")
+    assert model.stem_norm.producer is model.stem
+    for _ in range(3):
+        model(torch.randn(4, 1, 12, 12)).sum().backward()
+    window = model.stem_norm.window_var_grad.clone()
+    smallbn.convert(model, "frozenbn", where=lambda name, _: name == "stages.0.bn1")
+    assert model.stem_norm.producer is model.stem
+    torch.testing.assert_close(model.stem_norm.window_var_grad, window, rtol=0, atol=0)

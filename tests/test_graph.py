@@ -214,3 +214,31 @@ def test_every_producer_type_is_recognized():
     for producer in producers:
         model = nn.Sequential(producer, nn.BatchNorm1d(2))
         assert find_producers(model, is_norm) == {"1": "0"}, type(producer).__name__
+
+
+class _SharedActivation(nn.Module):
+    """An untraceable forward around a Sequential that uses one ReLU twice: conv2 is not
+    followed by the norm (the ReLU's second use sits between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        act = nn.ReLU()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 2, 1), act, nn.Conv2d(2, 2, 1), act, nn.BatchNorm2d(2)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) if x.sum() > 0 else x
+
+
+def test_sequential_fallback_keeps_a_child_used_twice_between_its_neighbours():
+    search = trace_producers(_SharedActivation(), is_norm)
+    assert search.method == "sequential"
+    assert search.producers == {}
+
+
+def test_data_parallel_wrappers_are_seen_through():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+    search = trace_producers(nn.DataParallel(model), is_norm)
+    assert search.method == "fx"
+    assert search.producers == {"module.1": "module.0"}

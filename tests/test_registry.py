@@ -79,3 +79,31 @@ def test_register_norm_rejects_duplicates_and_registers_new_names():
 def test_bad_spec_type():
     with pytest.raises(TypeError, match="name, a class or a functools.partial"):
         registry.resolve_norm(3)  # type: ignore[arg-type]
+
+
+def test_register_norm_aliases_cannot_take_names_unless_overwriting():
+    with pytest.raises(ValueError, match="'bn' already registered"):
+        smallbn.register_norm("test_alias_norm", nn.Identity, aliases=("bn",))
+    assert "test_alias_norm" not in smallbn.available_norms()
+    assert type(smallbn.build_norm("bn", 4)) is nn.BatchNorm2d
+    saved = dict(registry._FAMILIES), dict(registry._ALIASES)
+    try:
+        identity = lambda c, **kw: nn.Identity()  # noqa: E731
+        smallbn.register_norm("test_alias_norm", identity, aliases=("ghost",), overwrite=True)
+        assert type(smallbn.build_norm("ghost", 4)) is nn.Identity  # the alias moved
+        assert type(smallbn.build_norm("ghostbn", 4)) is smallbn.GhostBatchNorm2d
+        smallbn.register_norm("test_alias_norm", identity, aliases=("brn",), overwrite=True)
+        assert "brn" not in smallbn.available_norms()  # the name became an alias ...
+        with pytest.raises(KeyError):
+            smallbn.build_norm("batchrenorm", 4)  # ... and its old aliases went with it
+    finally:
+        registry._FAMILIES.clear()
+        registry._FAMILIES.update(saved[0])
+        registry._ALIASES.clear()
+        registry._ALIASES.update(saved[1])
+    assert type(smallbn.build_norm("ghost", 4)) is smallbn.GhostBatchNorm2d
+
+
+def test_a_layer_instance_is_not_a_spec():
+    with pytest.raises(TypeError, match=r"layer instance .*pass its class \(GroupNorm\)"):
+        smallbn.build_norm(nn.GroupNorm(2, 4), 4)

@@ -2,14 +2,18 @@
 
 :func:`convert` replaces every torch BatchNorm (``_BatchNorm`` subclasses, SyncBatchNorm
 included) and every smallbn layer in a model of any nesting by the layer a spec names,
-keeping ``eps``/``momentum``/``affine``/``track_running_stats`` unless overridden, the
-affine parameters (the same ``nn.Parameter`` objects where both sides have parameters, so an
+keeping ``eps``/``momentum``/``affine``/``track_running_stats`` unless the spec (a
+``functools.partial``) or the keyword arguments set them, the affine parameters (the same
+``nn.Parameter`` objects where both sides have parameters of one dtype and device, so an
 optimizer built earlier keeps working) and the running statistics.  ``convert(model, "bn")``
-returns to torch's layers.  Forward hooks registered on the old layers do not carry over.
+returns to torch's layers.  A layer registered under several names becomes one new layer;
+every replacement is built before any is installed, so a failed convert changes nothing.
+Forward hooks registered on the old layers do not carry over.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +75,9 @@ def _statistic(value: Tensor, target_shape: torch.Size, domain: int) -> Tensor:
     if value.dim() == 1 and len(target_shape) == 2:
         return value.unsqueeze(0).expand(target_shape)
     raise ValueError(
-        f"cannot map running statistics of shape {tuple(value.shape)} to {tuple(target_shape)}"
+        f"cannot map running statistics of shape {tuple(value.shape)} to "
+        f"{tuple(target_shape)}; convert to 'bn' first (source_domain picks the domain whose "
+        f"statistics it keeps), then to the new number of domains"
     )
 
 
@@ -81,9 +87,10 @@ def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
             param, dst = getattr(source, name, None), getattr(target, name, None)
             if param is None or dst is None:
                 continue
-            if isinstance(param, nn.Parameter) and isinstance(dst, nn.Parameter):
-                setattr(target, name, param)
-            else:
+            same_kind = param.dtype == dst.dtype and param.device == dst.device
+            if isinstance(param, nn.Parameter) and isinstance(dst, nn.Parameter) and same_kind:
+                setattr(target, name, param)  # an optimizer built earlier keeps working
+            else:  # e.g. convert(..., dtype=torch.float64): the new layer's own parameter
                 dst.copy_(param)
         for name in ("running_mean", "running_var"):
             src, dst = getattr(source, name, None), getattr(target, name, None)
@@ -98,32 +105,62 @@ def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
 
 
 def _replacement(
-    name: str, module: nn.Module, spec: NormSpec, dim: int | None, kwargs: dict[str, Any]
+    name: str,
+    module: nn.Module,
+    spec: NormSpec,
+    dim: int | None,
+    kwargs: dict[str, Any],
+    fallback_factory: dict[str, Any],
 ) -> nn.Module:
-    source_dim = _input_dim(module) if dim is None else dim
+    source_dim = _input_dim(module) or dim
     source: Any = module  # a torch BN or a smallbn layer: both have BN's attributes
-    options: dict[str, Any] = {
+    inherited: dict[str, Any] = {
         "eps": source.eps,
         "momentum": source.momentum,
         "affine": source.affine,
         "track_running_stats": source.track_running_stats,
-        **_factory(module),
+        **(_factory(module) or fallback_factory),
     }
-    options.update(kwargs)
-    domain = int(options.pop("source_domain", getattr(module, "active_domain", 0)))
+    if isinstance(spec, functools.partial):  # the partial's own options beat the old layer's
+        inherited = {k: v for k, v in inherited.items() if k not in spec.keywords}
+    options = {**inherited, **kwargs}
     try:
+        if (
+            isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and source.has_uninitialized_params()
+        ):
+            raise ValueError(
+                "its channel count is not known yet (a lazy layer); run one forward pass "
+                "before converting"
+            )
+        domain = _source_domain(module, options.pop("source_domain", None))
         target = resolve_norm(spec, source_dim)(source.num_features, **options)
-    except (TypeError, ValueError, KeyError) as error:
+        _transfer_state(module, target, domain)
+    except (TypeError, ValueError, KeyError, IndexError) as error:
         raise type(error)(
             f"convert: cannot replace '{name}' ({type(module).__name__}): {error}"
         ) from error
-    _transfer_state(module, target, domain)
     target.train(module.training)
     if isinstance(target, NormBase):
         target._smallbn_name = name  # type: ignore[assignment]
         if target._input_dim is None and source_dim is not None:
             target._smallbn_dim = source_dim  # type: ignore[assignment]
     return target
+
+
+def _source_domain(module: nn.Module, requested: Any) -> int:
+    """The domain whose statistics a domain-specific layer hands on (its active one unless
+    ``source_domain`` says otherwise); 0 for other layers."""
+    domains = getattr(module, "num_domains", None)
+    if requested is None:
+        return int(getattr(module, "active_domain", 0))
+    domain = int(requested)
+    if domains is not None and not 0 <= domain < domains:
+        raise ValueError(
+            f"source_domain={domain} is out of range for {domains} domains; pass "
+            f"0 <= source_domain < {domains}"
+        )
+    return domain
 
 
 def convert_with_report(
@@ -135,20 +172,34 @@ def convert_with_report(
     **kwargs: Any,
 ) -> tuple[nn.Module, list[Converted]]:
     """:func:`convert`, also returning what was replaced."""
+    fallback_factory = _factory(model)
+    replacements: dict[int, nn.Module] = {}  # a layer registered under several names
     report: list[Converted] = []
+    installs: list[tuple[nn.Module, str, nn.Module]] = []
 
-    def visit(module: nn.Module, prefix: str) -> nn.Module:
-        if is_norm_layer(module) and (where is None or where(prefix or "<root>", module)):
-            new = _replacement(prefix or "<root>", module, spec, dim, kwargs)
-            report.append(Converted(prefix or "<root>", type(module).__name__, type(new).__name__))
-            return new
-        for child_name, child in module.named_children():
-            new_child = visit(child, f"{prefix}.{child_name}" if prefix else child_name)
-            if new_child is not child:
-                setattr(module, child_name, new_child)
-        return module
+    def plan(module: nn.Module, prefix: str) -> nn.Module | None:
+        """The replacement of ``module`` if it is a selected norm; otherwise recurse."""
+        name = prefix or "<root>"
+        if is_norm_layer(module) and (where is None or where(name, module)):
+            if id(module) not in replacements:
+                new = _replacement(name, module, spec, dim, kwargs, fallback_factory)
+                replacements[id(module)] = new
+                report.append(Converted(name, type(module).__name__, type(new).__name__))
+            return replacements[id(module)]
+        # _modules keeps a child registered under two names twice (named_children would not)
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new_child = plan(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if new_child is not None:
+                installs.append((module, child_name, new_child))
+        return None
 
-    model = visit(model, "")
+    # Every replacement is built before any is installed: an error leaves the model as it was.
+    root = plan(model, "")
+    for parent, child_name, new_child in installs:
+        setattr(parent, child_name, new_child)
+    model = model if root is None else root
     bind_producers(model)
     return model, report
 
@@ -174,14 +225,22 @@ def bind_producers(model: nn.Module) -> dict[str, str | None]:
     }
     if not layers:
         return {}
-    wanted = {id(m) for m in layers.values()}
-    search = trace_producers(model, lambda m: id(m) in wanted)
+    # Every norm is a target, so that fx keeps each one whole: tracing into another smallbn
+    # layer's forward (its input checks) would fail and fall back to the weaker search.
+    search = trace_producers(model, lambda m: is_norm_layer(m) or isinstance(m, GroupedNorm))
     modules = dict(model.named_modules())
+    current_modules = {id(m) for m in modules.values()}
     bound: dict[str, str | None] = {}
     for name, found in layers.items():
         layer: Any = found.norm if isinstance(found, GroupedNorm) else found
         producer_name = search.producers.get(name)
         producer = modules[producer_name] if producer_name is not None else None
+        previous = getattr(layer, "producer", None)
+        if producer is None and search.method != "fx" and id(previous) in current_modules:
+            # The fallback search sees less than fx did when this layer was bound: keep the
+            # binding (and CBN's window of derivatives) rather than drop it.
+            bound[name] = next(n for n, m in modules.items() if m is previous)
+            continue
         note = None if producer is not None else search.unpaired.get(name, "no producer found")
         replacement = layer.bind_producer(producer, note)
         if replacement is not None and producer_name is not None:
@@ -230,7 +289,17 @@ def uses_batch_stats(module: nn.Module) -> bool:
 
 
 def freeze_norms(model: nn.Module) -> nn.Module:
-    """Replace every batch-statistics layer (BN, SyncBN, BRN, Ghost, domain BN, ...) by a
-    FrozenBatchNorm holding its current running statistics and affine; batch-independent
-    norms (GN, LN, IN) are left alone."""
-    return convert(model, "frozenbn", where=lambda _, layer: uses_batch_stats(layer))
+    """Replace every batch-statistics layer whose eval output is BN's per-channel affine map
+    (BN, SyncBN, BRN, Ghost, domain BN, CBN, MABN) by a FrozenBatchNorm holding its current
+    running statistics and affine, so it computes what the layer computes in eval mode.
+
+    Left alone: batch-independent norms (GN, LN, IN), and Switchable Norm unless it is pure
+    BN (its eval output mixes each sample's own IN/LN statistics with the running BN ones,
+    which no fixed affine map reproduces)."""
+
+    def frozen_equals_eval(layer: nn.Module) -> bool:
+        return uses_batch_stats(layer) and (
+            not isinstance(layer, NormBase) or layer.eval_affine() is not None
+        )
+
+    return convert(model, "frozenbn", where=lambda _, layer: frozen_equals_eval(layer))

@@ -201,7 +201,10 @@ def _sequential_children(model: nn.Module) -> Iterable[tuple[str, list[tuple[str
         # A subclass that overrides forward may route children's outputs anywhere.
         if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             prefix = f"{name}." if name else ""
-            yield name, [(prefix + child, m) for child, m in module.named_children()]
+            # _modules, not named_children(): a module placed twice in the sequence (a shared
+            # activation) must stay between its neighbours, or they would look adjacent.
+            children = [(prefix + c, m) for c, m in module._modules.items() if m is not None]
+            yield name, children
 
 
 def _pair_sequential(
@@ -246,7 +249,8 @@ def trace_producers(
     """Pair every target module of ``model`` with the producer whose output is its input.
 
     Args:
-        model: any module; it is traced, never run.
+        model: any module (``DataParallel``/``DistributedDataParallel`` wrappers are seen
+            through); it is traced, never run.
         is_target: selects the modules to pair (e.g. :func:`smallbn.convert.is_norm_layer`).
         producer_types: the producer classes, matched by exact type.
 
@@ -254,6 +258,15 @@ def trace_producers(
         A :class:`ProducerSearch`: the pairs, the reason for each target left unpaired, and
         the method used (``"fx"``, or ``"sequential"`` when tracing failed).
     """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        # Their forward cannot be traced; the wrapped module's can, under the prefix "module."
+        inner = trace_producers(model.module, is_target, producer_types=producer_types)
+        return ProducerSearch(
+            {f"module.{t}": f"module.{p}" for t, p in inner.producers.items()},
+            {f"module.{t}": why for t, why in inner.unpaired.items()},
+            inner.method,
+            inner.trace_error,
+        )
     targets = _targets(model, is_target)
     tracer = _LeafTracer(is_target, producer_types)
     try:

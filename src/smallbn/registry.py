@@ -43,8 +43,17 @@ def register_norm(
 ) -> None:
     """Register ``name`` (and ``aliases``) for a layer family or a single rank-agnostic layer."""
     key = name.lower()
-    if not overwrite and (key in _FAMILIES or key in _ALIASES):
-        raise ValueError(f"register_norm: '{name}' is already registered")
+    taken = [n for n in (key, *(a.lower() for a in aliases)) if n in _FAMILIES or n in _ALIASES]
+    if taken and not overwrite:
+        raise ValueError(
+            f"register_norm: {', '.join(repr(n) for n in taken)} already registered (a name "
+            f"or an alias); pick other names or pass overwrite=True"
+        )
+    for taken_name in taken:  # overwrite: a taken name or alias now means this layer
+        _ALIASES.pop(taken_name, None)
+        if taken_name != key and _FAMILIES.pop(taken_name, None) is not None:
+            for alias in [a for a, target in _ALIASES.items() if target == taken_name]:
+                del _ALIASES[alias]
     _FAMILIES[key] = family if isinstance(family, Mapping) else {None: family}
     for alias in aliases:
         _ALIASES[alias.lower()] = key
@@ -69,6 +78,11 @@ def _canonical(name: str) -> str:
 def resolve_norm(spec: NormSpec, dim: int | None = 2) -> Callable[..., nn.Module]:
     """The constructor ``spec`` names for inputs with ``dim`` spatial ranks (1, 2, 3, or
     None for "any rank", when the method has such a class)."""
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"a norm spec is a name, a class or a functools.partial, got the layer instance "
+            f"{spec!r}; pass its class ({type(spec).__name__}) or a functools.partial of it"
+        )
     if not isinstance(spec, str):
         if callable(spec):
             return spec
