@@ -135,6 +135,14 @@ SCENARIOS: dict[str, Scenario] = {
         lambda **kw: smallbn.SwitchableNorm2d(C, **kw),
         lambda: smallbn.SwitchableNorm2d(C, sync=False),
     ),
+    "batch_renorm_groups_straddle_ranks": Scenario(
+        lambda **kw: smallbn.BatchRenorm2d(C, norm_batch_size=2, **_BRN_RAMP, **kw),
+        lambda: smallbn.BatchRenorm2d(C, norm_batch_size=2, **_BRN_RAMP, sync=False),
+    ),
+    "switchable_norm_groups_straddle_ranks": Scenario(
+        lambda **kw: smallbn.SwitchableNorm2d(C, norm_batch_size=2, **kw),
+        lambda: smallbn.SwitchableNorm2d(C, norm_batch_size=2, sync=False),
+    ),
     "syncbn_explicit_process_group": Scenario(
         lambda **kw: smallbn.SyncBatchNorm(C, **kw),
         lambda: nn.BatchNorm2d(C),
@@ -209,4 +217,24 @@ def run_scenarios(rank: int, world: int) -> dict[str, Any]:
         ]
         eval_x, _, eval_domain = make_batch(scenario.kind, world, -1, rank, EVAL_SIZES[world][rank])
         results[name] = run_steps(layer, batches, eval_x, eval_domain)
+    # Eval mode with batch statistics (no running ones) is per process, as in torch's
+    # SyncBatchNorm: rank 0 evaluates alone while the others go on to the final barrier.
+    if rank == 0:
+        x = make_batch("2d", world, -2, 0, 3)[0]
+        alone = {}
+        for name, layer in EVAL_ALONE.items():
+            layer = layer().to(DTYPE).eval()
+            init_params(layer)
+            with torch.no_grad():
+                alone[name] = layer(x)
+        results["eval_alone"] = {"x": x, **alone}
     return results
+
+
+#: Layers evaluated by rank 0 alone (``track_running_stats=False``, ``sync=True``).
+EVAL_ALONE: dict[str, Callable[[], nn.Module]] = {
+    "syncbn": lambda: smallbn.SyncBatchNorm(C, track_running_stats=False, sync=True),
+    "ghost": lambda: smallbn.GhostBatchNorm2d(
+        C, group_size=64, track_running_stats=False, sync=True
+    ),
+}

@@ -156,6 +156,19 @@ def test_matches_single_process_reference(
             _close(got_eval, ref["eval_y"][part], f"{where}: eval output of rank {r}")
 
 
+def test_eval_with_batch_statistics_does_not_synchronize(
+    world_results: tuple[int, list[dict[str, Any]]],
+) -> None:
+    _, results = world_results
+    alone = results[0]["eval_alone"]
+    reference = nn.BatchNorm2d(dw.C, track_running_stats=False).to(dw.DTYPE).eval()
+    dw.init_params(reference)
+    with torch.no_grad():
+        expected = reference(alone["x"])
+    for name in dw.EVAL_ALONE:
+        _close(alone[name], expected, f"{name} evaluated by rank 0 alone")
+
+
 # -- no synchronization: world size 1, and torch.distributed not initialized -----------------
 
 

@@ -523,6 +523,10 @@ def fused_batch_norm(
     if x.dtype in (torch.float32, torch.float64):  # the kernel mixes dtypes for half inputs only
         weight = None if weight is None else weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
+    else:  # float32 γ and β select the mixed kernel, whose statistics are float32
+        channels = x.shape[1]
+        weight = x.new_ones(channels, dtype=torch.float32) if weight is None else weight.float()
+        bias = x.new_zeros(channels, dtype=torch.float32) if bias is None else bias.float()
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     dtype = stats_dtype(x.dtype)
     invstd = invstd.detach().to(torch.float64)

@@ -4,6 +4,8 @@ bounds, BN state and error messages."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -239,12 +241,16 @@ def test_rejects_incompatible_checkpoint():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(r_max=0.5), r"BatchRenorm2d: need r_max >= 1 and d_max >= 0, got r_max=0.5"),
+        (dict(r_max=0.5), r"BatchRenorm2d: need finite r_max >= 1 and d_max >= 0, got r_max=0.5"),
         (
             dict(d_max=-1.0),
-            r"BatchRenorm2d: need r_max >= 1 and d_max >= 0, .*d_max=-1.0 "
-            r"\(r_max=1, d_max=0 is plain BN\)",
+            r"BatchRenorm2d: need finite r_max >= 1 and d_max >= 0, .*d_max=-1.0 "
+            r"\(r_max=1, d_max=0 is plain BN",
         ),
+        (dict(r_max=math.inf), r"need finite r_max .*large finite limits"),
+        (dict(d_max=math.inf), r"need finite r_max .*large finite limits"),
+        (dict(r_max=math.nan), r"need finite r_max"),
+        (dict(norm_batch_size=0), r"BatchRenorm2d: norm_batch_size must be >= 1 or None, got 0"),
         (dict(momentum=1.01), r"BatchRenorm2d: momentum .* must lie in \[0, 1\]"),
     ],
 )

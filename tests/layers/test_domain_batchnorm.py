@@ -179,6 +179,14 @@ def test_bn_checkpoint_loads_into_every_domain():
     torch.testing.assert_close(again.running_var, layer.running_var, rtol=0, atol=0)
 
 
+def test_use_domain_switches_no_layer_when_one_lacks_the_domain():
+    model = nn.Sequential(DomainBatchNorm1d(3, num_domains=4), DomainBatchNorm1d(3, num_domains=2))
+    with pytest.raises(ValueError, match=r"domain 3 not in \[0, 2\)"):
+        with use_domain(model, 3):
+            pass
+    assert [m.active_domain for m in model] == [0, 0]
+
+
 def test_use_domain_selects_the_domain_for_a_whole_model_and_restores_it():
     model = nn.Sequential(
         DomainBatchNorm1d(3, num_domains=3), nn.ReLU(), DomainBatchNorm1d(3, num_domains=3)

@@ -4,6 +4,7 @@ across processes is tested in tests/test_distributed.py.)"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -158,3 +159,16 @@ def test_rejects_bad_constructor_args(momentum):
         match=r"SyncBatchNorm: num_features must be a positive channel count, got 0",
     ):
         SyncBatchNorm(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_statistics_are_float32_without_affine(dtype):
+    """SPEC: statistics in float32 at least, also when there is no γ/β to carry the dtype."""
+    x = (torch.randn(8, 3, 5, 5, dtype=torch.float64) * 3 + 7).to(dtype)
+    layer = smallbn.SyncBatchNorm(3, affine=False, momentum=1.0)
+    layer(x)
+    values = x.double().numpy()
+    mean = values.mean(axis=(0, 2, 3))
+    var = values.var(axis=(0, 2, 3), ddof=1)
+    np.testing.assert_allclose(layer.running_mean.double().numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var.double().numpy(), var, rtol=1e-4)

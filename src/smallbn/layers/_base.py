@@ -210,6 +210,11 @@ class NormBase(nn.Module):
     # -- checks --------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.describe()}: expected a floating-point input, got {x.dtype}. Convert "
+                f"it first, e.g. x.float()."
+            )
         expected = _RANKS.get(self._input_dim) if self._input_dim else None
         if (expected is not None and x.dim() not in expected) or x.dim() < 2:
             want = _SHAPES[self._input_dim] if self._input_dim else "(N, C, *spatial)"
@@ -246,8 +251,11 @@ class NormBase(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before BN had this buffer (torch < 0.4.1) load as torch's BN does.
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # Checkpoints from before BN had this buffer (torch < 0.4.1) load as torch's BN
+            # does: the layer keeps its own count (a restart of BRN's ramp would be silent).
+            current = self.num_batches_tracked
+            keep = current is not None and current.device != torch.device("meta")
+            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
         self._adapt_state_dict(state_dict, prefix)
         first_new = len(error_msgs)
         super()._load_from_state_dict(
@@ -311,7 +319,7 @@ class BatchStatsNorm(NormBase):
             factor = self._advance_step()
             try:
                 return self._forward_train(x, factor, *args)
-            except (ValueError, FloatingPointError):
+            except Exception:
                 self._undo_step(factor)
                 raise
         return self._forward_eval(x, *args)
@@ -343,6 +351,10 @@ class BatchStatsNorm(NormBase):
     # -- batch statistics ----------------------------------------------------------------
 
     def _sync_group(self) -> _distributed.ProcessGroup | None:
+        # As torch's SyncBatchNorm: never in eval mode, where batch statistics (without
+        # running ones) are a per-process evaluation that other ranks need not join.
+        if not self.training:
+            return None
         return _distributed.active_group(self.sync, self.process_group)
 
     def _batch_moments(self, x: Tensor, differentiable: bool = True) -> Moments:

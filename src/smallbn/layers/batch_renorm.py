@@ -16,6 +16,8 @@ the first ``warmup_steps`` (paper: 5k) steps, then r_max reaches its final value
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,10 +69,16 @@ class BatchRenorm(BatchStatsNorm):
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
-        if r_max < 1 or d_max < 0:
+        if not (math.isfinite(r_max) and math.isfinite(d_max)) or r_max < 1 or d_max < 0:
             raise ValueError(
-                f"{type(self).__name__}: need r_max >= 1 and d_max >= 0, got r_max={r_max}, "
-                f"d_max={d_max} (r_max=1, d_max=0 is plain BN)"
+                f"{type(self).__name__}: need finite r_max >= 1 and d_max >= 0, got "
+                f"r_max={r_max}, d_max={d_max} (r_max=1, d_max=0 is plain BN; for clipping "
+                f"that never binds pass large finite limits, e.g. r_max=1e6, d_max=1e6)"
+            )
+        if norm_batch_size is not None and int(norm_batch_size) < 1:
+            raise ValueError(
+                f"{type(self).__name__}: norm_batch_size must be >= 1 or None, got "
+                f"{norm_batch_size}"
             )
         super().__init__(
             num_features,
@@ -122,8 +130,11 @@ class BatchRenorm(BatchStatsNorm):
         return gamma * r, beta + gamma * d
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
-        if self.norm_batch_size is not None and x.shape[0] > self.norm_batch_size:
-            index, num_groups = self._sample_groups(x, self.norm_batch_size)
+        # Synchronized, the groups span every process's batch: every rank must take this
+        # path (a local size test could differ between ranks and mismatch their collectives).
+        size = self.norm_batch_size
+        if size is not None and (x.shape[0] > size or self._sync_group() is not None):
+            index, num_groups = self._sample_groups(x, size)
 
             def statistics(instance: Moments) -> SampleNormalization:
                 groups = self._merge_groups(instance, index, num_groups)

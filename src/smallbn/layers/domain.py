@@ -208,9 +208,13 @@ def use_domain(model: nn.Module, domain: int) -> Iterator[nn.Module]:
     """Within the block every :class:`DomainBatchNorm` of ``model`` uses ``domain``."""
     layers = [m for m in model.modules() if isinstance(m, DomainBatchNorm)]
     previous = [m.active_domain for m in layers]
-    for m in layers:
+    for m in layers:  # every layer is checked before any is switched
         if not 0 <= domain < m.num_domains:
-            raise ValueError(f"{m.describe()}: domain {domain} not in [0, {m.num_domains})")
+            raise ValueError(
+                f"{m.describe()}: domain {domain} not in [0, {m.num_domains}); pass a domain "
+                f"every DomainBatchNorm of the model has"
+            )
+    for m in layers:
         m.active_domain = domain
     try:
         yield model

@@ -92,6 +92,11 @@ class SwitchableNorm(BatchStatsNorm):
             )
         self.branches = tuple(b for b in BRANCHES if b in chosen)
         self.last_gamma = last_gamma
+        if norm_batch_size is not None and int(norm_batch_size) < 1:
+            raise ValueError(
+                f"{type(self).__name__}: norm_batch_size must be >= 1 or None, got "
+                f"{norm_batch_size}"
+            )
         self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
         super().__init__(
             num_features,
@@ -208,8 +213,9 @@ class SwitchableNorm(BatchStatsNorm):
             if not usable["ln"]:
                 self._warn_once("ln", "for inputs with a single value per sample")
         if "bn" in self.branches:
-            if training and self.norm_batch_size is not None and n > self.norm_batch_size:
-                index, num_groups = self._sample_groups(x, self.norm_batch_size)
+            size = self.norm_batch_size  # synchronized: groups span every rank (see BRN)
+            if training and size is not None and (n > size or self._sync_group() is not None):
+                index, num_groups = self._sample_groups(x, size)
                 groups = self._batch_branch(instance, index, num_groups)
                 self._update_running_from_groups(groups, factor)
                 stats["bn"] = (groups.mean[index], groups.var[index])

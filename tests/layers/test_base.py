@@ -1,0 +1,53 @@
+"""What every smallbn layer inherits from ``layers/_base.py``: the input checks, the step
+counter a failed forward leaves untouched, and BN's loading of checkpoints that predate
+``num_batches_tracked`` (compared with torch's BatchNorm2d itself)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import smallbn
+from smallbn import available_norms, build_norm
+from smallbn.layers import NormBase
+
+SMALLBN_NAMES = [n for n in available_norms() if isinstance(build_norm(n, 4), NormBase)]
+
+
+@pytest.mark.parametrize("name", SMALLBN_NAMES)
+@pytest.mark.parametrize("training", [True, False])
+def test_integer_input_is_rejected_with_the_fix(name, training):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CBN without a producer says so once
+        layer = build_norm(name, 4).train(training)
+    with pytest.raises(TypeError, match=r"expected a floating-point input, got torch.int64.*"):
+        layer(torch.ones(3, 4, 2, 2, dtype=torch.long))
+
+
+def test_a_failed_forward_of_any_kind_leaves_the_step_counter():
+    layer = smallbn.BatchRenorm2d(4)
+    layer(torch.randn(3, 4, 2, 2))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    layer._forward_train = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        layer(torch.randn(3, 4, 2, 2))
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("layer_class", [smallbn.BatchRenorm2d, smallbn.SyncBatchNorm])
+def test_a_checkpoint_without_the_step_counter_keeps_the_layers_count(layer_class):
+    layer, torch_bn = layer_class(4), nn.BatchNorm2d(4)
+    for module in (layer, torch_bn):
+        for _ in range(5):
+            module(torch.randn(3, 4, 2, 2))
+    old = {k: v for k, v in torch_bn.state_dict().items() if k != "num_batches_tracked"}
+    for module in (layer, torch_bn):  # no metadata: a checkpoint from before the buffer
+        module.load_state_dict(old, strict=False)
+    assert int(torch_bn.num_batches_tracked) == 5
+    assert int(layer.num_batches_tracked) == int(torch_bn.num_batches_tracked)
