@@ -122,13 +122,21 @@ def test_state_dict_is_batchnorms():
 # -- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, group_size", [((5, 4), 2), ((4, 4), 1), ((1, 4), 8)], ids=str)
-def test_rejects_a_group_with_one_value(shape, group_size):
+@pytest.mark.parametrize(
+    "shape, group_size, hint",
+    [
+        ((5, 4), 2, ": a batch that is a multiple of 2 has no short last group"),
+        ((4, 4), 1, ""),
+        ((1, 4), 8, ": a batch that is a multiple of 8 has no short last group"),
+    ],
+    ids=str,
+)
+def test_rejects_a_group_with_one_value(shape, group_size, hint):
     layer = GhostBatchNorm1d(4, group_size=group_size)
     with pytest.raises(
         ValueError,
         match=rf"GhostBatchNorm1d\(4\): training needs more than one value per channel.*smallest "
-        rf"group of samples \(group_size={group_size}, batch {shape[0]}\) has 1.*larger batch",
+        rf"group of samples \(groups of {group_size}, batch {shape[0]}{hint}\) has 1.*larger batch",
     ):
         layer(torch.randn(shape))
     assert int(layer.num_batches_tracked) == 0

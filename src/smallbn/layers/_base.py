@@ -431,7 +431,12 @@ class BatchStatsNorm(NormBase):
         per_sample = math.prod(x.shape[2:])
         smallest = (total - (num_groups - 1) * group_size) * per_sample
         if smallest <= 1:
-            what = f"its smallest group of samples (group_size={group_size}, batch {total})"
+            short = (
+                f": a batch that is a multiple of {group_size} has no short last group"
+                if total % group_size and group_size * per_sample > 1
+                else ""
+            )
+            what = f"its smallest group of samples (groups of {group_size}, batch {total}{short})"
             self._raise_too_small(x, smallest, what)
         index = torch.div(
             torch.arange(offset, offset + size, device=x.device), group_size, rounding_mode="floor"
