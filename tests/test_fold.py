@@ -281,6 +281,36 @@ def test_untraceable_model_folds_sequential_neighbours_and_warns():
         assert _relative_error(folded(x), model(x)) < 1e-5
 
 
+class _ChildrenCalledOutside(nn.Module):
+    """Untraceable, and it calls its Sequential's children one by one with an operation in
+    between, which the sequential fallback cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), _randomized(nn.BatchNorm2d(4)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.stem[0](x)
+        if z.sum() != 12345.0:  # data-dependent control flow: fx cannot trace this
+            z = z * 0.5
+        return self.stem[1](z)
+
+
+def test_untraceable_model_warns_even_when_every_norm_folds():
+    """The fallback folds by position in the Sequential; here that pairing is wrong although
+    nothing is kept, so the warning must not depend on a norm staying in place."""
+    model = _ChildrenCalledOutside().eval()
+    with pytest.warns(
+        UserWarning,
+        match=r"could not trace.*every norm found was folded.*outside Sequential\.forward",
+    ):
+        folded, report = fold_with_report(model)
+    assert report.method == "sequential" and report.kept == ()
+    assert [(f.norm, f.producer) for f in report.folded] == [("stem.1", "stem.0")]
+    with pytest.warns(UserWarning, match="outside Sequential.forward"):
+        fold(model)
+
+
 def test_folding_a_folded_model_changes_nothing(images):
     folded = fold(_trained_resnet("bn"))
     again, report = fold_with_report(folded)

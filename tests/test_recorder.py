@@ -248,6 +248,25 @@ def test_default_layers_channel_selection_and_errors() -> None:
         StatsRecorder(nn.Linear(2, 2))
 
 
+def test_channel_errors_raised_in_the_hook_name_the_layer() -> None:
+    """Errors raised during the forward hook say which layer; with two layers of different
+    widths a bare "channel 5 requested" would not tell which one is too narrow."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+    )
+    with pytest.raises(IndexError, match=r"channel 5 requested for layer '1' \(BatchNorm2d\)"):
+        with StatsRecorder(model, channels=[0, 5]):
+            model(torch.randn(2, 3, 4, 4))
+    # Any module with channels in dim 1 can be recorded, so its input width can change.
+    flexible = nn.Sequential(nn.Identity()).train()
+    with StatsRecorder(flexible, ["0"]):
+        flexible(torch.randn(2, 4, 3, 3))
+        with pytest.raises(
+            RuntimeError, match=r"input of layer '0' \(Identity\) changed from 4 to 6"
+        ):
+            flexible(torch.randn(2, 6, 3, 3))
+
+
 def test_shape_changing_module_gets_forward_statistics_only() -> None:
     model = Net(2).double().train()
     capture = Capture(model.conv2)
@@ -310,6 +329,30 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert one.stat().st_size > 10_000
     with pytest.raises(KeyError, match="not recorded"):
         plot_stats({"a": _recorded()}, "act", tmp_path / "x.png", channel=99)
+
+
+def test_plot_legend_lists_every_run_even_underscore_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib hides artists labelled "_..." from automatic legends; a run named
+    "_baseline" must still get its legend entry, in the order of the mapping."""
+    from matplotlib.figure import Figure
+
+    figures: list[Any] = []
+    savefig = Figure.savefig
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    records = {"_baseline": _recorded(), "batch 4": _recorded("other")}
+    path = plot_stats(records, "norm", tmp_path / "stats.png")
+    assert path.stat().st_size > 10_000
+    legend = figures[0].axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == ["_baseline", "batch 4"]
+    colors = [handle.get_color() for handle in legend.legend_handles]
+    assert colors == ["C0", "C1"]  # each entry is its own run's line
 
 
 def _synthetic(noise: float, trend: float, t: int = 400, k: int = 3) -> Recording:

@@ -270,11 +270,23 @@ def _fold(model: nn.Module, inplace: bool, stacklevel: int) -> tuple[nn.Module, 
         # eval mode, so that the folded model passes fold's own check again
         _replace(model, name, nn.Identity().train(False))
         folded.append(FoldedNorm(name, producer_name))
-    if search.method != "fx" and kept:
+    if search.method != "fx":
+        # Warn even when every norm folded: the fallback pairs neighbours by their position
+        # in the Sequential, not by the data flow, so a pair can be wrong without any norm
+        # being kept.
+        staying = (
+            f"{len(kept)} norm(s) stay in place (fold_with_report lists them)"
+            if kept
+            else "every norm found was folded"
+        )
         warnings.warn(
             f"fold: torch.fx could not trace the model ({search.trace_error}); only norms "
             f"that directly follow a Conv/Linear inside an nn.Sequential were examined, and "
-            f"{len(kept)} norm(s) stay in place (fold_with_report lists them).",
+            f"{staying}. Those pairs come from the Sequential's order, not from tracing: if "
+            f"the model calls a Sequential's children outside Sequential.forward (e.g. "
+            f"self.block[1](f(self.block[0](x)))), a folded pair may be wrong; compare the "
+            f"folded model's outputs with the original's, or make the model traceable by "
+            f"torch.fx.",
             stacklevel=stacklevel,
         )
     return model, FoldReport(tuple(folded), tuple(kept), search.method, search.trace_error)
@@ -306,7 +318,9 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: if any module of ``model`` is in training mode.
 
-    Warns when torch.fx cannot trace the model, so that only norms directly following a
-    producer inside an ``nn.Sequential`` could be folded.
+    Warns whenever torch.fx cannot trace the model (also when every norm was folded): only
+    norms directly following a producer inside an ``nn.Sequential`` could then be folded, and
+    those pairs are taken from the Sequential's order, which is wrong if the model calls the
+    Sequential's children outside ``Sequential.forward``.
     """
     return _fold(model, inplace, stacklevel=3)[0]

@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 
 from smallbn import _distributed
 from smallbn.convert import freeze_norms, uses_batch_stats
-from smallbn.layers import BatchStatsNorm, NormBase
+from smallbn.layers import (
+    BatchStatsNorm,
+    CrossIterationBatchNorm,
+    DomainBatchNorm,
+    NormBase,
+)
 from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments
 
 __all__ = [
@@ -69,6 +74,56 @@ def _population_moments(layer: nn.Module, x: Tensor, args: tuple[Any, ...]) -> M
     if isinstance(layer, BatchStatsNorm):
         return layer.population_moments(x, *args)
     return channel_moments(x.detach())
+
+
+def _accepts_repeated_calls(layer: nn.Module) -> bool:
+    """Whether several calls of ``layer`` in one forward still define its population.
+
+    Domain-specific BN keeps one population per domain and each call contributes per-domain
+    counts, so a layer called once per domain (one FPN level per domain, Wu & Johnson 2021)
+    accumulates exactly what separate layers would.  Any other layer has one population, and
+    several inputs in one forward would be mixed into it."""
+    return isinstance(layer, DomainBatchNorm)
+
+
+def _no_data(layer: nn.Module) -> Moments:
+    """Zero moments shaped like ``layer``'s running statistics (``(D, C)`` for domain BN),
+    in the accumulation dtype: what a process whose data never reached ``layer`` contributes
+    to the cross-process merge, so that every process gathers every layer."""
+    running_mean = layer.running_mean
+    assert isinstance(running_mean, Tensor)  # batch_stats_layers keeps layers that have it
+    zeros = torch.zeros(running_mean.shape, dtype=torch.float64, device=running_mean.device)
+    return Moments(zeros.sum(-1), zeros, zeros.clone())
+
+
+def _check_finite(populations: dict[str, tuple[nn.Module, Moments]]) -> None:
+    """Raise if any population has a NaN/Inf mean or variance where it counted samples;
+    torch's own BN computes batch statistics of non-finite inputs without complaint, and
+    writing them would leave a layer that outputs NaN for every input."""
+    bad_layers: list[str] = []
+    for name, (layer, population) in populations.items():
+        finite = torch.isfinite(population.mean) & torch.isfinite(population.var)
+        bad = ~finite & (population.count > 0).unsqueeze(-1)
+        if not bool(bad.any()):
+            continue
+        channels = torch.nonzero(bad.reshape(-1, bad.shape[-1]).any(0)).flatten().tolist()
+        shown = channels[:8] + (["..."] if len(channels) > 8 else [])
+        where = f"channel(s) {shown}"
+        if bad.dim() > 1:  # one row per domain
+            where += f" of domain(s) {torch.nonzero(bad.any(-1)).flatten().tolist()}"
+        bad_layers.append(f"layer '{name}' ({type(layer).__name__}) in {where}")
+    if bad_layers:
+        others = bad_layers[1:4] + (["..."] if len(bad_layers) > 4 else [])
+        also = (
+            f" (also {len(bad_layers) - 1} later layer(s): {'; '.join(others)})" if others else ""
+        )
+        raise FloatingPointError(
+            f"precise_bn: the population statistics of {bad_layers[0]} are NaN or Inf"
+            f"{also}: the inputs it saw during the PreciseBN pass contain NaN/Inf (or values "
+            f"whose square overflows). No statistics were changed. Check the data and the "
+            f"layers before it (torch.autograd.set_detect_anomaly(True) during training "
+            f"finds where non-finite values first appear)."
+        )
 
 
 def _set_population(layer: nn.Module, population: Moments) -> None:
@@ -148,9 +203,16 @@ def precise_bn(
         forward: ``forward(model, batch)`` runs one batch; default ``model(input)``.
         batch_size: samples in a batch; default the first dim of the input tensor.
 
+    A layer that no batch reached keeps its statistics.  A :class:`~smallbn.DomainBatchNorm`
+    may be called several times in one forward (e.g. once per FPN level, one domain each):
+    every call adds to the populations of the domains it was given.
+
     Raises:
-        ValueError: ``data`` ran out before ``num_samples``, or a layer was called more than
+        ValueError: ``data`` ran out before ``num_samples`` (across processes: on any rank,
+            and then every rank raises), or a layer other than domain BN was called more than
             once in one forward (a shared layer has no single population).
+        FloatingPointError: a population is NaN/Inf (non-finite activations); nothing is
+            written.
     """
     run = forward or _default_forward
     count = batch_size or (lambda batch: int(_first_tensor(batch).shape[0]))
@@ -163,12 +225,12 @@ def precise_bn(
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             calls[name] = calls.get(name, 0) + 1
-            if calls[name] > 1:
+            if calls[name] > 1 and not _accepts_repeated_calls(module):
                 raise ValueError(
                     f"precise_bn: layer '{name}' ({type(module).__name__}) was called "
                     f"{calls[name]} times in one forward; a layer shared between several "
                     f"inputs has no single population. Give each use its own layer (e.g. "
-                    f"DomainBatchNorm with one domain per use) or exclude it."
+                    f"DomainBatchNorm with one domain per use)."
                 )
             extra = (*args[1:], *kwargs.values())
             totals[name] = _accumulate(totals[name], _population_moments(module, args[0], extra))
@@ -200,29 +262,62 @@ def precise_bn(
             bar.close()
             for handle in handles:
                 handle.remove()
-    if seen < num_samples:
-        raise ValueError(
-            f"precise_bn: the data ran out after {seen} samples, before num_samples="
-            f"{num_samples}; pass more batches (e.g. an endless loader) or a smaller num_samples"
-        )
     group = _distributed.active_group(True, process_group)
+    _check_enough_data(seen, num_samples, group, layers[0][1])
+    populations: dict[str, tuple[nn.Module, Moments]] = {}
     for name, layer in layers:
         population = totals[name]
-        if population is None:
-            continue  # the layer was not on the path of this data
         if group is not None:
-            population = merge_moments(all_gather_moments(population, group))
+            # Every rank gathers every layer, in model order, with zeros for a layer its data
+            # never reached: a rank skipping the collective would pair the other ranks'
+            # gathers with the wrong layers.
+            local = population if population is not None else _no_data(layer)
+            population = merge_moments(all_gather_moments(local, group))
+        if population is None or not bool((population.count > 0).any()):
+            continue  # the layer was not on the path of any data: it keeps its statistics
+        populations[name] = (layer, population)
+    # Every rank checks the same merged values, so all raise together or none does.
+    _check_finite(populations)
+    for layer, population in populations.values():
         _set_population(layer, population)
     if group is not None:
         dist.barrier(group=group)
     return model
 
 
+def _check_enough_data(
+    seen: int, num_samples: int, group: _distributed.ProcessGroup | None, layer: nn.Module
+) -> None:
+    """Raise if the data ran out before ``num_samples`` here or, across processes, on any
+    rank; the ranks first agree, so that no rank waits in a collective for one that raised."""
+    if group is None:
+        if seen < num_samples:
+            raise ValueError(
+                f"precise_bn: the data ran out after {seen} samples, before num_samples="
+                f"{num_samples}; pass more batches (e.g. an endless loader) or a smaller "
+                f"num_samples"
+            )
+        return
+    running_mean = layer.running_mean
+    assert isinstance(running_mean, Tensor)
+    seen_by_rank = _distributed.all_gather_sizes(seen, group, running_mean.device)
+    short = {rank: n for rank, n in enumerate(seen_by_rank) if n < num_samples}
+    if short:
+        listed = ", ".join(f"rank {rank} had {n}" for rank, n in short.items())
+        raise ValueError(
+            f"precise_bn: the data ran out before num_samples={num_samples} on "
+            f"{len(short)} of {len(seen_by_rank)} processes ({listed} samples; ranks within "
+            f"process_group). num_samples counts each process's own samples: pass more "
+            f"batches on every rank (e.g. an endless loader) or a smaller num_samples"
+        )
+
+
 @contextmanager
 def batch_stats_eval(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every batch-statistics layer normalizes with the statistics of the
     current batch and updates nothing (Wu & Johnson 2021, "use mini-batch statistics at
-    inference"); the rest of the model is in eval mode.  Everything is restored on exit.
+    inference"); the rest of the model is in eval mode.  Cross-Iteration BN uses the current
+    batch only, not the iterations in its window.  Everything is restored on exit.
 
     >>> with batch_stats_eval(model):
     ...     logits = model(test_batch)
@@ -234,11 +329,28 @@ def batch_stats_eval(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.train()
             setattr(layer, "track_running_stats", False)  # noqa: B010 (typed as nn.Module)
+        # In training mode CBN pools the batches stored in its window (training batches from
+        # before the block, and every earlier test batch) with the current one; emptying the
+        # window before each call leaves the current batch's statistics alone.  _preserved
+        # restores the window on exit.
+        handles = [
+            layer.register_forward_pre_hook(_empty_window)
+            for layer in layers
+            if isinstance(layer, CrossIterationBatchNorm)
+        ]
         try:
             yield model
         finally:
+            for handle in handles:
+                handle.remove()
             for layer, value in tracking.items():
                 setattr(layer, "track_running_stats", value)  # noqa: B010
+
+
+def _empty_window(layer: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook: forget the iterations in a CBN layer's window."""
+    assert isinstance(layer, CrossIterationBatchNorm)
+    layer.reset_window()
 
 
 class FreezeNormsAt:
@@ -249,6 +361,8 @@ class FreezeNormsAt:
     :func:`precise_bn` on ``precise_data()`` and then replaces every norm by
     :class:`~smallbn.FrozenBatchNorm` (statistics and affine fixed).  It returns the model to
     use from then on (the same object unless the model itself is a norm layer).
+    ``num_samples``, ``forward``, ``batch_size`` and ``progress`` are passed to
+    :func:`precise_bn`.
 
     >>> freeze = FreezeNormsAt(epoch=8, precise_data=lambda: train_loader)
     >>> for epoch in range(10):
@@ -263,17 +377,28 @@ class FreezeNormsAt:
         precise_data: Callable[[], Iterable[Any]] | None = None,
         num_samples: int = 4096,
         forward: ForwardFn | None = None,
+        batch_size: Callable[[Any], int] | None = None,
+        progress: bool = True,
     ) -> None:
         self.epoch = epoch
         self.precise_data = precise_data
         self.num_samples = num_samples
         self.forward = forward
+        self.batch_size = batch_size
+        self.progress = progress
         self.frozen = False
 
     def __call__(self, model: nn.Module, epoch: int) -> nn.Module:
         if self.frozen or epoch < self.epoch:
             return model
         if self.precise_data is not None:
-            precise_bn(model, self.precise_data(), self.num_samples, forward=self.forward)
+            precise_bn(
+                model,
+                self.precise_data(),
+                self.num_samples,
+                forward=self.forward,
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
         self.frozen = True
         return freeze_norms(model)

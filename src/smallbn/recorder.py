@@ -472,11 +472,15 @@ class StatsRecorder:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if not isinstance(x, Tensor) or not isinstance(output, Tensor) or x.dim() < 2:
                 return
-            self._record_forward(module, state, x, output)
+            self._record_forward(name, module, state, x, output)
 
         return hook
 
-    def _record_forward(self, module: nn.Module, state: _LayerState, x: Tensor, y: Tensor) -> None:
+    def _record_forward(
+        self, name: str, module: nn.Module, state: _LayerState, x: Tensor, y: Tensor
+    ) -> None:
+        """Append one iteration's forward moments of layer ``name``'s input ``x`` and, when
+        a backward pass will follow, hook ``y`` for the backward statistics."""
         with torch.no_grad():
             x = x.detach()
             moments = channel_moments(x)
@@ -487,13 +491,17 @@ class StatsRecorder:
                 state.num_channels = int(mean.shape[0])
             elif state.num_channels != mean.shape[0]:
                 raise RuntimeError(
-                    f"StatsRecorder: a recorded layer's input changed from "
-                    f"{state.num_channels} to {mean.shape[0]} channels"
+                    f"StatsRecorder: the input of layer '{name}' ({type(module).__name__}) "
+                    f"changed from {state.num_channels} to {mean.shape[0]} channels between "
+                    f"iterations; a recording holds one channel count per layer: use a new "
+                    f"StatsRecorder for each input width"
                 )
             if state.channels is not None and int(state.channels.max()) >= mean.shape[0]:
                 raise IndexError(
-                    f"StatsRecorder: channel {int(state.channels.max())} requested but the "
-                    f"input has {mean.shape[0]} channels"
+                    f"StatsRecorder: channel {int(state.channels.max())} requested for layer "
+                    f"'{name}' ({type(module).__name__}), but its input has {mean.shape[0]} "
+                    f"channels; pass channels={{'{name}': [...]}} with indices below "
+                    f"{mean.shape[0]}"
                 )
             state.forward.append(state.select(torch.stack([mean, var])).float())
             state.backward.append(None)
@@ -740,6 +748,7 @@ def plot_stats(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     if not records:
         raise ValueError("plot_stats: no recordings to plot")
@@ -754,19 +763,22 @@ def plot_stats(
     scaled = {frozenset([True]): " (∂L/∂y × N)", frozenset([False]): ""}.get(
         frozenset(flags), " (∂L/∂y × N in some runs only)"
     )
+    lines: dict[str, Line2D] = {}  # the first panel's line of each run, for the legend
     for ax, name in zip(axes, STATISTICS, strict=True):
         for run in order:
             series = records[run][layer].channel_series(name, channel).numpy()
             steps = np.arange(1, len(series) + 1)
-            ax.plot(steps, series, color=colors[run], linewidth=0.8, alpha=0.85, label=run)
+            (line,) = ax.plot(steps, series, color=colors[run], linewidth=0.8, alpha=0.85)
+            lines.setdefault(run, line)
         ax.set_title(STATISTIC_LABELS[name] + (scaled if name.startswith("grad") else ""))
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     for ax in axes[2:]:
         ax.set_xlabel("iteration")
-    handles, labels = axes[0].get_legend_handles_labels()
-    by_label = dict(zip(labels, handles, strict=True))
-    axes[0].legend([by_label[run] for run in records], list(records), loc="best")
+    # Handles kept per run rather than read back with get_legend_handles_labels(), which
+    # skips artists whose label starts with "_" (matplotlib's "hide from legend" marker),
+    # so a run named "_baseline" would be missing from it.
+    axes[0].legend([lines[run] for run in records], list(records), loc="best")
     what = "mean over channels" if channel is None else f"channel {channel}"
     figure.suptitle(title or f"Batch statistics of {layer} ({what})")
     buffer = io.BytesIO()
