@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as prune
 from torch import nn
 
 import smallbn
@@ -19,6 +20,7 @@ from smallbn.layers.centered_conv import (
     CenteredConv3d,
     centered_conv_from,
     centered_weight,
+    centering_obstacle,
 )
 from smallbn.layers.moving_average import (
     MovingAverageBatchNorm1d,
@@ -126,6 +128,90 @@ def test_only_plain_convs_are_centred():
     assert centered_conv_from(CenteredConv2d(2, 2, 1)) is None
     with pytest.raises(TypeError, match="expected a Conv2d, got Conv1d"):
         CenteredConv2d.from_conv(nn.Conv1d(2, 2, 1))
+
+
+def test_obstacles_name_the_reason():
+    assert centering_obstacle(nn.Conv2d(2, 3, 3)) is None
+    assert centering_obstacle(nn.Linear(2, 2)) == "Linear has no weight-centred variant"
+    assert "already weight-centred" in centering_obstacle(CenteredConv2d(2, 2, 3))
+    parametrized = nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 3, 3))
+    assert "parametrized" in centering_obstacle(parametrized)
+    assert centered_conv_from(parametrized) is None
+
+
+def _hooked(kind: str) -> nn.Conv2d:
+    """A conv whose ``weight`` a forward pre-hook recomputes from other Parameters."""
+    conv = nn.Conv2d(2, 3, 3, bias=True)
+    if kind == "prune":
+        prune.l1_unstructured(conv, "weight", amount=0.3)
+    elif kind == "weight_norm":
+        with warnings.catch_warnings():  # deprecated in favour of parametrizations
+            warnings.simplefilter("ignore")
+            nn.utils.weight_norm(conv)
+    else:
+        nn.utils.spectral_norm(conv)
+    return conv
+
+
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_pruned_and_reparametrized_convs_are_left_alone_with_the_reason(kind):
+    """Their ``weight`` is a plain tensor a forward pre-hook computes: a centred wrapper
+    sharing "the" weight Parameter cannot exist (and would skip the hook)."""
+    conv = _hooked(kind)
+    assert centered_conv_from(conv) is None
+    assert "weight is not a Parameter" in centering_obstacle(conv)
+    with pytest.raises(
+        TypeError, match=r"CenteredConv2d.from_conv: cannot centre.*Conv2d's weight is not a Par"
+    ):
+        CenteredConv2d.from_conv(conv)
+    x = torch.randn(2, 2, 5, 5)
+    model = nn.Sequential(conv, nn.BatchNorm2d(3))
+    with pytest.warns(
+        RuntimeWarning, match=r"Conv2d, left uncentred because Conv2d's weight is not a Param"
+    ):
+        model = smallbn.convert(model, MovingAverageBatchNorm2d)
+    assert model[0] is conv and isinstance(model[1], MovingAverageBatchNorm2d)
+    assert "not centred" in model[1].producer_note
+    y = model[0](x)  # runs the hook (spectral_norm's power iteration updates the weight)
+    torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias))
+    model(x).square().sum().backward()  # trains through the hook
+
+
+def test_a_conv_with_a_forward_pre_hook_is_left_alone():
+    conv = nn.Conv2d(2, 3, 3)
+    conv.register_forward_pre_hook(lambda module, args: None)
+    assert centered_conv_from(conv) is None
+    assert "has forward pre-hooks" in centering_obstacle(conv)
+    with pytest.raises(TypeError, match="Conv2d has forward pre-hooks"):
+        CenteredConv2d.from_conv(conv)
+
+
+@pytest.mark.parametrize(
+    ("plain_cls", "centred_cls", "args"),
+    [
+        (nn.Conv2d, CenteredConv2d, dict(in_channels=4, out_channels=4, groups=4)),  # depthwise
+        (nn.Conv2d, CenteredConv2d, dict(in_channels=2, out_channels=4, groups=2)),
+        (nn.Conv1d, CenteredConv1d, dict(in_channels=1, out_channels=3)),
+    ],
+)
+def test_one_entry_kernels_are_not_centred_to_zero(plain_cls, centred_cls, args):
+    """One weight per output channel minus its mean is 0: the conv would output its bias."""
+    conv = plain_cls(kernel_size=1, **args)
+    assert centered_conv_from(conv) is None
+    assert "single kernel entry per output channel" in centering_obstacle(conv)
+    with pytest.raises(ValueError, match=r"from_conv: cannot centre.*exactly zero"):
+        centred_cls.from_conv(conv)
+    with pytest.raises(ValueError, match=rf"{centred_cls.__name__} has a single kernel entry"):
+        centred_cls(kernel_size=1, **args)
+    dim = 1 if plain_cls is nn.Conv1d else 2
+    mabn = DIMS[dim][3]
+    model = nn.Sequential(conv, DIMS[dim][4](args["out_channels"]))
+    with pytest.warns(RuntimeWarning, match="left uncentred because .* single kernel entry"):
+        model = smallbn.convert(model, mabn)
+    assert model[0] is conv
+    # more than one entry per output channel is centred as before
+    wider = plain_cls(kernel_size=3, **args)
+    assert type(centered_conv_from(wider)) is centred_cls
 
 
 def test_to_plain_bakes_the_centred_weight():

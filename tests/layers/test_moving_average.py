@@ -6,6 +6,7 @@ checkpoints, errors, conversion, and synchronization over 2 gloo processes."""
 from __future__ import annotations
 
 import copy
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -312,6 +313,107 @@ def test_float16_input_keeps_float32_statistics():
     torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
 
 
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}  # ~8 ulps of each format
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_module_keeps_float32_windows_and_matches_a_float32_layer(dtype):
+    """``model.half()`` / ``.to(bfloat16)``: inputs of RMS 70 have E[x²] ≈ 4900, which fits in
+    float16, but the SMA sums 16 of them (> 65504): summed in a float16 window this overflowed,
+    running_var became Inf, then every output NaN.  The windows must stay float32, and the
+    layer must follow a float32 layer fed the same inputs to the format's precision."""
+    kw = dict(warmup=0, clamp_start=0)  # window = 16: the SMA and r from the first step
+    narrow = MovingAverageBatchNorm2d(C, **kw).to(dtype)
+    wide = MovingAverageBatchNorm2d(C, **kw)
+    assert narrow.chi2_window.dtype == narrow.psi_window.dtype == torch.float32
+    assert narrow.running_var.dtype == narrow.weight.dtype == dtype  # as nn.BatchNorm's
+    gen = torch.Generator().manual_seed(0)
+    tol = HALF_TOL[dtype]
+    for step in range(20):
+        x = (torch.randn(4, C, 8, 8, generator=gen) * 70).to(dtype)
+        g = torch.randn(4, C, 8, 8, generator=gen)
+        results = []
+        for layer in (narrow, wide):
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            (y.float() * g).sum().backward()
+            grads = (xi.grad, layer.weight.grad, layer.bias.grad)
+            layer.weight.grad = layer.bias.grad = None
+            results.append([t.detach().float() for t in (y, *grads, layer.running_var)])
+        for name, got, want in zip(("y", "dx", "dγ", "dβ", "running_var"), *results, strict=True):
+            assert got.isfinite().all(), f"{name} not finite at step {step}"
+            torch.testing.assert_close(
+                got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=f"{name}, {step}"
+            )
+    assert int(narrow.chi2_count) == int(narrow.psi_count) == narrow.window
+    # SMA windows are float32 sums of float32 E[x²] values in both layers
+    torch.testing.assert_close(narrow.chi2_window, wide.chi2_window, rtol=1e-5, atol=0)
+
+
+def test_casting_keeps_the_window_values_and_checkpoints_load_across_dtypes():
+    """``.half()`` after float32 training keeps the windows' float32 values exactly (no round
+    trip through float16, where E[x²] = 9·10⁴ would become Inf); float64 stays float64; a
+    checkpoint loads whatever the dtypes on either side."""
+    layer = MovingAverageBatchNorm2d(C, window=4, warmup=0)
+    for _ in range(3):
+        layer(torch.randn(2, C, 3, 3) * 300)  # E[x²] ≈ 9·10⁴ > 65504
+    windows = (layer.chi2_window.clone(), layer.psi_window.clone())
+    assert windows[0].max() > torch.finfo(torch.float16).max
+    half = copy.deepcopy(layer).half()
+    assert half.chi2_window.dtype == torch.float32 and half.running_var.dtype == torch.float16
+    assert torch.equal(half.chi2_window, windows[0]) and torch.equal(half.psi_window, windows[1])
+    assert copy.deepcopy(half).double().chi2_window.dtype == torch.float64
+    assert layer.double().chi2_window.dtype == torch.float64
+    assert layer.to(torch.bfloat16).chi2_window.dtype == torch.float32
+    fresh = MovingAverageBatchNorm2d(C, window=4, warmup=0).half()
+    fresh.load_state_dict(half.state_dict())
+    assert fresh.chi2_window.dtype == torch.float32
+    assert torch.equal(fresh.chi2_window, windows[0])
+    wide = MovingAverageBatchNorm2d(C, window=4, warmup=0)
+    wide.load_state_dict(fresh.state_dict())
+    assert torch.equal(wide.chi2_window, windows[0])
+    assert torch.equal(wide.running_var, half.running_var.float())
+    # a checkpoint whose windows were saved in float16 loads as float32, also by assignment
+    state = {k: v.half() if v.is_floating_point() else v for k, v in half.state_dict().items()}
+    assigned = MovingAverageBatchNorm2d(C, window=4, warmup=0).half()
+    assigned.load_state_dict(state, assign=True)
+    assert assigned.chi2_window.dtype == assigned.psi_window.dtype == torch.float32
+    assert torch.equal(assigned.psi_window, windows[1].half().float())
+
+
+def test_running_var_overflowing_a_half_module_raises_and_changes_nothing():
+    """E[x²] ≈ 9·10⁴ is finite in float32 but not in a float16 running_var: an Inf there
+    would make r, then every later output NaN; the layer raises instead."""
+    layer = MovingAverageBatchNorm2d(C, momentum=0.5, window=1, warmup=0, clamp_start=0).half()
+    layer(torch.full((2, C, 3, 3), 5.0).half())
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    # v = E[x²] = 1.6·10⁵; running_var would become 0.5·25 + 0.5·1.6·10⁵ > 65504
+    x = torch.full((2, C, 3, 3), 400.0).half().requires_grad_(True)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"MovingAverageBatchNorm2d\(3\): the running variance .* not be finite in "
+        r"torch.float16 in channel\(s\) \[0, 1, 2\]",
+    ):
+        layer(x)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert layer(torch.randn(2, C, 3, 3).half()).isfinite().all()  # still usable
+
+
+def test_double_backward_raises_naming_mabn():
+    """The backward is written out to first order (Ψ̄ from the window, v and r constants):
+    a second derivative through it would silently miss terms, so create_graph=True raises
+    (before touching the Ψ window)."""
+    layer = MovingAverageBatchNorm2d(C, dtype=torch.float64, **SCHEDULE)
+    x = torch.randn(3, C, 2, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"MABN\) is differentiable once.*create_graph=True"):
+        (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        torch.autograd.grad(gx.square().sum(), x)
+    assert int(layer.psi_count) == 0
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x)  # first order still works
+    assert gx.isfinite().all() and int(layer.psi_count) == 1
+
+
 def test_single_value_per_channel_is_normalized():
     """Batch 1 without spatial dims: E[x²] = x², so z = x/sqrt(x² + eps) (no error)."""
     layer = MovingAverageBatchNorm1d(4, dtype=torch.float64)
@@ -528,7 +630,9 @@ def _model() -> nn.Sequential:
 def test_convert_centres_the_producing_conv_keeping_parameters():
     model = _model()
     weight = model[0].weight
-    with pytest.warns(RuntimeWarning, match="Linear, which has no weight-centred variant"):
+    with pytest.warns(
+        RuntimeWarning, match="Linear, left uncentred because Linear has no weight-centred variant"
+    ):
         model = smallbn.convert(model, MovingAverageBatchNorm2d)
     assert isinstance(model[0], CenteredConv2d) and model[0].weight is weight
     assert isinstance(model[1], MovingAverageBatchNorm2d)
@@ -537,6 +641,14 @@ def test_convert_centres_the_producing_conv_keeping_parameters():
     x = torch.randn(2, 2, 3, 3)
     model(x)  # trains
     assert torch.equal(model[0].weight, weight)
+
+
+def test_bind_producer_accepts_an_already_centred_conv_silently():
+    layer = MovingAverageBatchNorm2d(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layer.bind_producer(CenteredConv2d(2, 3, 3)) is None
+    assert layer.producer_note == "CenteredConv2d producer is already weight-centred"
 
 
 def test_center_producer_false_leaves_the_conv():

@@ -20,16 +20,24 @@ The stored ``weight`` is the raw ``W``; ``centered_weight()`` gives ``W'`` and `
 plain ``nn.Conv{1,2,3}d`` with ``W'`` baked in (for export and for folding a following norm
 into it).  ``CenteredConv2d.from_conv(conv)`` (and :func:`centered_conv_from`) wraps an
 existing convolution keeping its ``Parameter`` objects, so an optimizer built earlier keeps
-working.
+working.  Only a plain convolution whose ``weight`` is the Parameter it convolves with can be
+wrapped: pruning, ``weight_norm`` and ``spectral_norm`` (forward pre-hooks that recompute
+``weight`` from other Parameters) and parametrizations would be bypassed by the wrapper;
+:func:`centering_obstacle` says why a module cannot be wrapped.
+
+A kernel with a single entry per output channel (``C_in/groups × prod(kernel) = 1``, e.g. a
+depthwise 1×1 convolution) centres to exactly zero, so such centred convolutions are refused.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "CenteredConv1d",
@@ -37,6 +45,7 @@ __all__ = [
     "CenteredConv3d",
     "centered_conv_from",
     "centered_weight",
+    "centering_obstacle",
 ]
 
 _T = TypeVar("_T", bound="_CenteredMixin")
@@ -80,6 +89,16 @@ class _CenteredMixin:
     weight: Tensor
     bias: Tensor | None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A one-entry kernel minus its mean is zero: the layer would output only its bias.
+        reason = _degenerate_kernel(type(self).__name__, self.weight)
+        if reason is not None:
+            raise ValueError(
+                f"{reason}. Use a plain {self._plain.__name__} here (and a norm that centres "
+                f"its input, or none)."
+            )
+
     def centered_weight(self) -> Tensor:
         """The kernel the forward convolves with: ``W_j − mean(W_j)`` for every output channel."""
         return centered_weight(self.weight)
@@ -91,13 +110,33 @@ class _CenteredMixin:
     def from_conv(cls: type[_T], conv: nn.Module) -> _T:
         """A centred convolution with ``conv``'s configuration that holds ``conv``'s own
         ``weight``/``bias`` Parameters (not copies) and its training mode.  Forward hooks of
-        ``conv`` do not carry over."""
+        ``conv`` do not carry over.
+
+        Raises:
+            TypeError: ``conv`` is not exactly ``cls._plain``, or its ``weight`` is not the
+                Parameter it convolves with (pruning, ``weight_norm``, ``spectral_norm``:
+                forward pre-hooks the wrapper would not run).
+            ValueError: one kernel entry per output channel (centring would zero it).
+        """
         if type(conv) is not cls._plain:
             raise TypeError(
                 f"{cls.__name__}.from_conv: expected a {cls._plain.__name__}, got "
                 f"{type(conv).__name__}"
             )
         source: nn.Conv1d = conv  # type: ignore[assignment]  # any of Conv1d/2d/3d
+        reason = _hooked_weight(conv)
+        if reason is not None:
+            raise TypeError(
+                f"{cls.__name__}.from_conv: cannot centre this convolution: {reason}. Remove "
+                f"the reparametrization first (torch.nn.utils.prune.remove, "
+                f"remove_weight_norm, remove_spectral_norm), or keep the plain convolution."
+            )
+        reason = _degenerate_kernel(type(conv).__name__, source.weight)
+        if reason is not None:
+            raise ValueError(
+                f"{cls.__name__}.from_conv: cannot centre this convolution: {reason}. Keep "
+                f"the plain convolution."
+            )
         # Built on the meta device: the throw-away initial weight costs no memory or time.
         new = cls(  # type: ignore[call-arg]
             source.in_channels,
@@ -171,11 +210,65 @@ _CENTERED: dict[type[nn.Module], type[_CenteredMixin]] = {
 }
 
 
+def _hooked_weight(conv: nn.Module) -> str | None:
+    """Why ``conv.weight`` is not the Parameter the convolution uses, or ``None``."""
+    name = type(conv).__name__
+    if not isinstance(getattr(conv, "weight", None), nn.Parameter):
+        return (
+            f"{name}'s weight is not a Parameter but a tensor computed from other Parameters "
+            f"by a forward pre-hook (as after torch.nn.utils.prune, weight_norm or "
+            f"spectral_norm), which a weight-centred replacement would not run"
+        )
+    if conv._forward_pre_hooks:
+        return (
+            f"{name} has forward pre-hooks (such as pruning, weight_norm or spectral_norm, "
+            f"which recompute its weight), which a weight-centred replacement would not run"
+        )
+    return None
+
+
+def _degenerate_kernel(name: str, weight: Tensor) -> str | None:
+    """Why centring ``weight`` would zero it (one entry per output channel), or ``None``."""
+    if weight.dim() > 1 and math.prod(weight.shape[1:]) == 1:
+        return (
+            f"{name} has a single kernel entry per output channel (in_channels/groups × "
+            f"kernel size = 1, e.g. a depthwise 1×1 convolution), which centring would make "
+            f"exactly zero"
+        )
+    return None
+
+
+def centering_obstacle(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be replaced by a weight-centred convolution sharing its
+    Parameters (a clause whose subject is the module's type, for messages), or ``None``
+    when it can: an ``nn.Conv{1,2,3}d`` of exactly that type, whose ``weight`` is a
+    Parameter used as it is (no forward pre-hooks), with more than one kernel entry per
+    output channel."""
+    name = type(module).__name__
+    if isinstance(module, _CenteredMixin):
+        return f"{name} is already weight-centred"
+    if type(module) not in _CENTERED:
+        if not isinstance(module, tuple(_CENTERED)):
+            return f"{name} has no weight-centred variant"
+        if parametrize.is_parametrized(module):
+            return (
+                f"{name}'s weight is parametrized (torch.nn.utils.parametrize), which a "
+                f"weight-centred replacement would bypass"
+            )
+        return (
+            f"{name} is a subclass of a plain convolution and may transform its weight in "
+            f"forward, which a weight-centred replacement would bypass"
+        )
+    weight: Tensor = module.weight  # type: ignore[assignment]  # a Parameter (checked first)
+    return _hooked_weight(module) or _degenerate_kernel(name, weight)
+
+
 def centered_conv_from(module: nn.Module) -> nn.Module | None:
     """The centred counterpart of a plain ``nn.Conv{1,2,3}d`` (exact type, sharing its
-    Parameters), or ``None`` for any other module (a subclass may transform its weight in
-    ``forward``, which wrapping would bypass)."""
-    target = _CENTERED.get(type(module))
-    if target is None:
+    Parameters), or ``None`` where :func:`centering_obstacle` gives a reason not to: any
+    other module (a subclass may transform its weight in ``forward``, which wrapping would
+    bypass), a pruned / ``weight_norm`` / ``spectral_norm`` convolution (its ``weight`` is
+    recomputed by a forward pre-hook), or a one-entry kernel (centred, it would be zero)."""
+    if centering_obstacle(module) is not None:
         return None
-    return target.from_conv(module)  # type: ignore[return-value]
+    return _CENTERED[type(module)].from_conv(module)  # type: ignore[return-value]

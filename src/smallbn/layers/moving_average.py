@@ -56,8 +56,15 @@ Design decisions where the paper is silent (and where the authors' release diffe
   batch size works: odd, smaller than ``b``, 1, ``b`` not dividing ``N``.
 * A group with a single value per channel is normalized (``E[x²]`` needs no spread, unlike a
   variance): ``z = x/sqrt(x² + eps)``; there is no "batch too small" error.  NaN/Inf
-  statistics raise ``FloatingPointError`` naming the layer (before any state changes).  An
-  empty batch (not synchronized) changes no state.
+  statistics raise ``FloatingPointError`` naming the layer (before any state changes), and
+  so does a running variance that would overflow its dtype.  An empty batch (not
+  synchronized) changes no state.
+* Half-precision modules (``model.half()``, ``.to(torch.bfloat16)``): the χ² and Ψ windows
+  stay float32 (statistics in float32 at least; float64 for a float64 layer) and all
+  statistics are computed in float32; ``running_mean``/``running_var`` and the affine
+  Parameters follow the module's dtype, as ``nn.BatchNorm``'s do.
+* The backward is written out to first order (``v``, ``r`` and Ψ̄ are constants): a backward
+  with ``create_graph=True`` (double backward, gradient penalties) raises.
 * ``Ψ_t`` is only known in backward, so the backward pushes it into the Ψ window and reads the
   window *at backward time*: with gradient accumulation over several forwards before one
   backward the Ψ values enter in backward order.  A training forward without backward
@@ -91,8 +98,14 @@ from torch import Tensor, nn
 from smallbn import _distributed
 from smallbn.layers import _base
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.layers.centered_conv import centered_conv_from
-from smallbn.stats import Moments, stats_dtype
+from smallbn.layers.centered_conv import (
+    CenteredConv1d,
+    CenteredConv2d,
+    CenteredConv3d,
+    centered_conv_from,
+    centering_obstacle,
+)
+from smallbn.stats import Moments, first_order_only, stats_dtype
 
 __all__ = [
     "MABNPlan",
@@ -145,6 +158,8 @@ class SlidingWindow:
         Sums are exact sums of at most ``size`` terms (a running ``cumsum`` difference would
         cancel in float32): one group adds the stored sum; several sum every window of an
         ``unfold`` view of the stored values (invalid rows replaced by zeros) and the new ones.
+        All sums are taken in ``new.dtype`` (the compute dtype), never in a narrower stored
+        dtype: ``size`` values that each fit in float16 need not sum to one that does.
         """
         size, groups = self.size, new.shape[0]
         kept = self._valid()
@@ -152,7 +167,7 @@ class SlidingWindow:
         if groups == 1:
             if counts[0] == 1:
                 return new
-            stored = _as(self.values[size - counts[0] + 1 :].sum(0), new.dtype)
+            stored = _as(self.values[size - counts[0] + 1 :], new.dtype).sum(0)
             return (new + stored).div_(counts[0])
         parts = [_as(self.values[size - kept :], new.dtype), new]
         if kept < size:
@@ -480,6 +495,7 @@ class _MABNFunction(torch.autograd.Function):
         return (y, *stats)
 
     @staticmethod
+    @first_order_only("Moving Average BN (MABN)")
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: Tensor | None, *unused: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
@@ -646,6 +662,30 @@ class MovingAverageBatchNorm(BatchStatsNorm):
 
     # -- state ---------------------------------------------------------------------------
 
+    #: Buffers that accumulate statistics and stay in float32 at least whatever the module's
+    #: dtype (a window of ``B`` values of ``E[x²]`` that each fit in float16 need not).
+    _STATISTICS_BUFFERS = ("chi2_window", "psi_window")
+
+    def _apply(
+        self, fn: Callable[[Tensor], Tensor], recurse: bool = True
+    ) -> MovingAverageBatchNorm:
+        """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the
+        statistics windows in ``stats_dtype`` of the new dtype: float64 stays float64, any
+        other floating dtype becomes float32 (the other buffers and the Parameters follow
+        ``fn`` as in ``nn.BatchNorm``)."""
+        originals = {name: self._buffers.get(name) for name in self._STATISTICS_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers.get(name)
+            if original is None or moved is None:
+                continue
+            dtype = stats_dtype(moved.dtype)
+            if moved.dtype != dtype:
+                # From the values before the cast: a float32 → float16 → float32 round trip
+                # would round them, or turn values above 65504 into Inf.
+                self._buffers[name] = original.to(device=moved.device, dtype=dtype)
+        return self
+
     def reset_moving_averages(self) -> None:
         """Empty both windows and restart the step count (warm-up starts over)."""
         for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
@@ -673,6 +713,12 @@ class MovingAverageBatchNorm(BatchStatsNorm):
                     state_dict[count_key] = state_dict[count_key].clamp(max=kept)
         for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        # Windows saved by a half-precision module (before they were kept in float32) load in
+        # this layer's statistics dtype, also with load_state_dict(assign=True).
+        for name in self._STATISTICS_BUFFERS:
+            key = prefix + name
+            if isinstance(state_dict[key], Tensor):
+                state_dict[key] = _as(state_dict[key], getattr(self, name).dtype)
 
     @torch.no_grad()
     def set_population_stats(self, population: Moments) -> None:
@@ -694,8 +740,11 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         """Return a weight-centred replacement for a plain ``nn.Conv{1,2,3}d`` producer
         (sharing its Parameters) when ``center_producer``; otherwise keep it.
 
-        Other producers (``Linear``, ``ConvTranspose``) are left as they are, with a warning:
-        MABN then normalizes inputs that are not made zero-mean by their producer.
+        Other producers (``Linear``, ``ConvTranspose``, conv subclasses, pruned /
+        ``weight_norm`` / ``spectral_norm`` convs whose weight a forward pre-hook computes,
+        one-entry kernels that centring would zero) are left as they are, with a warning that
+        says why (:func:`~smallbn.layers.centered_conv.centering_obstacle`): MABN then
+        normalizes inputs that are not made zero-mean by their producer.
         """
         if not self.center_producer:
             self.producer_note = "center_producer=False: producer left as it is"
@@ -703,17 +752,23 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         if producer is None:
             self.producer_note = f"no producer to centre ({note or 'none found'})"
             return None
-        replacement = centered_conv_from(producer)
-        if replacement is None:
-            self.producer_note = f"{type(producer).__name__} producer is not centred"
+        kind = type(producer).__name__
+        if isinstance(producer, (CenteredConv1d, CenteredConv2d, CenteredConv3d)):
+            self.producer_note = f"{kind} producer is already weight-centred"
+            return None
+        reason = centering_obstacle(producer)
+        if reason is not None:
+            self.producer_note = f"{kind} producer is not centred: {reason}"
             warnings.warn(
-                f"{self.describe()}: its input comes from a {type(producer).__name__}, which "
-                f"has no weight-centred variant; MABN drops mean-centring and relies on a "
-                f"weight-centred conv before it (pass center_producer=False to silence this)",
+                f"{self.describe()}: its input comes from a {kind}, left uncentred because "
+                f"{reason}. MABN drops mean-centring and relies on a weight-centred conv "
+                f"before it (pass center_producer=False to silence this)",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return None
+        replacement = centered_conv_from(producer)
+        assert replacement is not None  # centering_obstacle found nothing in the way
         self.producer_note = f"{type(producer).__name__} replaced by {type(replacement).__name__}"
         return replacement
 
@@ -724,6 +779,29 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         # values are ≥ 0, so no Inf − Inf); the base's check builds the message otherwise.
         if _base._FINITE_CHECK and not math.isfinite(float(chi2.sum())):
             self._check_finite(Moments(chi2.new_ones(chi2.shape[0]), chi2, torch.zeros_like(chi2)))
+
+    def _check_running_var(self, stored: Tensor) -> None:
+        """Raise ``FloatingPointError`` if the running variance about to be stored is not
+        finite (a finite ``χ²`` can still overflow a float16/bfloat16 ``running_var``, and an
+        Inf there turns every later ``r``, hence every output, into NaN)."""
+        if not _base._FINITE_CHECK:
+            return
+        # The values are ≥ 0 and summed in float64: the sum is finite iff every value is.
+        if math.isfinite(float(stored.sum(dtype=torch.float64))):
+            return
+        bad = (~torch.isfinite(stored)).nonzero().flatten().tolist()
+        narrow = stored.dtype in (torch.float16, torch.bfloat16)
+        fix = (
+            "Keep this layer in float32 (autocast instead of model.half()), or scale the "
+            "inputs down"
+            if narrow
+            else "Scale the inputs down"
+        )
+        raise FloatingPointError(
+            f"{self.describe()}: the running variance (EMA of E[x²]) would not be finite in "
+            f"{stored.dtype} in channel(s) {bad}: the inputs' mean square exceeds what "
+            f"{stored.dtype} can hold. {fix}; the layer's state is unchanged."
+        )
 
     def _plan(self, training: bool, tracking: bool) -> MABNPlan:
         running_var = self.running_var if tracking else None
@@ -758,12 +836,16 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         if chi2.shape[0] == 0:  # every process had an empty batch
             self._undo_step(factor)
             return y
+        stored = running_after
+        if factor is not None:
+            stored = _as(running_after, self.running_stats()[1].dtype)
+            self._check_running_var(stored)  # before any state changes
         with torch.no_grad():
             plan.chi2.push(chi2)  # the Function only reads the χ² window; the step is recorded here
             self.sma_steps.add_(chi2.shape[0])
             if factor is not None:
                 running_mean, running_var = self.running_stats()
-                running_var.copy_(running_after)
+                running_var.copy_(stored)
                 running_mean.zero_()
         return y
 
