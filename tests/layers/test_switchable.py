@@ -7,6 +7,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given
@@ -186,7 +187,49 @@ def test_batch_one_without_spatial_dims_uses_layer_statistics():
         y = layer.double()(x)
     expected = (x - x.mean()) / torch.sqrt(x.var(correction=0) + layer.eps)
     torch.testing.assert_close(y, expected)
-    assert layer.num_batches_tracked.item() == 1 and torch.all(layer.running_mean == 0)
+    # no batch statistics were averaged in, so no step was counted (momentum=None divides
+    # by the count)
+    assert layer.num_batches_tracked.item() == 0 and torch.all(layer.running_mean == 0)
+
+
+def test_cumulative_average_skips_batches_without_batch_statistics():
+    layer = smallbn.SwitchableNorm1d(3, momentum=None, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        layer(torch.randn(1, 3, dtype=torch.float64))  # BN branch left out: no statistics
+    x = torch.randn(6, 3, dtype=torch.float64) + 4
+    layer(x)
+    assert layer.num_batches_tracked.item() == 1
+    np.testing.assert_allclose(layer.running_mean.numpy(), x.numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), x.numpy().var(0, ddof=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("branches", [("bn",), ("in", "bn")])
+def test_input_gradient_with_constant_statistics_in_eval(branches):
+    """Eval mode with the mixture frozen: the statistics are constants (running BN ones, and
+    IN is left out on 1×1 maps), and the input still gets its gradient, γ·x̂'s."""
+    layer = smallbn.SwitchableNorm2d(3, branches=branches, dtype=torch.float64)
+    for p in (layer.mean_weight, layer.var_weight):
+        p.requires_grad_(False)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        layer.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+        layer.weight.copy_(torch.tensor([1.5, 0.7, -0.3]))
+    layer.eval()
+    x = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        layer(x).sum().backward()
+    scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
+    torch.testing.assert_close(x.grad, scale.detach().view(1, 3, 1, 1).expand(4, 3, 1, 1))
+
+
+def test_eval_without_the_bn_branch_on_single_values_says_what_to_change():
+    layer = smallbn.SwitchableNorm2d(3, branches=("in",)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="Include 'bn' in branches"):
+            layer(torch.randn(2, 3, 1, 1))
 
 
 def test_single_value_everywhere_is_an_error():

@@ -233,7 +233,17 @@ class SwitchableNorm(BatchStatsNorm):
                 stats["bn"] = (running_mean.unsqueeze(0), running_var.unsqueeze(0))
                 usable["bn"] = True
         if not any(usable.values()):
-            self._raise_too_small(x, per_sample, "every branch of the mixture")
+            if not training:
+                raise ValueError(
+                    f"{self.describe()}: without the 'bn' branch every statistic comes from "
+                    f"the sample itself, which needs more than one value per sample and "
+                    f"channel (input shape {tuple(x.shape)}). Include 'bn' in branches, or "
+                    f"use inputs with spatial dims."
+                )
+            self._raise_too_small(x, per_sample, "every branch of the mixture")  # undoes the step
+        if training and usable.get("bn") is False:
+            # No batch statistics were averaged in: not a step of momentum=None's average.
+            self._undo_step(factor)
         mean, var = self._mix(stats, usable)
         return mean.expand(n, c), var.expand(n, c)
 
