@@ -175,6 +175,17 @@ def _producer_problem(
 ) -> str | None:
     """Why the node ``source`` is not a foldable producer output, or ``None`` if it is."""
     kinds = "/".join(t.__name__ for t in producer_types)
+    if isinstance(source, torch.fx.Node) and source.op == "call_module":
+        module = modules[str(source.target)]
+        if (
+            isinstance(module, nn.modules.lazy.LazyModuleMixin)
+            and module.has_uninitialized_params()
+        ):
+            return (
+                f"input comes from the lazy module '{source.target}' "
+                f"({type(module).__name__}), whose weights are not materialized yet: run one "
+                f"forward pass first, then pair again (smallbn.bind_producers(model))"
+            )
     if not (
         isinstance(source, torch.fx.Node)
         and source.op == "call_module"

@@ -808,3 +808,68 @@ def test_grouped_norm_calls_compensate_each_group_like_separate_steps():
                 delta = 0.05 * torch.randn_like(conv.weight)
                 conv.weight.add_(delta)
                 separate_conv.weight.add_(delta)
+
+
+# -- state across casts, checkpoints and lazy producers -----------------------------------------
+
+
+def _auto_window_block(seed: int) -> tuple[nn.Conv2d, CrossIterationBatchNorm2d]:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    norm = CrossIterationBatchNorm2d(4, window=None, dtype=torch.float64)
+    norm.bind_producer(conv)
+    return conv, norm
+
+
+def test_a_checkpoint_with_another_window_continues_as_a_fresh_layer_would():
+    """A window=None layer that chose k = 2 loads a k = 4 checkpoint: its window reads the
+    same slots as a layer built fresh from that checkpoint (the slot cache is per k)."""
+    conv_a, norm_a = _auto_window_block(0)
+    for _ in range(7):
+        norm_a(conv_a(torch.randn(4, 3, 5, 5, dtype=torch.float64)))
+    norm_a.reset_window()
+    norm_a(conv_a(torch.randn(4, 3, 5, 5, dtype=torch.float64)))
+    conv_b, norm_b = _auto_window_block(1)
+    for _ in range(4):
+        norm_b(conv_b(torch.randn(8, 3, 5, 5, dtype=torch.float64)))
+    conv_c, norm_c = _auto_window_block(2)
+    for conv, norm in ((conv_b, norm_b), (conv_c, norm_c)):
+        conv.load_state_dict(conv_a.state_dict())
+        norm.load_state_dict(norm_a.state_dict())
+    for _ in range(4):
+        u = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        torch.testing.assert_close(norm_b(conv_b(u)), norm_c(conv_c(u)), rtol=0, atol=0)
+
+
+def test_casting_the_model_to_bfloat16_keeps_the_window_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), CrossIterationBatchNorm2d(4, window=3))
+    model[1].bind_producer(model[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):
+        model(torch.randn(2, 3, 5, 5)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = {
+        k: v.clone()
+        for k, v in model[1].state_dict().items()
+        if k.startswith("window_") and v.is_floating_point()
+    }
+    assert len(before) == 6  # statistics, inner products, derivatives
+    model.to(torch.bfloat16)
+    for name, value in before.items():
+        after = getattr(model[1], name)
+        assert after.dtype == value.dtype == torch.float32, name
+        torch.testing.assert_close(after, value, rtol=0, atol=0)
+    assert model[1].weight.dtype == torch.bfloat16  # parameters follow the cast, as in BN
+    y = model(torch.randn(2, 3, 5, 5, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def test_a_lazy_producer_gets_a_clear_error_and_convert_says_why_it_is_unpaired():
+    norm = CrossIterationBatchNorm2d(4, window=3)
+    with pytest.raises(ValueError, match=r"not materialized yet .*run one forward pass first"):
+        norm.bind_producer(nn.LazyConv2d(4, 3, padding=1))
+    model = nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.warns(RuntimeWarning, match="lazy module '0'.*run one forward pass first"):
+        smallbn.convert(model, "cbn", window=3)

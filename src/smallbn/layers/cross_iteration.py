@@ -714,7 +714,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         self._fill = 0
         self._auto_window: int | None = None
         self._warned: set[str] = set()
-        self._slots: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._slots: dict[tuple[int, int, int, torch.device], Tensor] = {}
         # Index tensors of the grouped path, by schedule (no host→device copy per step).
         self._group_index: dict[tuple[Any, ...], Tensor] = {}
         # The producer and its hook live outside the module tree (no duplicate parameters).
@@ -787,6 +787,14 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         (the producer is used as is).
         """
         bound: Producer | None = producer if isinstance(producer, _PRODUCERS) else None
+        if producer is not None and any(
+            nn.parameter.is_lazy(p) for p in producer.parameters(recurse=False)
+        ):
+            raise ValueError(
+                f"{self.describe()}: bind_producer got a {type(producer).__name__} whose "
+                f"weights are not materialized yet (a lazy module): run one forward pass "
+                f"first, then call smallbn.bind_producers(model) or layer.bind_producer(conv)."
+            )
         if bound is not None and bound.weight.shape[0] != self.num_features:
             raise ValueError(
                 f"{self.describe()}: bind_producer got a {type(bound).__name__} with "
@@ -891,9 +899,24 @@ class CrossIterationBatchNorm(BatchStatsNorm):
 
     # -- window state --------------------------------------------------------------------
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the window
+        (statistics, derivatives, inner products) in float32 at least: the compensation is a
+        difference of stored values, which bfloat16 would round to a few percent."""
+        originals = {name: self._buffers.get(name) for name in (*_STAT_BUFFERS, *_GRAD_BUFFERS)}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers.get(name)
+            if original is None or moved is None:
+                continue
+            dtype = torch.promote_types(torch.float32, moved.dtype)
+            if moved.dtype != dtype:  # from the values before the cast, not rounded ones
+                self._buffers[name] = original.to(device=moved.device, dtype=dtype)
+        return self
+
     def _state_dtype(self) -> torch.dtype:
         if self.window_mean is not None:
-            return self.window_mean.dtype
+            return torch.promote_types(torch.float32, self.window_mean.dtype)
         reference = self.running_mean if self.running_mean is not None else self.weight
         base = reference.dtype if reference is not None else torch.float32
         return torch.promote_types(torch.float32, base)
@@ -960,7 +983,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
 
     def _slot_index(self, step: int, k: int, past: int, device: torch.device) -> Tensor:
         """Slots of iterations ``step − 1 … step − past`` (cached: no host→device copy)."""
-        key = (step % k, past, device)
+        key = (step % k, past, k, device)  # k too: a loaded checkpoint may change it
         index = self._slots.get(key)
         if index is None:
             index = torch.tensor([(step - tau) % k for tau in range(1, past + 1)], device=device)
