@@ -1,15 +1,22 @@
 """Atomic file writes: a reader, a crash or a SIGKILL never sees a partial file (results,
-checkpoints, recordings, figures).  Part of the core: imports only the standard library."""
+checkpoints, recordings, figures); and an exclusive lock for read-modify-write updates.
+Part of the core: imports only the standard library."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write"]
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no advisory locks, see exclusive_lock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_write", "exclusive_lock"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -30,3 +37,24 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path``, created if missing,
+    for the duration of the block: processes updating the same file in turn never lose each
+    other's changes.  The lock is released when the block ends or the process dies.
+
+    Where ``fcntl`` does not exist (Windows) no lock is taken: concurrent updates are then
+    the caller's responsibility, as they were before locking.
+    """
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:  # a lock file, never written: its existence is harmless
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -121,36 +121,47 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def _compare(args: argparse.Namespace) -> int:
     from smallbn.experiments.compare import (
+        CheckpointError,
         format_tables,
         preset_configs,
         run_sweep,
         setup_distributed,
     )
+    from smallbn.experiments.data import DatasetError
 
     torch.set_num_threads(args.threads)
     device = setup_distributed(args.device)
-    configs = preset_configs(
-        "full" if args.full else args.preset,
-        seeds=tuple(args.seeds) if args.seeds else None,
-        epochs=args.epochs,
-        train_samples=args.train_samples,
-        methods=tuple(args.methods.split(",")) if args.methods else None,
-        batch_sizes=tuple(args.batch_sizes) if args.batch_sizes else None,
-        compositions=tuple(args.compositions.split(",")) if args.compositions else None,
-        mode=args.mode,
-        dataset=args.dataset,
-        sync=args.sync or None,
-        lr=args.lr,
-    )
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    try:
+        configs = preset_configs(
+            "full" if args.full else args.preset,
+            seeds=args.seeds or None,
+            epochs=args.epochs,
+            train_samples=args.train_samples,
+            methods=args.methods,
+            batch_sizes=args.batch_sizes,
+            compositions=args.compositions,
+            mode=args.mode,
+            dataset=args.dataset,
+            sync=args.sync or None,
+            lr=args.lr,
+            world_size=world,  # torchrun: the batch must split over the processes
+        )
+    except ValueError as error:  # a combination of options that cannot run as labelled
+        args.parser.error(str(error))
     output = Path(args.output_dir)
-    rows = run_sweep(
-        configs,
-        output,
-        device=device,
-        dataset_root=args.data_root,
-        checkpoint_every=args.checkpoint_every,
-        jobs=args.jobs,
-    )
+    try:
+        rows = run_sweep(
+            configs,
+            output,
+            device=device,
+            dataset_root=args.data_root,
+            checkpoint_every=args.checkpoint_every,
+            jobs=args.jobs,
+        )
+    except (DatasetError, CheckpointError) as error:
+        print(f"smallbn compare: error: {error}", file=sys.stderr)
+        return 1
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print()
         print(format_tables(rows))
@@ -170,8 +181,64 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) ->
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
 
 
+def _names(known: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of ``known`` names, repeats dropped (a
+    repeat would make the same run twice); an unknown name is a usage error listing them."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                f"choose from {','.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,0"`` → ``(0, 1)``: a repeated seed would make the same run twice."""
+    return tuple(dict.fromkeys(_int_list(text)))
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a float above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"need a number above 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"numbered from 0"
+            )
+    return text
+
+
 def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from smallbn.experiments.compare import PRESETS
+    from smallbn.experiments.compare import METHODS, PRESETS
+    from smallbn.experiments.sampling import COMPOSITIONS
 
     compare = commands.add_parser(
         "compare",
@@ -179,12 +246,22 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     compare.add_argument("--preset", default="default", choices=sorted(PRESETS))
     compare.add_argument("--full", action="store_true", help="the complete table (long; GPU)")
-    compare.add_argument("--methods", default=None, help="e.g. bn,cbn,mabn (default: preset)")
+    compare.add_argument(
+        "--methods",
+        type=_names(tuple(METHODS), "method"),
+        default=None,
+        help=f"e.g. bn,cbn,mabn (default: preset; any of {','.join(METHODS)})",
+    )
     compare.add_argument("--batch-sizes", type=_batch_sizes, default=None, help="e.g. 2,4,32")
-    compare.add_argument("--compositions", default=None, help="iid,correlated (default both)")
-    compare.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2")
-    compare.add_argument("--epochs", type=float, default=None)
-    compare.add_argument("--train-samples", type=int, default=None)
+    compare.add_argument(
+        "--compositions",
+        type=_names(COMPOSITIONS, "composition"),
+        default=None,
+        help="iid,correlated (default both)",
+    )
+    compare.add_argument("--seeds", type=_seeds, default=None, help="e.g. 0,1,2")
+    compare.add_argument("--epochs", type=_positive_float, default=None)
+    compare.add_argument("--train-samples", type=_count(1), default=None)
     compare.add_argument("--lr", type=float, default=None)
     compare.add_argument(
         "--mode",
@@ -194,18 +271,18 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
     _add_data_arguments(compare, None)
-    compare.add_argument("--device", default="cpu")
+    compare.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     compare.add_argument("--output-dir", default="runs/compare")
     compare.add_argument(
-        "--checkpoint-every", type=int, default=100, help="steps between run checkpoints"
+        "--checkpoint-every", type=_count(1), default=100, help="steps between run checkpoints"
     )
     compare.add_argument(
         "--jobs",
-        type=int,
+        type=_count(1),
         default=2,
         help="runs at once on CPU, one thread each (default 2; 1 = one run with --threads)",
     )
-    compare.set_defaults(run=_compare)
+    compare.set_defaults(run=_compare, parser=compare)
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:

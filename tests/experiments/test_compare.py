@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from smallbn.experiments import compare
+from smallbn import cli
+from smallbn.experiments import compare, data
 
 SMOKE = ["--preset", "smoke", "--dataset", "digits", "--threads", "1"]
 
@@ -124,3 +126,191 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     two = compare.read_results(double / "results.jsonl")
     assert len(one) == len(two) == 1 and two[0]["world_size"] == 2
     assert abs(one[0]["error_precise"] - two[0]["error_precise"]) < 0.15
+
+
+# -- run identity: which data a run used -------------------------------------------------------
+
+
+def test_default_data_keys_are_those_of_the_committed_results():
+    docs = Path(__file__).resolve().parents[2] / "docs" / "compare_results.jsonl"
+    committed = {json.loads(line)["key"] for line in docs.read_text().splitlines()}
+    configs = compare.bind_data(compare.preset_configs("default"), None)
+    assert {c.key for c in configs} == committed
+    assert all("data_root" not in json.loads(c.key) for c in configs)
+
+
+def test_fallback_to_digits_is_labelled_digits(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "DEFAULT_FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST", tmp_path / "absent")
+    seen = []
+
+    def fake_run(config, dataset, checkpoint, **kwargs):
+        seen.append((config.dataset, dataset.name))
+        return {**config.identity(), "key": config.key, "error_ema": 0.5, "error_precise": 0.5}
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    monkeypatch.setattr(compare, "plot_results", lambda rows, path: path)
+    configs = compare.preset_configs("smoke")
+    assert {c.dataset for c in configs} == {"fashion-mnist"}
+    rows = compare.run_sweep(configs, tmp_path / "out", progress=False)
+    assert seen and all(label == loaded == "digits" for label, loaded in seen)
+    assert {row["dataset"] for row in rows} == {"digits"} and len(rows) == len(configs)
+    assert "falling back" in capsys.readouterr().err
+    # a later run with the real data is a different run: nothing is skipped
+    real = {c.key for c in configs}
+    assert not real & {row["key"] for row in rows}
+
+
+def test_data_root_is_part_of_the_key_only_when_given(tmp_path):
+    config = compare.RunConfig("bn", 2, "iid", 0, dataset="idx")
+    (bound,) = compare.bind_data([config], tmp_path)
+    assert bound.data_root == str(tmp_path.resolve())
+    assert json.loads(bound.key)["data_root"] == str(tmp_path.resolve())
+    assert bound.key != config.key and bound.tag != config.tag
+    (again,) = compare.bind_data([bound], None)  # binding twice changes nothing
+    assert again.key == bound.key
+    (digits,) = compare.bind_data([compare.RunConfig("bn", 2, "iid", 0, "digits")], tmp_path)
+    assert digits.key == compare.RunConfig("bn", 2, "iid", 0, "digits").key  # reads no folder
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        compare.run_sweep([config], tmp_path / "out", dataset_root=tmp_path / "absent")
+
+
+# -- configs that cannot run as labelled ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_sizes": (3,)}, "b=3 does not divide the SGD batch of 32.*short group"),
+        ({"batch_sizes": (64,)}, "b=64 does not divide.*normalize over 32 samples, not 64"),
+        (
+            {"batch_sizes": (3,), "mode": "sgd", "compositions": ("correlated",)},
+            "class_group=2 samples of one class, so class_group must divide the SGD batch",
+        ),
+        ({"batch_sizes": (2,), "world_size": 3}, "number of processes must divide"),
+        ({"batch_sizes": (32,), "world_size": 2}, "normalize over 16, not b=32: pass --sync"),
+        ({"compositions": ("corelated",)}, "unknown composition 'corelated'"),
+    ],
+)
+def test_configs_that_would_be_mislabelled_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compare.preset_configs("smoke", methods=("bn",), **overrides)
+
+
+def test_valid_configs_still_pass():
+    assert compare.preset_configs("smoke", batch_sizes=(32,), world_size=2, sync=True)
+    assert compare.preset_configs("smoke", mode="sgd", batch_sizes=(3,), compositions=("iid",))
+    assert compare.preset_configs("smoke", methods=("gn",), batch_sizes=(32,), world_size=2)
+
+
+def test_repeated_seeds_methods_compositions_make_each_run_once():
+    configs = compare.preset_configs(
+        "smoke", seeds=(0, 0), methods=("bn", "bn"), compositions=("iid", "iid")
+    )
+    assert [(c.method, c.norm_batch, c.composition, c.seed) for c in configs] == [
+        ("bn", 2, "iid", 0),
+        ("bn", 32, "iid", 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--compositions", "corelated"], "unknown composition 'corelated'; choose from iid"),
+        (["--methods", "bn,nope"], "unknown method 'nope'; choose from bn,brn"),
+        (["--checkpoint-every", "0"], "--checkpoint-every: need an integer >= 1"),
+        (["--train-samples", "-5"], "--train-samples: need an integer >= 1"),
+        (["--batch-sizes", "3"], "b=3 does not divide the SGD batch"),
+    ],
+)
+def test_cli_usage_errors(tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", *SMOKE, "--output-dir", str(tmp_path), *options])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_cli_repeats_are_dropped_at_parse_time():
+    args = cli.build_parser().parse_args(
+        ["compare", "--seeds", "0,0,1", "--methods", "bn,bn", "--compositions", "iid,iid"]
+    )
+    assert (args.seeds, args.methods, args.compositions) == ((0, 1), ("bn",), ("iid",))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["compare", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path):
+    (config,) = compare.preset_configs(
+        "smoke", dataset="digits", methods=("bn",), batch_sizes=(2,), compositions=("iid",)
+    )
+    checkpoint = tmp_path / f"{config.tag}.pt"
+    checkpoint.write_bytes(b"half a checkpoint")
+    with pytest.raises(compare.CheckpointError, match=f"{checkpoint}: .*delete the file"):
+        compare.run_one(config, data.load_digits(), checkpoint, device=torch.device("cpu"))
+
+
+def test_a_failing_run_in_a_parallel_sweep_keeps_the_others_results(tmp_path):
+    tiny = {"dataset": "digits", "epochs": 1.0, "precise_samples": 32, "train_samples": 64}
+    bad = compare.RunConfig("bn", 2, "iid", 0, **{**tiny, "train_samples": 8})  # batch 32 > 8
+    good = [compare.RunConfig("bn", 2, "iid", seed, **tiny) for seed in range(1, 7)]
+    with pytest.raises(ValueError, match="exceeds the 8 training samples") as error:
+        compare.run_sweep([bad, *good], tmp_path, jobs=2, progress=False)
+    rows = compare.read_results(tmp_path / "results.jsonl")
+    # the run started beside the failing one finished and was recorded; queued ones were
+    # cancelled rather than trained and thrown away
+    assert 1 <= len(rows) < len(good)
+    assert {row["key"] for row in rows} <= {c.key for c in good}
+    assert any(bad.tag in note for note in getattr(error.value, "__notes__", []))
+
+
+def _append_many(path: Path, name: str, count: int) -> None:
+    for i in range(count):
+        compare._append_result(path, {"key": f"{name}-{i}"})
+
+
+def test_append_result_holds_a_lock_around_the_read_modify_write(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "results.jsonl"
+    write = compare.atomic_write
+    held = []
+
+    def checking_write(target, writer):
+        with open(tmp_path / "results.jsonl.lock", "a+b") as other:
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(True)
+            else:
+                fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+                held.append(False)
+        return write(target, writer)
+
+    monkeypatch.setattr(compare, "atomic_write", checking_write)
+    _append_many(path, "a", 2)
+    assert held == [True, True]
+
+
+def test_concurrent_appends_lose_no_rows(tmp_path):
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork to start writers cheaply")
+    path = tmp_path / "results.jsonl"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_append_many, args=(path, n, 60)) for n in "ab"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert len(compare.read_results(path)) == 120

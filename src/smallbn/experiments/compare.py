@@ -44,19 +44,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from smallbn._io import atomic_write
+from smallbn._io import atomic_write, exclusive_lock
 from smallbn.convert import bind_producers, uses_batch_stats
-from smallbn.experiments.data import Dataset, load_dataset
+from smallbn.experiments.data import (
+    DEFAULT_FASHION_MNIST,
+    Dataset,
+    load_dataset,
+    resolve_dataset,
+)
 from smallbn.experiments.models import SmallResNet
-from smallbn.experiments.sampling import batch_indices, steps_per_epoch
+from smallbn.experiments.sampling import COMPOSITIONS, batch_indices, steps_per_epoch
 from smallbn.experiments.train import evaluate
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
 
 __all__ = [
     "METHODS",
+    "MODES",
     "PRESETS",
+    "CheckpointError",
     "RunConfig",
+    "bind_data",
     "format_tables",
     "plot_results",
     "preset_configs",
@@ -79,6 +87,13 @@ METHODS: dict[str, str] = {
     "mabn": "mabn",
 }
 _NATIVE_GROUPS = {"brn", "sn", "mabn", "cbn", "naive"}
+#: Methods that normalize each sample alone: the batch they see does not matter.
+_SAMPLE_WISE = {"gn", "ln", "in"}
+MODES = ("groups", "sgd")
+
+
+class CheckpointError(RuntimeError):
+    """A run's checkpoint cannot be resumed from (damaged, or from another version)."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +116,21 @@ class RunConfig:
     class_group: int = 2
     sync: bool = False
     world_size: int = 1
+    #: The data folder the user passed (absolute); None for the dataset's default data.
+    data_root: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make up :attr:`key`: every field, but ``data_root`` only when one
+        was given, so the keys (and checkpoint tags) of runs on the default data stay those
+        of the results recorded before the field existed."""
+        fields = dataclasses.asdict(self)
+        if fields["data_root"] is None:
+            del fields["data_root"]
+        return fields
 
     @property
     def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.identity(), sort_keys=True)
 
     @property
     def tag(self) -> str:
@@ -115,6 +141,55 @@ class RunConfig:
     def batch(self) -> int:
         """SGD batch size."""
         return self.sgd_batch if self.mode == "groups" else self.norm_batch
+
+    def check(self) -> None:
+        """Raise ValueError, stating the rule, if this run would not train what it is
+        labelled as (a short group, a normalization batch other than ``norm_batch``, i.i.d.
+        batches labelled correlated, an SGD batch that does not split over the processes)."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}' (one of {', '.join(METHODS)})")
+        if self.composition not in COMPOSITIONS:
+            raise ValueError(
+                f"unknown composition '{self.composition}' (one of {', '.join(COMPOSITIONS)})"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}' (one of {', '.join(MODES)})")
+        for name in ("norm_batch", "sgd_batch", "class_group", "train_samples", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        b = self.norm_batch
+        if self.mode == "groups" and self.sgd_batch % b:
+            effect = (
+                f"normalize over {self.sgd_batch} samples, not {b}"
+                if b > self.sgd_batch
+                else "leave a short group in every batch"
+            )
+            raise ValueError(
+                f"normalization batch b={b} does not divide the SGD batch of {self.sgd_batch}: "
+                f"in --mode groups every SGD batch is split into groups of b, and b={b} would "
+                f"{effect}; pick --batch-sizes among the divisors of {self.sgd_batch}, or "
+                f"--mode sgd"
+            )
+        if self.composition == "correlated" and self.batch % self.class_group:
+            raise ValueError(
+                f"correlated batches are made of runs of class_group={self.class_group} "
+                f"samples of one class, so class_group must divide the SGD batch "
+                f"({self.batch}, b={b} in --mode {self.mode}); pick a multiple of "
+                f"{self.class_group} for --batch-sizes, or --compositions iid"
+            )
+        if self.batch % self.world_size:
+            raise ValueError(
+                f"the SGD batch of {self.batch} does not split over {self.world_size} "
+                f"processes: under torchrun the number of processes must divide the SGD batch "
+                f"(the batch is b in --mode sgd, {self.sgd_batch} in --mode groups)"
+            )
+        share = self.batch // self.world_size
+        if not self.sync and self.method not in _SAMPLE_WISE and share % b:
+            raise ValueError(
+                f"each of the {self.world_size} processes trains {share} samples of every SGD "
+                f"batch, so without --sync it would normalize over {share}, not b={b}: pass "
+                f"--sync to pool statistics across processes, or pick b dividing {share}"
+            )
 
 
 # -- presets -----------------------------------------------------------------------------------
@@ -158,22 +233,37 @@ def preset_configs(preset: str, **overrides: Any) -> list[RunConfig]:
         raise ValueError(f"unknown preset '{preset}' (one of {', '.join(PRESETS)})")
     plan, settings = PRESETS[preset]
     settings = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
-    seeds = settings.pop("seeds")
-    methods = settings.pop("methods", None)
-    sizes = settings.pop("batch_sizes", None)
-    compositions = settings.pop("compositions", None) or tuple(plan)
-    configs = []
+    # a repeated value would make the same run twice (duplicate rows, two workers racing
+    # on one checkpoint): keep the first of each, in order
+    seeds = _unique(settings.pop("seeds"))
+    methods = _unique(settings.pop("methods", None) or ())
+    sizes = _unique(settings.pop("batch_sizes", None) or ())
+    compositions = _unique(settings.pop("compositions", None) or tuple(plan))
+    for composition in compositions:
+        if composition not in COMPOSITIONS:
+            raise ValueError(
+                f"unknown composition '{composition}' (one of {', '.join(COMPOSITIONS)})"
+            )
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}' (one of {', '.join(METHODS)})")
+    configs: dict[str, RunConfig] = {}
     for composition in compositions:
         entries = plan.get(composition) or plan[next(iter(plan))]
         if methods:
             entries = [(m, sizes or (2, 32)) for m in methods]
         for method, batch_sizes in entries:
-            if method not in METHODS:
-                raise ValueError(f"unknown method '{method}' (one of {', '.join(METHODS)})")
             for b in sizes or batch_sizes:
                 for seed in seeds:
-                    configs.append(RunConfig(method, b, composition, seed, **settings))
-    return configs
+                    config = RunConfig(method, b, composition, seed, **settings)
+                    config.check()
+                    configs.setdefault(config.key, config)
+    return list(configs.values())
+
+
+def _unique(values: Iterable[Any]) -> tuple[Any, ...]:
+    """``values`` without repeats, first occurrences in order."""
+    return tuple(dict.fromkeys(values))
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -250,8 +340,9 @@ def run_one(
 ) -> dict[str, Any]:
     """Train and evaluate one config, resuming from ``checkpoint`` if it exists."""
     rank, world = _rank()
+    config.check()
     train_x, train_y = data.train_x[: config.train_samples], data.train_y[: config.train_samples]
-    class_group = math.gcd(config.class_group, config.batch)  # SGD batches of b < class_group
+    class_group = config.class_group  # check(): divides the batch where it is used (correlated)
     per_epoch = steps_per_epoch(train_y, config.batch, class_group, config.composition)
     total = max(1, int(round(config.epochs * per_epoch)))
     torch.manual_seed(config.seed)
@@ -269,11 +360,18 @@ def run_one(
     )
     start, elapsed, loss_value = 0, 0.0, float("nan")
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start, elapsed, loss_value = state["step"], state["elapsed"], state["loss"]
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            start, elapsed, loss_value = state["step"], state["elapsed"], state["loss"]
+        except Exception as error:  # any failure to resume: the file is the problem
+            raise CheckpointError(
+                f"{checkpoint}: cannot resume {config.tag} from this checkpoint "
+                f"({type(error).__name__}: {error}); delete the file to restart that run "
+                f"from scratch"
+            ) from error
     trained: nn.Module = model
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -338,8 +436,9 @@ def run_one(
     else:  # GN/LN/IN: no population statistics to recompute
         error_precise = error_ema
     return {
-        **dataclasses.asdict(config),
+        **config.identity(),
         "key": config.key,
+        "train_samples_used": len(train_y),  # train_samples caps it; a small dataset has fewer
         "steps": total,
         "error_ema": error_ema,
         "error_precise": error_precise,
@@ -368,10 +467,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 def _append_result(path: Path, row: dict[str, Any]) -> None:
     """Append one line atomically: the file is rewritten to a temporary and renamed, so a
-    kill at any moment leaves either the old or the new file, never half a line."""
-    lines = [json.dumps(r, sort_keys=True) for r in read_results(path)]
-    lines.append(json.dumps(row, sort_keys=True))
-    atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
+    kill at any moment leaves either the old or the new file, never half a line.  The
+    read-modify-write holds an exclusive lock on ``<name>.lock`` beside it, so concurrent
+    invocations writing the same results never drop each other's rows."""
+    with exclusive_lock(path.with_name(path.name + ".lock")):
+        lines = [json.dumps(r, sort_keys=True) for r in read_results(path)]
+        lines.append(json.dumps(row, sort_keys=True))
+        atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
 
 
 @functools.lru_cache(maxsize=2)
@@ -380,12 +482,10 @@ def _worker_dataset(name: str, root: str | None) -> Dataset:
     return load_dataset(name, root)
 
 
-def _worker_run(
-    config: RunConfig, output_dir: Path, dataset_root: str | None, checkpoint_every: int
-) -> dict[str, Any]:
+def _worker_run(config: RunConfig, output_dir: Path, checkpoint_every: int) -> dict[str, Any]:
     """One run in a worker process of a parallel sweep (one thread each)."""
     torch.set_num_threads(1)
-    data = _worker_dataset(config.dataset, dataset_root)
+    data = _worker_dataset(config.dataset, config.data_root)
     checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
     row = run_one(
         config,
@@ -413,24 +513,78 @@ def _run_parallel(
     todo: Sequence[RunConfig],
     output_dir: Path,
     jobs: int,
-    dataset_root: str | None,
     checkpoint_every: int,
     progress: bool,
 ) -> None:
+    """Run ``todo`` in ``jobs`` worker processes, recording each result as it completes.
+
+    When a run fails, the runs not yet started are cancelled, those in progress finish and
+    are recorded (their work is not thrown away), and then the first failure is raised.
+    """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_die_with_parent) as pool:
-        futures = {
-            pool.submit(_worker_run, c, output_dir, dataset_root, checkpoint_every): c for c in todo
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_die_with_parent)
+    first_error: BaseException | None = None
+    bar = tqdm(total=len(todo), desc="runs", disable=not progress)
+    try:
+        futures: dict[Future[dict[str, Any]], RunConfig] = {
+            pool.submit(_worker_run, c, output_dir, checkpoint_every): c for c in todo
         }
-        for future in tqdm(
-            as_completed(futures), total=len(futures), desc="runs", disable=not progress
-        ):
-            row = future.result()
-            _append_result(output_dir / "results.jsonl", row)
-            (output_dir / "checkpoints" / f"{futures[future].tag}.pt").unlink(missing_ok=True)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                bar.update(1)
+                config = futures[future]
+                error = future.exception()
+                if error is None:
+                    _append_result(output_dir / "results.jsonl", future.result())
+                    (output_dir / "checkpoints" / f"{config.tag}.pt").unlink(missing_ok=True)
+                    continue
+                if first_error is None:
+                    first_error = error
+                    error.add_note(
+                        f"in run {config.tag}; runs in progress were finished and recorded, "
+                        f"runs not started were cancelled: rerun the command to continue"
+                    )
+                    # Cancel here, not only through shutdown(cancel_futures=True): the pool
+                    # cancels in its own thread later and never reports those futures as
+                    # done, so waiting on them would hang.  Runs already handed to a worker
+                    # cannot be cancelled; they stay pending and are recorded when they end.
+                    pending = {f for f in pending if not f.cancel()}
+                    pool.shutdown(wait=False, cancel_futures=True)
+    finally:
+        bar.close()
+        # on an interrupt, too: nothing new starts, and the pool's processes are reaped
+        pool.shutdown(wait=True, cancel_futures=True)
+    if first_error is not None:
+        raise first_error
+
+
+def bind_data(configs: Sequence[RunConfig], root: str | Path | None) -> list[RunConfig]:
+    """``configs`` labelled with the data each run will actually read, before any key is
+    computed: ``dataset="digits"`` where Fashion-MNIST falls back to the digits (with the
+    visible notice), and ``data_root`` the absolute folder where one was given (``root``, else
+    the config's own), left out for the dataset's default data and for the digits, which read
+    no folder.  A given folder that does not exist raises :class:`DatasetError`."""
+    resolved: dict[tuple[str, str | None], tuple[str, str | None]] = {}
+    bound = []
+    for config in configs:
+        given = str(root) if root is not None else config.data_root
+        source = (config.dataset, given)
+        if source not in resolved:
+            dataset = resolve_dataset(config.dataset, given)
+            folder = None
+            if dataset != "digits" and given is not None:
+                folder = Path(given).resolve()
+                if dataset == "fashion-mnist" and folder == DEFAULT_FASHION_MNIST.resolve():
+                    folder = None  # the default data named explicitly: the same runs
+            resolved[source] = (dataset, None if folder is None else str(folder))
+        dataset, data_root = resolved[source]
+        bound.append(dataclasses.replace(config, dataset=dataset, data_root=data_root))
+    return bound
 
 
 def run_sweep(
@@ -452,20 +606,27 @@ def run_sweep(
     device = torch.device(device)
     rank, world = _rank()
     results_path = output_dir / "results.jsonl"
-    configs = [dataclasses.replace(c, world_size=world) for c in configs]
+    configs = bind_data([dataclasses.replace(c, world_size=world) for c in configs], dataset_root)
+    for config in configs:
+        config.check()
+    unique: dict[str, RunConfig] = {}
+    for config in configs:  # a repeated config would race itself on one checkpoint
+        unique.setdefault(config.key, config)
+    configs = list(unique.values())
     done = {row["key"] for row in read_results(results_path)}
     todo = [c for c in configs if c.key not in done]
-    datasets: dict[str, Dataset] = {}
+    datasets: dict[tuple[str, str | None], Dataset] = {}
     if jobs > 1 and world == 1 and device.type == "cpu" and todo:
-        _run_parallel(todo, output_dir, jobs, dataset_root, checkpoint_every, progress)
+        _run_parallel(todo, output_dir, jobs, checkpoint_every, progress)
         todo = []
     for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
-        if config.dataset not in datasets:
-            datasets[config.dataset] = load_dataset(config.dataset, dataset_root)
+        source = (config.dataset, config.data_root)
+        if source not in datasets:
+            datasets[source] = load_dataset(*source)
         checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
         row = run_one(
             config,
-            datasets[config.dataset],
+            datasets[source],
             checkpoint,
             device=device,
             checkpoint_every=checkpoint_every,
