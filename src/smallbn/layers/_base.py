@@ -74,6 +74,9 @@ class NormBase(nn.Module):
     _input_dim: ClassVar[int | None] = None
     _family: ClassVar[str] = ""
     _affine_as_buffers: ClassVar[bool] = False
+    #: Buffers of accumulated statistics that stay in float32 at least whatever dtype the
+    #: module is cast to (:meth:`_apply`); BN's running statistics follow the cast, as in torch.
+    _float32_buffers: ClassVar[tuple[str, ...]] = ()
 
     weight: Tensor | None
     bias: Tensor | None
@@ -275,6 +278,22 @@ class NormBase(nn.Module):
     def _reload_host_state(self) -> None:
         """Re-read any host-side copy of buffer state (kept to avoid a device read per step)
         after the buffers were written directly, e.g. restored by :func:`smallbn.precise_bn`."""
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
+        """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the
+        :attr:`_float32_buffers` in float32 at least (float64 stays float64): sums and
+        differences of stored statistics would lose their accuracy, or overflow, in a
+        half-precision dtype (SPEC: statistics in float32 at least)."""
+        originals = {name: self._buffers.get(name) for name in self._float32_buffers}
+        super()._apply(fn, recurse)
+        for name, original in originals.items():
+            moved = self._buffers.get(name)
+            if original is None or moved is None:
+                continue
+            dtype = torch.promote_types(torch.float32, moved.dtype)
+            if moved.dtype != dtype:  # from the values before the cast, not rounded ones
+                self._buffers[name] = original.to(device=moved.device, dtype=dtype)
+        return self
 
 
 class BatchStatsNorm(NormBase):

@@ -899,20 +899,9 @@ class CrossIterationBatchNorm(BatchStatsNorm):
 
     # -- window state --------------------------------------------------------------------
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
-        """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the window
-        (statistics, derivatives, inner products) in float32 at least: the compensation is a
-        difference of stored values, which bfloat16 would round to a few percent."""
-        originals = {name: self._buffers.get(name) for name in (*_STAT_BUFFERS, *_GRAD_BUFFERS)}
-        super()._apply(fn, recurse)
-        for name, original in originals.items():
-            moved = self._buffers.get(name)
-            if original is None or moved is None:
-                continue
-            dtype = torch.promote_types(torch.float32, moved.dtype)
-            if moved.dtype != dtype:  # from the values before the cast, not rounded ones
-                self._buffers[name] = original.to(device=moved.device, dtype=dtype)
-        return self
+    # The compensation is a difference of stored values, which bfloat16 would round to a few
+    # percent: the window stays in float32 when the model is cast.
+    _float32_buffers = (*_STAT_BUFFERS, *_GRAD_BUFFERS)
 
     def _state_dtype(self) -> torch.dtype:
         if self.window_mean is not None:

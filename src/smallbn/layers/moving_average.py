@@ -662,29 +662,9 @@ class MovingAverageBatchNorm(BatchStatsNorm):
 
     # -- state ---------------------------------------------------------------------------
 
-    #: Buffers that accumulate statistics and stay in float32 at least whatever the module's
-    #: dtype (a window of ``B`` values of ``E[x²]`` that each fit in float16 need not).
-    _STATISTICS_BUFFERS = ("chi2_window", "psi_window")
-
-    def _apply(
-        self, fn: Callable[[Tensor], Tensor], recurse: bool = True
-    ) -> MovingAverageBatchNorm:
-        """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the
-        statistics windows in ``stats_dtype`` of the new dtype: float64 stays float64, any
-        other floating dtype becomes float32 (the other buffers and the Parameters follow
-        ``fn`` as in ``nn.BatchNorm``)."""
-        originals = {name: self._buffers.get(name) for name in self._STATISTICS_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, original in originals.items():
-            moved = self._buffers.get(name)
-            if original is None or moved is None:
-                continue
-            dtype = stats_dtype(moved.dtype)
-            if moved.dtype != dtype:
-                # From the values before the cast: a float32 → float16 → float32 round trip
-                # would round them, or turn values above 65504 into Inf.
-                self._buffers[name] = original.to(device=moved.device, dtype=dtype)
-        return self
+    #: A window of ``B`` values of ``E[x²]`` that each fit in float16 need not sum to one that
+    #: does: the windows stay in float32 when the module is cast (see ``NormBase._apply``).
+    _float32_buffers = ("chi2_window", "psi_window")
 
     def reset_moving_averages(self) -> None:
         """Empty both windows and restart the step count (warm-up starts over)."""
@@ -715,7 +695,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         # Windows saved by a half-precision module (before they were kept in float32) load in
         # this layer's statistics dtype, also with load_state_dict(assign=True).
-        for name in self._STATISTICS_BUFFERS:
+        for name in self._float32_buffers:
             key = prefix + name
             if isinstance(state_dict[key], Tensor):
                 state_dict[key] = _as(state_dict[key], getattr(self, name).dtype)
@@ -839,7 +819,10 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         stored = running_after
         if factor is not None:
             stored = _as(running_after, self.running_stats()[1].dtype)
-            self._check_running_var(stored)  # before any state changes
+            if stored.dtype.itemsize < running_after.dtype.itemsize:
+                # Only a narrower running_var can overflow where the (checked) χ² did not:
+                # no second device read per step for float32 layers.
+                self._check_running_var(stored)  # before any state changes
         with torch.no_grad():
             plan.chi2.push(chi2)  # the Function only reads the χ² window; the step is recorded here
             self.sma_steps.add_(chi2.shape[0])
