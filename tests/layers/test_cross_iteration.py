@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -873,3 +874,88 @@ def test_a_lazy_producer_gets_a_clear_error_and_convert_says_why_it_is_unpaired(
     model = nn.Sequential(nn.LazyConv2d(4, 3, padding=1), nn.BatchNorm2d(4))
     with pytest.warns(RuntimeWarning, match="lazy module '0'.*run one forward pass first"):
         smallbn.convert(model, "cbn", window=3)
+
+
+# -- gradcheck of the autograd Functions ---------------------------------------------------------
+#
+# Both Functions take x's own moments as given (computed without gradient) and put the
+# gradient through them into x's: as a function of x alone (moments recomputed from x, stored
+# window entries constant), their backward must be the exact derivative.
+
+
+def _gradcheck_inputs(shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.4).requires_grad_()
+    c = shape[1]
+    weight = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_()
+    return x, weight, bias
+
+
+def _past_entries(entries: tuple[int, ...], c: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Stored (compensated) entries, some variances negative (the max and drop rules differ)."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(*entries, c, generator=gen, dtype=torch.float64)
+    var = torch.rand(*entries, c, generator=gen, dtype=torch.float64) * 2.0 - 0.4
+    return mean, var
+
+
+ROW_SHAPES = [(1, 3, 4), (2, 3), (3, 2, 4, 3), (2, 2, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["max", "drop"])
+@pytest.mark.parametrize("inside", [True, False], ids=["eps-inside", "eps-outside"])
+@pytest.mark.parametrize("past", [0, 3])
+@pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
+def test_window_norm_gradcheck(shape: tuple[int, ...], past: int, inside: bool, drop: bool):
+    from smallbn.layers.cross_iteration import _WindowNorm
+
+    x, weight, bias = _gradcheck_inputs(shape, seed=len(shape) + past)
+    past_mean, past_var = _past_entries((past,), shape[1], seed=5)
+    dims = [0, *range(2, len(shape))]
+
+    def run(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        moments = x.detach()  # given without gradient: the backward accounts for them
+        mean, var = moments.mean(dims), moments.var(dims, unbiased=False)
+        return _WindowNorm.apply(
+            x, mean, var, weight, bias, past_mean, past_var, 1e-3, inside, drop
+        )
+
+    assert torch.autograd.gradcheck(run, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x: run(x, None, None), (x,))
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["max", "drop"])
+@pytest.mark.parametrize("inside", [True, False], ids=["eps-inside", "eps-outside"])
+@pytest.mark.parametrize("sizes", [(2, 2, 1), (1, 3), (2,)], ids=str)
+@pytest.mark.parametrize("spatial", [(), (3,), (2, 3)], ids=str)
+def test_grouped_window_norm_gradcheck(
+    sizes: tuple[int, ...], spatial: tuple[int, ...], inside: bool, drop: bool
+) -> None:
+    """Groups of unequal sizes (a group of one sample included, where it has spatial
+    values), some entries of each group's window invalid."""
+    from smallbn.layers.cross_iteration import _GroupedWindowNorm
+
+    if not spatial and 1 in sizes:
+        pytest.skip("a group of one value per channel is rejected before the Function")
+    num, c = len(sizes), 2
+    x, weight, bias = _gradcheck_inputs((sum(sizes), c, *spatial), seed=sum(sizes))
+    index = torch.repeat_interleave(torch.arange(num), torch.tensor(sizes))
+    per_sample = math.prod(spatial)
+    count = torch.tensor([s * per_sample for s in sizes], dtype=torch.float64)
+    past_mean, past_var = _past_entries((num, 3), c, seed=9)
+    valid = torch.tensor([[True, True, False], [True, False, False], [False] * 3])[:num]
+
+    def run(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        rows = x.detach().reshape(x.shape[0], c, -1)
+        total = torch.zeros(num, c, dtype=x.dtype).index_add_(0, index, rows.sum(-1))
+        mean = total / count.unsqueeze(1)
+        spread = (rows - mean[index].unsqueeze(-1)).square().sum(-1)
+        var = torch.zeros(num, c, dtype=x.dtype).index_add_(0, index, spread) / count.unsqueeze(1)
+        return _GroupedWindowNorm.apply(
+            x, mean, var, count, index, weight, bias, past_mean, past_var, valid, 1e-3,
+            inside, drop,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(run, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x: run(x, None, None), (x,))
