@@ -436,15 +436,21 @@ class _WindowNorm(torch.autograd.Function):
     """``y = γ (x − μ̄)·s(σ̄²) + β`` with ``(μ̄, σ̄², n) = _pool(μ, σ², past)``, where ``(μ, σ²)``
     are x's own batch moments (given, computed without gradient) and ``past`` constants.
 
-    The backward is written out so that it costs about BN's (one reduction pass, two fused
-    multiply-adds) instead of autograd's separate passes for the normalization and the
-    moments.  With ``D = Σ g (x − μ̄)`` and ``S = Σ g`` per channel (torch's BN backward
-    kernel computes both in one pass):
+    The backward is written out so that it costs about BN's instead of autograd's separate
+    passes for the normalization and the moments.  With ``D = Σ g (x − μ̄)`` and ``S = Σ g``
+    per channel:
 
         ∂L/∂β = S,   ∂L/∂γ = s D,   ∂L/∂μ̄ = −γ s S,   ∂L/∂σ̄² = γ s′(σ̄²) D,
         ∂L/∂μ = (∂L/∂μ̄ + 2 (μ − μ̄) ∂L/∂σ̄²) / n,   ∂L/∂σ² = ∂L/∂σ̄² / n
             (∂μ̄/∂μ = 1/n, ∂σ̄²/∂σ² = 1/n, ∂σ̄²/∂μ = 2(μ − μ̄)/n from ``_pool``),
-        ∂L/∂x = γ s g + ∂L/∂μ / M + 2 ∂L/∂σ² (x − μ) / M.
+        ∂L/∂x = γ s g + ∂L/∂μ / M + 2 ∂L/∂σ² (x − μ) / M
+              = γ s g (1 − 1/n) + (1/n) γ s [g − S/M + 2 s′(σ̄²)/s · (x − μ̄) D/M],
+
+    (μ cancels), and the bracket is BN's training backward with mean μ̄ and inverse standard
+    deviation r where ``r² = −2 s′/s`` (``s = 1/sqrt(σ̄² + eps)``: r = s; eps outside the
+    root: ``r² = s/sqrt(σ̄²)``), weight ``γ s/(n r)``.  So the backward is torch's fused BN
+    backward kernel (one reduction and one elementwise pass, giving ``r D`` and S too) and one
+    ``addcmul_`` for the ``(1 − 1/n)`` share.
     """
 
     @staticmethod
@@ -464,38 +470,40 @@ class _WindowNorm(torch.autograd.Function):
         pooled_mean, pooled_var, count = _pool(mean, var, past_mean, past_var, drop)
         inv_std = _inverse_std(pooled_var, eps, inside)
         scale, shift = affine_from_moments(pooled_mean, inv_std, weight, bias)
-        ctx.save_for_backward(x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale)
+        ctx.save_for_backward(x, weight, pooled_mean, pooled_var, count, inv_std, scale)
         ctx.inside = inside
+        ctx.pools = past_mean.shape[0] > 0
         ctx.bias_dtype = None if bias is None else bias.dtype
         return apply_channel_affine(x, scale, shift)
 
     @staticmethod
     @first_order_only("Cross-Iteration BN")
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, mean, weight, pooled_mean, pooled_var, count, inv_std, scale = ctx.saved_tensors
-        dtype = mean.dtype
+        x, weight, pooled_mean, pooled_var, count, inv_std, scale = ctx.saved_tensors
+        dtype = pooled_mean.dtype
         xs, grad = x.to(dtype), grad_y.to(dtype)
-        # D = Σ g (x − μ̄) and S = Σ g: BN's eval-mode backward with "running" stats (μ̄, 1).
-        _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
+        if ctx.inside:
+            kernel_inv_std = inv_std
+        else:
+            root = pooled_var.clamp_min(torch.finfo(dtype).tiny).sqrt()
+            kernel_inv_std = (inv_std / root).sqrt()
+        grad_x, kernel_centred, total = torch.ops.aten.native_batch_norm_backward.default(
             grad,
             xs,
+            scale / (count * kernel_inv_std),
+            None,
             None,
             pooled_mean,
-            torch.ones_like(pooled_var),
-            None,
-            None,
-            False,
+            kernel_inv_std,
+            True,
             0.0,
-            [False, True, True],
+            [True, weight is not None, True],
         )
-        m = x.numel() // max(x.shape[1], 1)
-        a, b = _moment_coefficients(
-            mean, weight, pooled_mean, pooled_var, count, inv_std, scale, centred, total, m,
-            ctx.inside,
-        )  # fmt: skip
-        grad_x = scale_shift(xs, channel_view(a, x), channel_view(b, x))
-        grad_x.addcmul_(grad, channel_view(scale, x))
-        grad_weight = None if weight is None else (inv_std * centred).to(weight.dtype)
+        if ctx.pools:  # n > 1 somewhere (host-side: no device sync)
+            grad_x.addcmul_(grad, channel_view(scale * (1.0 - 1.0 / count), x))
+        grad_weight = None
+        if weight is not None:  # ∂L/∂γ = s D, from the kernel's r D
+            grad_weight = (kernel_centred * (inv_std / kernel_inv_std)).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.to(ctx.bias_dtype)
         return grad_x.to(x.dtype), None, None, grad_weight, grad_bias, *([None] * 5)
 
