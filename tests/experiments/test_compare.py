@@ -319,3 +319,14 @@ def test_concurrent_appends_lose_no_rows(tmp_path):
         writer.join(60)
     assert [w.exitcode for w in writers] == [0, 0]
     assert len(compare.read_results(path)) == 120
+
+
+@pytest.mark.parametrize("mode", ["groups", "sgd"])
+@pytest.mark.parametrize(("b", "window"), [(2, 16), (4, 8), (8, 4), (16, 2), (32, 1)])
+def test_mabn_averages_over_32_samples_at_every_normalization_batch(mode, b, window):
+    """The release's B = 32/b: the moving averages cover the samples of one SGD batch of 32,
+    not 16 steps whatever b is (at b = 32 that spanned 16 weight updates and diverged)."""
+    config = compare.RunConfig("mabn", b, "iid", 0, mode=mode)
+    norm = compare._norm_factory(config, sgd_steps=100)(8)
+    assert norm.window == window
+    assert norm.norm_batch_size == (b if mode == "groups" and b < 32 else None)
