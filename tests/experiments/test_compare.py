@@ -330,3 +330,15 @@ def test_mabn_averages_over_32_samples_at_every_normalization_batch(mode, b, win
     norm = compare._norm_factory(config, sgd_steps=100)(8)
     assert norm.window == window
     assert norm.norm_batch_size == (b if mode == "groups" and b < 32 else None)
+
+
+@pytest.mark.parametrize(("b", "window"), [(2, 8), (4, 4), (8, 2), (16, 1), (32, 1)])
+def test_naive_pooling_is_cbn_without_compensation_at_every_batch(b, window):
+    """The ablation differs from CBN in the compensation only: the same window k and burn-in."""
+    built = {
+        method: compare._norm_factory(compare.RunConfig(method, b, "iid", 0), sgd_steps=100)(8)
+        for method in ("cbn", "naive")
+    }
+    assert built["cbn"].window == built["naive"].window == window
+    assert built["cbn"].burnin == built["naive"].burnin
+    assert built["cbn"].compensate and not built["naive"].compensate
