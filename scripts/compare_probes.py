@@ -17,6 +17,7 @@ error with EMA statistics and after PreciseBN:
     .venv/bin/python scripts/compare_probes.py sn --mixture-lr 10 --seed 1  # 10x its lr
     .venv/bin/python scripts/compare_probes.py cbn --burnin 0 --seed 0  # seeds 0, 1, 2
     .venv/bin/python scripts/compare_probes.py cbn --epochs 9 --seed 0 --loss-trace 18
+    .venv/bin/python scripts/compare_probes.py brn --momentum 0.1 --norm-batch 32 --seed 0
 
 ``cbn`` replaces the job's CBN options (window, burn-in as a fraction of the groups seen,
 ``--no-compensate`` for naive pooling, the release's linear ramp of k, aggregation and eps
@@ -25,10 +26,12 @@ not a method: it pools the statistics of the last ``--window`` groups *of the sa
 (same weights, so nothing to compensate) with the gradient flowing through every pooled group,
 or, with ``--detach-past``, through the current group only as in CBN; ``sn`` scales the
 learning rate of SN's mixture logits (``mean_weight``/``var_weight``) and prints the learned
-mixture per layer; ``--loss-trace N`` prints the mean training loss over N equal parts of the
-run.  ``--lr`` is the job's peak learning rate (default: the job's, 0.2; the README says which
-probe figures were taken at the job's earlier default, ``--lr 0.05``).  Probes, not product:
-they patch the job's norm factory, optimizer or loss for one run.
+mixture per layer; ``brn`` is the job's BRN with another rate for its running averages
+(``--momentum``; the job's is the paper's 0.01); ``--norm-batch`` is b (default 2, the
+preset's; 32 is the whole SGD batch); ``--loss-trace N`` prints the mean training loss over
+N equal parts of the run.  ``--lr`` is the job's peak learning rate (default: the job's, 0.2;
+the README says which probe figures were taken at the job's earlier default, ``--lr 0.05``).
+Probes, not product: they patch the job's norm factory, optimizer or loss for one run.
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ class _InBatchPooling(torch.nn.BatchNorm2d):
         return y
 
 
+def _brn_factory(momentum: float) -> Any:
+    """The job's own BRN layers (schedule, groups), with ``momentum`` for the running averages."""
+    job_factory = compare._norm_factory
+
+    def factory(config: compare.RunConfig, sgd_steps: int) -> Any:
+        make = job_factory(config, sgd_steps)
+        return lambda channels, **kw: make(channels, **{**kw, "momentum": momentum})
+
+    return factory
+
+
 def _pooled_factory(window: int, detach_past: bool) -> Any:
     def factory(config: compare.RunConfig, sgd_steps: int) -> Any:
         b = config.norm_batch
@@ -156,8 +170,11 @@ def main() -> None:
     pooled.add_argument("--detach-past", action="store_true")
     sn = sub.add_parser("sn")
     sn.add_argument("--mixture-lr", type=float, default=1.0, help="scale of the mixture's lr")
-    for p in (cbn, pooled, sn):
+    brn = sub.add_parser("brn")
+    brn.add_argument("--momentum", type=float, default=0.01, help="rate of the running averages")
+    for p in (cbn, pooled, sn, brn):
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--norm-batch", type=int, default=2, help="b (32: the whole SGD batch)")
         p.add_argument("--train-samples", type=int, default=8_000)
         p.add_argument("--epochs", type=float, default=3.0)
         p.add_argument("--composition", choices=("correlated", "iid"), default="correlated")
@@ -180,6 +197,9 @@ def main() -> None:
     elif args.probe == "pooled":
         compare._norm_factory = _pooled_factory(args.window, args.detach_past)  # type: ignore[assignment]
         method = "cbn"  # the job's grouped CBN path; the factory replaces the layer
+    elif args.probe == "brn":
+        compare._norm_factory = _brn_factory(args.momentum)  # type: ignore[assignment]
+        method = "brn"
     else:
         _MixtureScaledSGD.scale = args.mixture_lr
         compare.torch.optim.SGD = _MixtureScaledSGD  # type: ignore[misc, assignment]
@@ -194,7 +214,7 @@ def main() -> None:
         method = "sn"
     config = compare.RunConfig(
         method,
-        2,
+        args.norm_batch,
         args.composition,
         args.seed,
         epochs=args.epochs,
