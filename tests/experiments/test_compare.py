@@ -267,7 +267,10 @@ def test_corrupt_checkpoint_names_the_file_and_the_fix(tmp_path):
 def test_a_failing_run_in_a_parallel_sweep_keeps_the_others_results(tmp_path):
     tiny = {"dataset": "digits", "epochs": 1.0, "precise_samples": 32, "train_samples": 64}
     bad = compare.RunConfig("bn", 2, "iid", 0, **{**tiny, "train_samples": 8})  # batch 32 > 8
-    good = [compare.RunConfig("bn", 2, "iid", seed, **tiny) for seed in range(1, 7)]
+    # The pool hands up to jobs + 1 runs to its call queue ahead of time (they can no longer be
+    # cancelled), and workers keep taking queued runs until the failure is seen: on a fast CPU
+    # all of 6 tiny runs finished first. With 16, most are still queued when it is.
+    good = [compare.RunConfig("bn", 2, "iid", seed, **tiny) for seed in range(1, 17)]
     with pytest.raises(ValueError, match="exceeds the 8 training samples") as error:
         compare.run_sweep([bad, *good], tmp_path, jobs=2, progress=False)
     rows = compare.read_results(tmp_path / "results.jsonl")
