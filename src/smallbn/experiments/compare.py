@@ -274,11 +274,10 @@ def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]
 
     Schedules are in the layer's own steps: BRN counts forward calls (SGD steps), CBN counts
     iterations, i.e. groups (its burn-in is a quarter of the groups seen in training).  MABN's
-    moving averages span 32 samples, the release's ``B = 32/b`` (16 at b = 2): a window of 16
-    steps at b = 32 would average over 16 weight updates, whose stale statistics made MABN@32
-    diverge on 2 of 3 seeds in correlated groups (68.7% and 40.9% error against 13.4% and
-    13.5% with B = 1).  ``naive`` is CBN without compensation, with CBN's window (8 at b = 2;
-    a fixed 8 pooled 8 SGD steps' stale statistics at b = 32: 25.3% against BN's 15.9%).
+    moving averages span 32 samples, the release's ``B = 32/b`` (16 at b = 2): a fixed window of
+    16 steps would average over 16 weight updates at b = 32, stale enough to make training
+    unstable (README, "Two processes").  ``naive`` is CBN without compensation and with CBN's
+    window, so that the two differ in the compensation only.
     """
     spec, b = METHODS[config.method], config.norm_batch
     grouped = config.mode == "groups" and b < config.sgd_batch
