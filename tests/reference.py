@@ -293,6 +293,7 @@ def switchable_norm(
     mu = sum(w_mean[i] * means[b] for i, b in enumerate(branches))
     var = sum(w_var[i] * variances[b] for i, b in enumerate(branches))
     shape = (n, c) + (1,) * (x64.dim() - 2)
+    mu, var = mu.expand(n, c), var.expand(n, c)  # a single LN branch is (N, 1)
     x_hat = (x64 - mu.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps)
     view = (1, c) + (1,) * (x64.dim() - 2)
     return x_hat * weight.double().reshape(view) + bias.double().reshape(view), new_mean, new_var

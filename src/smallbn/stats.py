@@ -370,7 +370,10 @@ def sample_grad_sums(grad: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Ten
             grad.reshape(rows),
             x.reshape(rows),
             None,
-            mean.reshape(-1),
+            # contiguous: the mixed statistics of Switchable Norm arrive expanded (stride 0),
+            # and the kernel reads its "running mean" as dense memory (an expanded one gave
+            # values from past the tensor's storage).
+            mean.reshape(-1).contiguous(),
             x.new_ones(n * c),
             None,
             None,

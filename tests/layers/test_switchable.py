@@ -180,6 +180,57 @@ def test_one_by_one_inputs_leave_out_in_once_and_stay_finite():
     torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "branches"),
+    [
+        ((1, 8, 1, 1), ("ln",)),  # batch 1, one value per channel: IN and BN left out
+        ((3, 8, 1, 1), ("ln", "bn")),  # IN left out
+        ((2, 8, 3, 3), ("in", "ln", "bn")),  # nothing left out
+    ],
+)
+def test_gradients_with_branches_left_out_match_the_reference(shape, branches, dtype):
+    # An ASPP image-pooling branch at batch 1 feeds SN one value per channel; the input
+    # gradient once read memory past the mixed statistics (1e24 in float32, a different
+    # value each run).  Reference: autograd of the formula with the computable branches only.
+    layer = smallbn.SwitchableNorm2d(shape[1], dtype=dtype)
+    with torch.no_grad():
+        layer.mean_weight.copy_(torch.tensor([0.3, -0.2, 0.5]))
+        layer.var_weight.copy_(torch.tensor([-0.4, 0.1, 0.2]))
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    grad_y = torch.arange(x.numel(), dtype=dtype).reshape(shape) / x.numel() - 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (layer(x) * grad_y).sum().backward()
+    keep = [smallbn.layers.switchable.BRANCHES.index(b) for b in branches]
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (x, layer.mean_weight, layer.var_weight, layer.weight, layer.bias)
+    ]
+    x64, mean_logits, var_logits, weight, bias = leaves
+    ref, _, _ = switchable_norm(
+        x64,
+        mean_logits[keep],
+        var_logits[keep],
+        weight,
+        bias,
+        torch.zeros(shape[1], dtype=torch.float64),
+        torch.ones(shape[1], dtype=torch.float64),
+        eps=layer.eps,
+        momentum=0.1,
+        training=True,
+        branches=branches,
+    )
+    (ref * grad_y.double()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for got, want in zip(
+        (x, layer.mean_weight, layer.var_weight, layer.weight, layer.bias), leaves, strict=True
+    ):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=tol, atol=tol)
+
+
 def test_batch_one_without_spatial_dims_uses_layer_statistics():
     layer = smallbn.SwitchableNorm1d(5)
     x = torch.randn(1, 5, dtype=torch.float64)
