@@ -1,5 +1,6 @@
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -283,3 +284,27 @@ def test_binding_survives_other_smallbn_layers_and_later_converts():
     smallbn.convert(model, "frozenbn", where=lambda name, _: name == "stages.0.bn1")
     assert model.stem_norm.producer is model.stem
     torch.testing.assert_close(model.stem_norm.window_var_grad, window, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", smallbn.available_norms())
+def test_bias_false_is_honoured_by_every_layer_and_by_convert(method: str) -> None:
+    # torch's norms take bias=False (γ without β); a converted layer used to get a trainable
+    # bias, and BatchRenorm2d(8, bias=False) raised TypeError.
+    options = {"num_domains": 2} if method == "domainbn" else {}
+    layer = smallbn.build_norm(method, 8, bias=False, **options)
+    assert layer.bias is None and "bias" not in layer.state_dict()
+    assert layer.weight is not None or method == "frozenbn"
+    x = torch.randn(4, 8, 3, 3, requires_grad=True)
+    layer.train()(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    source = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        converted = smallbn.convert(source, method, **options)
+        assert converted[1].bias is None
+        assert all(not name.endswith("1.bias") for name, _ in converted.named_parameters())
+        back = smallbn.convert(converted, "bn")
+    assert isinstance(back[1], nn.BatchNorm2d) and back[1].bias is None
+    nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False)).load_state_dict(
+        back.state_dict()
+    )

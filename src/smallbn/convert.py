@@ -121,6 +121,10 @@ def _replacement(
         "track_running_stats": source.track_running_stats,
         **(_factory(module) or fallback_factory),
     }
+    if source.affine and getattr(source, "bias", None) is None:
+        # nn.BatchNorm2d(C, bias=False): γ without β.  Passed only when set, so targets
+        # without the keyword (torch < 2.6's BN) still convert layers that have a bias.
+        inherited["bias"] = False
     if isinstance(spec, functools.partial):  # the partial's own options beat the old layer's
         inherited = {k: v for k, v in inherited.items() if k not in spec.keywords}
     options = {**inherited, **kwargs}

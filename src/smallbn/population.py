@@ -27,16 +27,12 @@ from tqdm.auto import tqdm
 
 from smallbn import _distributed
 from smallbn.convert import freeze_norms, uses_batch_stats
-from smallbn.layers import (
-    BatchStatsNorm,
-    CrossIterationBatchNorm,
-    DomainBatchNorm,
-    NormBase,
-)
+from smallbn.layers import BatchStatsNorm, DomainBatchNorm, NormBase
 from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments
 
 __all__ = [
     "FreezeNormsAt",
+    "batch_input",
     "batch_stats_layers",
     "batch_stats_eval",
     "precise_bn",
@@ -51,22 +47,50 @@ def batch_stats_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    return model(_first_tensor(batch))
+    return model(batch_input(batch))
 
 
-def _first_tensor(batch: Any) -> Tensor:
+def _describe_batch(batch: Any) -> str:
     if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
+        return f"Tensor{tuple(batch.shape)} ({batch.dtype})"
+    if isinstance(batch, (list, tuple)):
+        items = ", ".join(_describe_batch(item) for item in list(batch)[:3])
+        more = ", ..." if len(batch) > 3 else ""
+        return f"{type(batch).__name__} of {len(batch)} [{items}{more}]"
     if isinstance(batch, dict):
-        for value in batch.values():
-            if isinstance(value, Tensor):
-                return value
+        return f"dict with keys {sorted(map(str, batch))[:6]}"
+    return type(batch).__name__
+
+
+def batch_input(batch: Any, tool: str = "precise_bn") -> Tensor:
+    """The model input of a batch that the population tools accept without ``forward=``:
+    a floating-point tensor, or an ``(input, target)`` pair (a DataLoader's ``[x, y]``)
+    whose input is a floating-point tensor with as many samples as the target.
+
+    Anything else (dicts, lists of images as torchvision's detection models take, a
+    ``(label, image)`` pair) is an error that shows how to pass ``forward=``: which entry
+    is the input is the user's to say, never a guess.
+    """
+    if isinstance(batch, Tensor) and batch.is_floating_point():
+        return batch
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        x, target = batch
+        if (
+            isinstance(x, Tensor)
+            and x.is_floating_point()
+            and x.dim() > 0
+            and (
+                not isinstance(target, Tensor)
+                or (target.dim() > 0 and target.shape[0] == x.shape[0])
+            )
+        ):
+            return x
     raise TypeError(
-        "precise_bn: cannot find the input tensor of a batch of type "
-        f"{type(batch).__name__}; pass forward=lambda model, batch: model(...) and "
-        "batch_size=lambda batch: ..."
+        f"{tool}: cannot tell the model input in a batch of {_describe_batch(batch)}: "
+        f"without forward= a batch must be a floating-point tensor or an (input, target) "
+        f"pair whose input is a floating-point tensor with one row per target. Pass "
+        f"forward=lambda model, batch: model(batch['image']) (whatever your model takes) "
+        f"and batch_size=lambda batch: len(batch['image'])."
     )
 
 
@@ -153,16 +177,30 @@ def _accumulate(total: Moments | None, batch: Moments) -> Moments:
 def _preserved(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
     """Restore every buffer (EMA statistics, step counters, cross-iteration windows), the
     train/eval mode of every module and the layers' sync settings on exit."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    # Per module, every buffer slot as it was: a value (restored in place) or None (a buffer
+    # a layer allocates lazily, e.g. a window, is unregistered again).
+    buffers = {
+        m: {k: None if b is None else b.detach().clone() for k, b in m._buffers.items()}
+        for m in model.modules()
+    }
     modes = {m: m.training for m in model.modules()}
     syncs = {m: (m.sync, m.process_group) for m in layers if isinstance(m, BatchStatsNorm)}
+    passes = {m: m.statistics_pass for m in layers if isinstance(m, NormBase)}
     try:
+        for module in passes:
+            module.statistics_pass = True
         yield
     finally:
         with torch.no_grad():
-            for name, value in model.named_buffers():
-                if name in buffers:
-                    value.copy_(buffers[name])
+            for module, saved in buffers.items():
+                for key in [k for k in module._buffers if k not in saved]:
+                    del module._buffers[key]
+                for key, value in saved.items():
+                    current = module._buffers.get(key)
+                    if value is None or current is None or current.shape != value.shape:
+                        module._buffers[key] = value
+                    else:
+                        current.copy_(value)
         for module in model.modules():
             if isinstance(module, NormBase):
                 module._reload_host_state()
@@ -170,6 +208,8 @@ def _preserved(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
             module.training = training
         for module, (sync, group) in syncs.items():
             module.sync, module.process_group = sync, group
+        for module, value in passes.items():
+            module.statistics_pass = value
 
 
 def precise_bn(
@@ -187,8 +227,11 @@ def precise_bn(
     With the weights fixed, batches from ``data`` are run through ``model`` (batch-statistics
     layers in training mode, everything else, e.g. dropout, in eval mode, no gradients) until
     at least ``num_samples`` samples have been seen; each layer's running statistics are then
-    set to the population estimate of the module docstring.  Mode, momentum, running averages,
-    step counters and any cross-iteration state are restored first, so only
+    set to the population estimate of the module docstring.  Layers that pool past batches in
+    training (CBN's window, MABN's moving averages) normalize each batch with its own
+    statistics during the pass (:attr:`~smallbn.layers.NormBase.statistics_pass`).  Mode,
+    momentum, running averages, step counters and any cross-iteration state (buffers a layer
+    would allocate lazily included) are restored first, so only
     ``running_mean``/``running_var`` change.
 
     When torch.distributed is initialized, every process passes its own data and
@@ -198,8 +241,8 @@ def precise_bn(
     numbers of batches.
 
     Args:
-        data: an iterable of batches (a tensor, a tuple/list whose first item is the input,
-            or anything ``forward`` understands).
+        data: an iterable of batches: a tensor, an ``(input, target)`` pair (see
+            :func:`batch_input`), or anything ``forward`` understands.
         forward: ``forward(model, batch)`` runs one batch; default ``model(input)``.
         batch_size: samples in a batch; default the first dim of the input tensor.
 
@@ -214,8 +257,13 @@ def precise_bn(
         FloatingPointError: a population is NaN/Inf (non-finite activations); nothing is
             written.
     """
+    if isinstance(num_samples, bool) or int(num_samples) < 1:
+        raise ValueError(
+            f"precise_bn: num_samples is the number of samples to average over and must be "
+            f">= 1 (the paper finds 10^3-10^4 enough), got {num_samples}"
+        )
     run = forward or _default_forward
-    count = batch_size or (lambda batch: int(_first_tensor(batch).shape[0]))
+    count = batch_size or (lambda batch: int(batch_input(batch).shape[0]))
     layers = batch_stats_layers(model)
     if not layers:
         return model
@@ -316,8 +364,10 @@ def _check_enough_data(
 def batch_stats_eval(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every batch-statistics layer normalizes with the statistics of the
     current batch and updates nothing (Wu & Johnson 2021, "use mini-batch statistics at
-    inference"); the rest of the model is in eval mode.  Cross-Iteration BN uses the current
-    batch only, not the iterations in its window.  Everything is restored on exit.
+    inference"); the rest of the model is in eval mode.  Layers that pool past batches in
+    training (Cross-Iteration BN's window, MABN's moving averages) use the current batch
+    only (:attr:`~smallbn.layers.NormBase.statistics_pass`), so two identical calls give
+    identical outputs.  Everything is restored on exit.
 
     >>> with batch_stats_eval(model):
     ...     logits = model(test_batch)
@@ -329,28 +379,11 @@ def batch_stats_eval(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.train()
             setattr(layer, "track_running_stats", False)  # noqa: B010 (typed as nn.Module)
-        # In training mode CBN pools the batches stored in its window (training batches from
-        # before the block, and every earlier test batch) with the current one; emptying the
-        # window before each call leaves the current batch's statistics alone.  _preserved
-        # restores the window on exit.
-        handles = [
-            layer.register_forward_pre_hook(_empty_window)
-            for layer in layers
-            if isinstance(layer, CrossIterationBatchNorm)
-        ]
         try:
             yield model
         finally:
-            for handle in handles:
-                handle.remove()
             for layer, value in tracking.items():
                 setattr(layer, "track_running_stats", value)  # noqa: B010
-
-
-def _empty_window(layer: nn.Module, args: tuple[Any, ...]) -> None:
-    """Forward pre-hook: forget the iterations in a CBN layer's window."""
-    assert isinstance(layer, CrossIterationBatchNorm)
-    layer.reset_window()
 
 
 class FreezeNormsAt:

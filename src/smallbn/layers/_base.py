@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from smallbn import _distributed
 from smallbn.stats import (
     Moments,
+    SampleNormalization,
     affine_from_moments,
     all_gather_moments,
     channel_moments,
@@ -31,6 +32,7 @@ from smallbn.stats import (
     fused_batch_norm,
     merge_moments,
     normalize,
+    normalize_from_sample_moments,
     normalize_with_population,
     sample_moments,
     update_running_stats,
@@ -41,6 +43,12 @@ __all__ = ["BatchStatsNorm", "NormBase", "set_finite_check"]
 _FINITE_CHECK = True
 
 AffineFn = Callable[[Moments], tuple[Tensor | None, Tensor | None]]
+
+_SYNC_FIX = (
+    "Fix: build this layer identically on every rank (the same class, num_features and "
+    "group_size / norm_batch_size / num_domains / window) and feed it inputs of one dtype; "
+    "batch and spatial sizes may differ."
+)
 
 _SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 _RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
@@ -98,6 +106,8 @@ class NormBase(nn.Module):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if int(num_features) <= 0:
@@ -117,20 +127,16 @@ class NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            weight, bias = (
-                torch.empty(num_features, **factory),
-                torch.empty(num_features, **factory),
-            )
+        # ``bias=False`` (torch >= 2.6's keyword): γ without β, as nn.BatchNorm2d(C, bias=False).
+        affine_tensors = {
+            "weight": torch.empty(num_features, **factory) if affine else None,
+            "bias": torch.empty(num_features, **factory) if affine and bias else None,
+        }
+        for name, tensor in affine_tensors.items():
             if self._affine_as_buffers:
-                self.register_buffer("weight", weight)
-                self.register_buffer("bias", bias)
+                self.register_buffer(name, tensor)
             else:
-                self.weight = nn.Parameter(weight)
-                self.bias = nn.Parameter(bias)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+                self.register_parameter(name, None if tensor is None else nn.Parameter(tensor))
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(self._stats_shape(), **factory))
             self.register_buffer("running_var", torch.ones(self._stats_shape(), **factory))
@@ -157,6 +163,14 @@ class NormBase(nn.Module):
                 f"track_running_stats=False)"
             )
         return self.running_mean, self.running_var
+
+    #: Set by the population tools (:func:`smallbn.precise_bn`, :func:`smallbn.batch_stats_eval`)
+    #: around their passes: a training-mode forward then normalizes with the statistics of
+    #: the current batch alone (groups of ``norm_batch_size`` where the layer has them) and
+    #: leaves the layer's own state (windows, step counters, a window size still to be
+    #: chosen) as it was.  Only layers whose training forward uses more than the current
+    #: batch (Cross-Iteration BN, MABN) need to read it.
+    statistics_pass: bool = False
 
     #: Layers that need the module producing their input (Cross-Iteration BN differentiates
     #: its statistics with respect to that conv's weight; MABN swaps it for a weight-centred
@@ -193,16 +207,18 @@ class NormBase(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.weight is not None and self.bias is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.weight is not None:
                 self.weight.fill_(1.0)
+            if self.bias is not None:
                 self.bias.zero_()
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
+        return text + (", bias=False" if self.affine and self.bias is None else "")
 
     def describe(self) -> str:
         """How error messages name this layer: its path in the model when known."""
@@ -267,10 +283,18 @@ class NormBase(nn.Module):
         for i in range(first_new, len(error_msgs)):
             if error_msgs[i].startswith("size mismatch"):
                 error_msgs[i] = (
-                    f"{self.describe()}: incompatible checkpoint ({error_msgs[i]}). This layer "
-                    f"holds statistics of shape {self._stats_shape()}; build it with the "
-                    f"checkpoint's num_features, or load a checkpoint made for this model."
+                    f"{self.describe()}: incompatible checkpoint ({error_msgs[i]}). "
+                    f"{self._checkpoint_mismatch(state_dict, prefix)}"
                 )
+
+    def _checkpoint_mismatch(self, state_dict: dict[str, Any], prefix: str) -> str:
+        """What differs between this layer and a checkpoint with tensors of other shapes, and
+        the fix; layers with more than channels in their shapes (one row per domain) say which
+        of their options differs."""
+        return (
+            f"This layer holds statistics of shape {self._stats_shape()}; build it with the "
+            f"checkpoint's num_features, or load a checkpoint made for this model."
+        )
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""
@@ -315,10 +339,13 @@ class BatchStatsNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.sync = sync
         self.process_group = process_group
 
@@ -335,6 +362,11 @@ class BatchStatsNorm(NormBase):
         """
         self._check_input(x)
         if self.training or not self.track_running_stats:
+            group = self._sync_group()
+            if group is not None:  # before any state changes and any statistics exchange
+                _distributed.check_same_on_all_ranks(
+                    self._sync_signature(x), group, x.device, self.describe(), _SYNC_FIX
+                )
             factor = self._advance_step()
             try:
                 return self._forward_train(x, factor, *args)
@@ -375,6 +407,28 @@ class BatchStatsNorm(NormBase):
         if not self.training:
             return None
         return _distributed.active_group(self.sync, self.process_group)
+
+    #: Options that decide how samples are grouped or pooled: ranks that differ in one of them
+    #: exchange buffers of other sizes (a gloo abort) or pool unrelated statistics (silently).
+    _sync_options: ClassVar[tuple[str, ...]] = (
+        "group_size",
+        "norm_batch_size",
+        "num_domains",
+        "window",
+    )
+
+    def _sync_signature(self, x: Tensor) -> dict[str, int | str | None]:
+        """What every rank of the sync group must agree on, checked once per synchronized
+        training step by :func:`smallbn._distributed.check_same_on_all_ranks` (one small
+        collective): layer type, channels, input dtype and the grouping options (``None``
+        where a layer has no such option).  Batch and spatial sizes may differ."""
+        options = {name: getattr(self, name, None) for name in self._sync_options}
+        return {
+            "layer type": type(self).__name__,
+            "num_features": self.num_features,
+            "input dtype": str(x.dtype),
+            **options,
+        }
 
     def _batch_moments(self, x: Tensor, differentiable: bool = True) -> Moments:
         """Per-channel moments over the batch, pooled across the process group if syncing.
@@ -461,6 +515,31 @@ class BatchStatsNorm(NormBase):
             torch.arange(offset, offset + size, device=x.device), group_size, rounding_mode="floor"
         )
         return index, num_groups
+
+    def _normalize_groups(self, x: Tensor, group_size: int, factor: float | None) -> Tensor:
+        """Normalize consecutive groups of ``group_size`` samples with each group's own
+        statistics (Ghost BN), updating the running statistics from the groups."""
+        index, num_groups = self._sample_groups(x, group_size)
+
+        def statistics(instance: Moments) -> SampleNormalization:
+            groups = self._merge_groups(instance, index, num_groups)
+            self._update_running_from_groups(groups, factor)
+            return groups.mean[index], groups.var[index], self.weight, self.bias
+
+        return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
+
+    def _normalize_current_batch(
+        self, x: Tensor, factor: float | None, group_size: int | None = None
+    ) -> Tensor:
+        """BN of ``x`` with its own batch statistics (per group of ``group_size`` samples when
+        given and the batch is larger, pooled across processes if syncing), updating the
+        running statistics: what a :attr:`statistics_pass` asks of a layer that otherwise
+        pools past batches."""
+        if group_size is not None and (x.shape[0] > group_size or self._sync_group()):
+            return self._normalize_groups(x, group_size, factor)
+        y, moments = self._batch_norm(x)
+        self._update_running(moments.mean, moments.unbiased_var(), factor)
+        return y
 
     def _update_running_from_groups(self, groups: Moments, factor: float | None) -> None:
         """Running statistics from groups: the count-weighted average of what the groups were

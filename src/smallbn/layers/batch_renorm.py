@@ -60,6 +60,7 @@ class BatchRenorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         r_max: float = 3.0,
         d_max: float = 5.0,
         warmup_steps: int = 5000,
@@ -88,6 +89,7 @@ class BatchRenorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )

@@ -659,6 +659,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         window: int | None = None,
         burnin: int = 0,
         burnin_mode: BurninMode = "two_stage",
@@ -702,6 +703,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
@@ -999,6 +1001,8 @@ class CrossIterationBatchNorm(BatchStatsNorm):
             self.__dict__["_captured"] = None
         if not self.training:  # eval without running statistics: BN's batch statistics
             return self._batch_norm(x)[0]
+        if self.statistics_pass:  # PreciseBN / batch_stats_eval: this batch alone, no state
+            return self._normalize_current_batch(x, factor, self.norm_batch_size)
         size = self.norm_batch_size
         if size is not None and (x.shape[0] > size or self._sync_group() is not None):
             offset, total = 0, x.shape[0]

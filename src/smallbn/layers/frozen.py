@@ -39,13 +39,15 @@ class FrozenBatchNorm(NormBase):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         if not track_running_stats:
             raise ValueError(
                 f"{type(self).__name__}: a frozen BN normalizes with stored statistics and "
                 f"needs track_running_stats=True; for batch statistics use 'bn' or 'syncbn'"
             )
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
-from smallbn.stats import Moments, SampleNormalization, normalize_from_sample_moments
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -46,6 +45,7 @@ class GhostBatchNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         group_size: int = 32,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
@@ -60,6 +60,7 @@ class GhostBatchNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
@@ -69,14 +70,7 @@ class GhostBatchNorm(BatchStatsNorm):
         return super().extra_repr() + f", group_size={self.group_size}"
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
-        index, num_groups = self._sample_groups(x, self.group_size)
-
-        def statistics(instance: Moments) -> SampleNormalization:
-            groups = self._merge_groups(instance, index, num_groups)
-            self._update_running_from_groups(groups, factor)
-            return groups.mean[index], groups.var[index], self.weight, self.bias
-
-        return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
+        return self._normalize_groups(x, self.group_size, factor)
 
 
 class GhostBatchNorm1d(GhostBatchNorm):

@@ -596,6 +596,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         window: int = 16,
         warmup: int = 100,
         clamp_start: int | None = None,
@@ -628,6 +629,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
@@ -805,7 +807,9 @@ class MovingAverageBatchNorm(BatchStatsNorm):
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         """Training step(s); also eval mode without running statistics, where each group is
         normalized by its own ``E[x²]`` and no state changes."""
-        training = self.training
+        # A statistics pass (PreciseBN, batch_stats_eval) normalizes each group by its own
+        # E[x²], as eval mode without running statistics does, and changes no state.
+        training = self.training and not self.statistics_pass
         plan = self._plan(training, factor is not None)
         if x.shape[0] == 0 and plan.process_group is None:
             self._undo_step(factor)

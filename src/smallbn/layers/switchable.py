@@ -78,6 +78,7 @@ class SwitchableNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         branches: Sequence[str] = BRANCHES,
         last_gamma: bool = False,
         norm_batch_size: int | None = None,
@@ -106,6 +107,7 @@ class SwitchableNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )

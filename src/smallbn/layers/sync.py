@@ -43,6 +43,7 @@ class SyncBatchNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         sync: bool = True,
     ) -> None:
         super().__init__(
@@ -53,6 +54,7 @@ class SyncBatchNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
