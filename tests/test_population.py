@@ -442,3 +442,47 @@ def test_precise_bn_two_processes_layers_off_some_paths_and_data_running_out(tmp
         assert torch.all(stats["unused.running_mean"] == 5.0)  # on no path: untouched
         assert "ran out before num_samples=8 on 1 of 2 processes (rank 0 had 4" in result["error"]
         assert torch.all(result["short_mean"] == 0.0)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"mask": torch.zeros(2, 2, 5, 5, dtype=torch.float64), "image": torch.ones(2, 2, 5, 5)},
+        [torch.randn(2, 5, 5, dtype=torch.float64) for _ in range(3)],  # detection-style images
+        (torch.tensor([3, 1]), torch.randn(2, 2, 5, 5, dtype=torch.float64)),  # (label, image)
+        torch.tensor([[1, 2]]),  # integer data
+    ],
+    ids=["dict", "list-of-images", "label-image", "integer"],
+)
+def test_precise_bn_never_guesses_the_input(batch) -> None:
+    # A dict used to give the statistics of its first tensor (the mask); a list of images or
+    # a (label, image) pair failed inside the model with a foreign error.
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"cannot tell the model input.*forward=lambda model"):
+        smallbn.precise_bn(model, [batch], num_samples=2, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value)
+
+
+def test_precise_bn_explicit_forward_reads_any_batch() -> None:
+    model = _model()
+    batches = _batches([4, 4])
+    wrapped = [{"mask": torch.zeros_like(x), "image": x} for x in batches]
+    smallbn.precise_bn(
+        model,
+        wrapped,
+        num_samples=8,
+        forward=lambda m, b: m(b["image"]),
+        batch_size=lambda b: len(b["image"]),
+        progress=False,
+    )
+    (mean1, var1), _ = _naive_reference(_model(), batches)
+    torch.testing.assert_close(model[2].running_mean, mean1)
+    torch.testing.assert_close(model[2].running_var, var1)
+
+
+@pytest.mark.parametrize("num_samples", [0, -5])
+def test_precise_bn_rejects_non_positive_num_samples(num_samples: int) -> None:
+    with pytest.raises(ValueError, match="num_samples .* must be >= 1"):
+        smallbn.precise_bn(_model(), _batches([2]), num_samples=num_samples, progress=False)
