@@ -238,3 +238,110 @@ EVAL_ALONE: dict[str, Callable[[], nn.Module]] = {
         C, group_size=64, track_running_stats=False, sync=True
     ),
 }
+
+
+# -- ranks that disagree on a synchronized layer's configuration ----------------------------
+
+Built = tuple[nn.Module, Tensor, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A synchronized layer built differently on rank 0 and rank 1.
+
+    ``build(rank)`` gives the rank's layer, input and extra forward arguments; every rank must
+    raise ``ValueError`` whose message contains each of ``expected`` (``None``: the ranks
+    legitimately differ, e.g. in batch or spatial size, and the step must succeed).
+    """
+
+    build: Callable[[int], Built]
+    expected: tuple[str, ...] | None
+
+
+def _x(size: int, channels: int = C, dtype: torch.dtype = DTYPE, hw: int = 3) -> Tensor:
+    return torch.randn(
+        size, channels, hw, hw, generator=_generator(size, channels, hw), dtype=dtype
+    )
+
+
+_SYNC: dict[str, Any] = {"sync": True}
+
+#: Run in this order in one world of 2 processes: the agreeing cases come last, so they also
+#: show that the ranks' collectives are still aligned after the errors.
+MISMATCHES: dict[str, Mismatch] = {
+    "channels": Mismatch(
+        lambda r: (smallbn.SyncBatchNorm(8 * (r + 1), **_SYNC), _x(3, 8 * (r + 1)), ()),
+        ("num_features: rank 0 has 8, rank 1 has 16",),
+    ),
+    "channels_explicit_group": Mismatch(
+        lambda r: (
+            smallbn.SyncBatchNorm(8 * (r + 1), process_group=dist.group.WORLD),
+            _x(3, 8 * (r + 1)),
+            (),
+        ),
+        ("num_features: rank 0 has 8, rank 1 has 16",),
+    ),
+    "dtype": Mismatch(
+        lambda r: (
+            smallbn.SyncBatchNorm(C, **_SYNC).to([torch.float32, DTYPE][r]),
+            _x(3, dtype=[torch.float32, DTYPE][r]),
+            (),
+        ),
+        ("input dtype: rank 0 has torch.float32, rank 1 has torch.float64",),
+    ),
+    "mabn_norm_batch_size": Mismatch(  # equal buffer sizes: pooled silently before the check
+        lambda r: (
+            smallbn.MovingAverageBatchNorm2d(C, norm_batch_size=2 * (r + 1), **_SYNC),
+            _x(4),
+            (),
+        ),
+        ("norm_batch_size: rank 0 has 2, rank 1 has 4",),
+    ),
+    "ghost_group_size": Mismatch(
+        lambda r: (smallbn.GhostBatchNorm2d(C, group_size=2 + r, **_SYNC), _x(4), ()),
+        ("group_size: rank 0 has 2, rank 1 has 3",),
+    ),
+    "domain_num_domains": Mismatch(
+        lambda r: (smallbn.DomainBatchNorm2d(C, num_domains=2 + r, **_SYNC), _x(4), (0,)),
+        ("num_domains: rank 0 has 2, rank 1 has 3",),
+    ),
+    "layer_type": Mismatch(
+        lambda r: (
+            [smallbn.SyncBatchNorm, smallbn.BatchRenorm2d][r](C, **_SYNC),  # type: ignore[operator]
+            _x(4),
+            (),
+        ),
+        ("layer type: rank 0 has SyncBatchNorm, rank 1 has BatchRenorm2d",),
+    ),
+    "batch_and_spatial_sizes_differ": Mismatch(
+        lambda r: (smallbn.SyncBatchNorm(C, **_SYNC), _x([3, 2][r], hw=[5, 2][r]), ()),
+        None,
+    ),
+    "empty_rank": Mismatch(lambda r: (smallbn.SyncBatchNorm(C, **_SYNC), _x([3, 0][r]), ()), None),
+    "mabn_batch_sizes_differ": Mismatch(
+        lambda r: (
+            smallbn.MovingAverageBatchNorm2d(C, norm_batch_size=2, **_SYNC),
+            _x([4, 1][r], hw=[3, 4][r]),
+            (),
+        ),
+        None,
+    ),
+}
+
+
+def run_mismatches(rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """One process (``_spawn.run_world``'s body): one training step of every :data:`MISMATCHES`
+    layer; per case the exception raised (type name and message, or ``None``) and the step
+    counter after the call."""
+    results = {}
+    for name, case in MISMATCHES.items():
+        layer, x, args = case.build(rank)
+        layer._smallbn_name = f"backbone.{name}"  # as smallbn.convert names the layers it makes
+        layer.train()
+        error: tuple[str, str] | None = None
+        try:
+            layer(x, *args)
+        except Exception as exc:  # noqa: BLE001 - the parent checks the type
+            error = (type(exc).__name__, str(exc))
+        results[name] = {"error": error, "steps": int(layer.num_batches_tracked)}
+    return results

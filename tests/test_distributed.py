@@ -216,3 +216,47 @@ def test_world_size_one_layers_are_plain_bn(tmp_path: Path) -> None:
         assert smallbn._distributed.active_group(True, None) is None
     finally:
         dist.destroy_process_group()
+
+
+# -- ranks that disagree on a synchronized layer's configuration -----------------------------
+
+
+@pytest.fixture(scope="module")
+def mismatch_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_world(dw.run_mismatches, 2, tmp_path_factory.mktemp("mismatch"), SPAWN_DEADLINE_S)
+
+
+@pytest.mark.parametrize("name", [n for n, c in dw.MISMATCHES.items() if c.expected])
+def test_ranks_that_disagree_raise_a_clear_error_on_every_rank(
+    name: str, mismatch_results: list[dict[str, Any]]
+) -> None:
+    """Channels, dtype, grouping option or layer type differing across ranks: before the fix
+    gloo aborted one process ("Received data size doesn't match") without naming the layer, or
+    (MABN's norm_batch_size) statistics were pooled silently.  Now every rank raises, naming the
+    layer, what differs on which rank, and the fix; and the step is not counted."""
+    expected = dw.MISMATCHES[name].expected
+    assert expected is not None
+    for rank, results in enumerate(mismatch_results):
+        got = results[name]
+        assert got["error"] is not None, f"{name}: rank {rank} raised nothing"
+        kind, message = got["error"]
+        assert kind == "ValueError", f"{name}, rank {rank}: {kind}: {message}"
+        assert f"at 'backbone.{name}'" in message, message
+        for part in expected:
+            assert part in message, f"{name}, rank {rank}: {part!r} not in {message!r}"
+        assert "build this layer identically on every rank" in message, message
+        assert got["steps"] == 0, f"{name}, rank {rank}: the rejected step was counted"
+    # The same diagnosis on both ranks (each names the layer as it was built there).
+    tails = [r[name]["error"][1].partition(": ")[2] for r in mismatch_results]
+    assert tails[0] == tails[1], tails
+
+
+@pytest.mark.parametrize("name", [n for n, c in dw.MISMATCHES.items() if c.expected is None])
+def test_ranks_may_differ_in_batch_and_spatial_size(
+    name: str, mismatch_results: list[dict[str, Any]]
+) -> None:
+    """Unequal and empty batches and other spatial sizes are legitimate: no error (these run
+    after the failing cases, so they also show that the ranks' collectives stay aligned)."""
+    for rank, results in enumerate(mismatch_results):
+        assert results[name]["error"] is None, f"{name}, rank {rank}: {results[name]['error']}"
+        assert results[name]["steps"] == 1

@@ -3,6 +3,7 @@ domain ids, absent domains), BN checkpoints broadcast to every domain, use_domai
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -249,6 +250,94 @@ def test_rejects_wrong_number_of_domain_ids_and_bad_use_domain():
     assert layer.active_domain == 0
 
 
+@pytest.mark.parametrize(
+    "domain",
+    [
+        1,
+        np.int64(1),
+        torch.tensor(1),
+        torch.tensor(1, dtype=torch.uint8),
+        torch.tensor([1, 1, 1, 1], dtype=torch.int32),
+        torch.tensor([1, 1, 1, 1]),
+    ],
+    ids=repr,
+)
+def test_accepts_integer_domain_ids(domain):
+    """A Python or NumPy int and a 0-dim integer tensor choose one domain for the batch; a 1-D
+    integer tensor of any integer dtype gives one id per sample (before the fix a 0-dim tensor
+    was taken for one per-sample id and refused for a batch of 4)."""
+    x = torch.randn(4, 2, 3)
+    for mode in (True, False):
+        layer, reference = DomainBatchNorm1d(2, num_domains=3), DomainBatchNorm1d(2, num_domains=3)
+        layer.train(mode)
+        reference.train(mode)
+        torch.testing.assert_close(layer(x, domain=domain), reference(x, domain=1))
+        torch.testing.assert_close(layer.running_mean, reference.running_mean)
+        assert (layer.running_mean[[0, 2]] == 0).all()
+
+
+_FLOAT_IDS = "domain ids must be integers"
+
+
+_BAD_IDS = [
+    (1.9, TypeError, rf"{_FLOAT_IDS}, got the float 1.9.*truncate.*domain=int\(d\)"),
+    (1.0, TypeError, rf"{_FLOAT_IDS}, got the float 1.0"),
+    (np.float32(1.0), TypeError, rf"{_FLOAT_IDS}, got the float 1.0"),
+    (True, TypeError, r"got the bool True.*a Python bool is not a domain index"),
+    (np.bool_(True), TypeError, r"got the bool True"),
+    ("1", TypeError, r"got a str"),
+    ([0, 1, 0, 1], TypeError, r"got a list.*torch.tensor\(ids\)"),
+    (torch.tensor(1.0), TypeError, rf"{_FLOAT_IDS}, got a torch.float32 tensor.*ids.long\(\)"),
+    (torch.tensor([0.0, 1.9, 0.0, 1.0]), TypeError, r"got a torch.float32 tensor"),
+    (torch.tensor([0, 1, 0, 1], dtype=torch.float64), TypeError, r"got a torch.float64 tensor"),
+    (torch.tensor([True, False, True, False]), TypeError, r"got a torch.bool tensor.*mask"),
+    (
+        torch.tensor([[0], [1], [0], [1]]),
+        ValueError,
+        r"1-D tensor of one id per sample.*got a tensor of shape \(4, 1\).*ids.flatten\(\)",
+    ),
+    (torch.zeros(1, 4, dtype=torch.long), ValueError, r"got a tensor of shape \(1, 4\)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("domain", "error", "message"),
+    _BAD_IDS,
+    ids=[repr(case[0]).replace("\n", "").replace(" ", "") for case in _BAD_IDS],
+)
+def test_rejects_float_bool_and_2d_domain_ids(domain, error, message):
+    """Before the fix 1.9 was truncated to domain 1, bools were domains 0/1, float and bool
+    tensors were cast to ids and a 2-D tensor was flattened: every one now raises, in
+    training, evaluation and the population pass, naming the layer and the fix; the layer is
+    unchanged."""
+    layer = DomainBatchNorm1d(2, num_domains=3)
+    x = torch.randn(4, 2, 3)
+    for mode in (True, False):
+        layer.train(mode)
+        with pytest.raises(error, match=r"^DomainBatchNorm1d\(2\): .*" + message):
+            layer(x, domain=domain)
+    with pytest.raises(error, match=message):
+        layer.population_moments(x, domain)
+    assert int(layer.num_batches_tracked) == 0 and (layer.running_mean == 0).all()
+    layer.active_domain = domain  # set directly instead of through use_domain
+    with pytest.raises(error, match=message):
+        layer(x)
+
+
+@pytest.mark.parametrize("domain", [1.0, True, torch.tensor([0, 1, 0, 1])], ids=repr)
+def test_use_domain_rejects_anything_but_one_int(domain):
+    model = nn.Sequential(DomainBatchNorm1d(3, num_domains=3))
+    with pytest.raises(
+        TypeError,
+        match=r"DomainBatchNorm1d\(3\): (domain ids must be integers|use_domain takes one int)",
+    ):
+        with use_domain(model, domain):
+            pass
+    assert model[0].active_domain == 0
+    with use_domain(model, np.int64(2)):  # a NumPy int is an int
+        assert model[0].active_domain == 2
+
+
 def test_rejects_a_domain_with_one_value_in_training():
     layer = DomainBatchNorm1d(2, num_domains=2)
     with pytest.raises(
@@ -293,6 +382,37 @@ def test_rejects_incompatible_checkpoint():
         DomainBatchNorm2d(4, num_domains=3).load_state_dict(
             DomainBatchNorm2d(4, num_domains=2).state_dict()
         )
+
+
+def test_incompatible_checkpoint_names_what_differs():
+    """Before the fix another num_domains was reported as a channel mismatch ("build it with
+    the checkpoint's num_features")."""
+    with pytest.raises(RuntimeError) as info:
+        DomainBatchNorm2d(4, num_domains=3).load_state_dict(
+            DomainBatchNorm2d(4, num_domains=2).state_dict()
+        )
+    message = str(info.value)
+    assert "DomainBatchNorm2d(4): incompatible checkpoint" in message
+    assert "num_domains: the checkpoint has 2 domains, this layer 3" in message
+    assert "Build the layer with num_domains=2, or load a checkpoint made for this model" in message
+    assert "num_features" not in message
+    with pytest.raises(
+        RuntimeError,
+        match=r"num_domains: the checkpoint has 2 domains, this layer 3; num_features: the "
+        r"checkpoint has 8 channels, this layer 4\. Build the layer with num_domains=2 and "
+        r"num_features=8",
+    ):
+        DomainBatchNorm2d(4, num_domains=3).load_state_dict(
+            DomainBatchNorm2d(8, num_domains=2).state_dict()
+        )
+    with pytest.raises(
+        RuntimeError,
+        match=r"differs in num_features: the checkpoint has 8 channels, this layer 4\.",
+    ) as info:
+        DomainBatchNorm2d(4, num_domains=3).load_state_dict(
+            DomainBatchNorm2d(8, num_domains=3).state_dict()
+        )
+    assert "num_domains" not in str(info.value)
 
 
 def test_rejects_bad_constructor_args():

@@ -14,10 +14,12 @@ sample (a LongTensor of N domain ids), or for a whole model with :func:`use_doma
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,6 +65,7 @@ class DomainBatchNorm(BatchStatsNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         num_domains: int = 2,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
@@ -83,6 +86,7 @@ class DomainBatchNorm(BatchStatsNorm):
             track_running_stats,
             device,
             dtype,
+            bias=bias,
             sync=sync,
             process_group=process_group,
         )
@@ -99,6 +103,33 @@ class DomainBatchNorm(BatchStatsNorm):
             value = state_dict.get(prefix + name)
             if isinstance(value, Tensor) and value.shape == (self.num_features,):
                 state_dict[prefix + name] = value.unsqueeze(0).repeat(self.num_domains, 1)
+
+    def _checkpoint_mismatch(self, state_dict: dict[str, Any], prefix: str) -> str:
+        """Name the option that differs from a domain-BN checkpoint's ``(D, C)`` statistics:
+        ``num_domains`` (the base's message would send the user to num_features), the channels,
+        or both."""
+        stored = state_dict.get(prefix + "running_mean")
+        if not isinstance(stored, Tensor) or stored.dim() != 2:
+            return super()._checkpoint_mismatch(state_dict, prefix)  # a BN checkpoint, or none
+        domains, channels = stored.shape
+        differences, options = [], []
+        if domains != self.num_domains:
+            differences.append(
+                f"num_domains: the checkpoint has {domains} domains, this layer {self.num_domains}"
+            )
+            options.append(f"num_domains={domains}")
+        if channels != self.num_features:
+            differences.append(
+                f"num_features: the checkpoint has {channels} channels, this layer "
+                f"{self.num_features}"
+            )
+            options.append(f"num_features={channels}")
+        if not differences:  # the statistics match: another tensor (weight, bias) does not
+            return super()._checkpoint_mismatch(state_dict, prefix)
+        return (
+            f"It differs in {'; '.join(differences)}. Build the layer with "
+            f"{' and '.join(options)}, or load a checkpoint made for this model."
+        )
 
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
         """The eval affine map of ``active_domain`` (fold a model per domain)."""
@@ -121,11 +152,69 @@ class DomainBatchNorm(BatchStatsNorm):
         running_mean.copy_(torch.where(seen, population.mean.to(running_mean), running_mean))
         running_var.copy_(torch.where(seen, population.var.to(running_var), running_var))
 
-    def _domain_index(self, x: Tensor, domain: int | Tensor | None) -> Tensor:
-        domain = self.active_domain if domain is None else domain
+    def _check_domain(self, domain: object) -> int | Tensor:
+        """``domain`` as an ``int`` (one domain for the batch) or an integer tensor of 0 dims
+        (the same) or 1 dim (one id per sample); anything else raises, naming the fix.
+
+        Domain ids are indices, and like torch's index arguments (``index_select``,
+        ``nn.Embedding``) they must have an integer type: floats are refused even when
+        integral (``1.0``), because a float id is usually the result of arithmetic that need
+        not be exact, and casting it would silently truncate (``1.9`` → domain 1).  Bools are
+        refused as well: Python's ``True`` is an ``int`` but means a flag, and a bool tensor is
+        a mask, not a list of domain ids.  A 2-D tensor is refused instead of flattened: its
+        layout (``(N, 1)``, ``(1, N)``, ``(A, B)``) is ambiguous.
+        """
+        where = self.describe()
         if isinstance(domain, Tensor):
-            index = domain.to(device=x.device, dtype=torch.long).reshape(-1)
-            if index.numel() != x.shape[0]:
+            dtype = domain.dtype
+            if dtype == torch.bool:
+                raise TypeError(
+                    f"{where}: domain ids must be integers, got a torch.bool tensor (a mask, "
+                    f"not domain ids). Pass integer ids, e.g. mask.long() for domains 0/1"
+                )
+            if dtype.is_floating_point or dtype.is_complex:
+                raise TypeError(
+                    f"{where}: domain ids must be integers, got a {dtype} tensor: casting "
+                    f"would truncate (1.9 becomes 1). Pass integer ids, e.g. ids.long() if "
+                    f"they are exact, or ids.round().long()"
+                )
+            if domain.dim() > 1:
+                raise ValueError(
+                    f"{where}: domain ids must be a 1-D tensor of one id per sample or a single "
+                    f"id (an int or a 0-dim tensor), got a tensor of shape "
+                    f"{tuple(domain.shape)}. If it holds one id per sample, pass ids.flatten()"
+                )
+            return domain
+        if isinstance(domain, bool | np.bool_):
+            raise TypeError(
+                f"{where}: domain ids must be integers, got the bool {domain}: a Python bool "
+                f"is not a domain index. Pass domain=int(flag) if it is meant as domain 0/1"
+            )
+        if isinstance(domain, numbers.Integral):
+            return int(domain)
+        if isinstance(domain, numbers.Real):
+            raise TypeError(
+                f"{where}: domain ids must be integers, got the float {domain}: it would be "
+                f"truncated (1.9 becomes 1). Pass an int, e.g. domain=int(d) if d is exact"
+            )
+        list_hint = (
+            ", or per-sample ids as a tensor: torch.tensor(ids)"
+            if isinstance(domain, list | tuple)
+            else ""
+        )
+        raise TypeError(
+            f"{where}: domain must be an int or an integer tensor of domain ids, got a "
+            f"{type(domain).__name__}. Pass an int{list_hint}"
+        )
+
+    def _domain_index(self, x: Tensor, domain: object) -> Tensor:
+        """Every sample's domain id (``(N,)`` long on ``x``'s device), checked."""
+        domain = self._check_domain(self.active_domain if domain is None else domain)
+        if isinstance(domain, Tensor):
+            index = domain.to(device=x.device, dtype=torch.long)
+            if index.dim() == 0:  # one domain for the whole batch
+                index = index.expand(x.shape[0]).contiguous()
+            elif index.numel() != x.shape[0]:
                 raise ValueError(
                     f"{self.describe()}: got {index.numel()} domain ids for a batch of "
                     f"{x.shape[0]} samples; pass one id per sample or a single int"
@@ -134,8 +223,8 @@ class DomainBatchNorm(BatchStatsNorm):
                 bool(((index < 0) | (index >= self.num_domains)).any()) if index.numel() else False
             )
         else:
-            bad = not 0 <= int(domain) < self.num_domains
-            index = torch.full((x.shape[0],), int(domain), dtype=torch.long, device=x.device)
+            bad = not 0 <= domain < self.num_domains
+            index = torch.full((x.shape[0],), domain, dtype=torch.long, device=x.device)
         if bad:
             raise ValueError(
                 f"{self.describe()}: domain ids must lie in [0, {self.num_domains}), got "
@@ -144,19 +233,20 @@ class DomainBatchNorm(BatchStatsNorm):
         return index
 
     def forward(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """Normalize ``x`` with the statistics of ``domain`` (an int, or one id per sample;
-        default: ``active_domain``)."""
+        """Normalize ``x`` with the statistics of ``domain``: an int or a 0-dim integer tensor
+        (one domain for the batch), or a 1-D integer tensor of one id per sample; default
+        ``active_domain``.  Floats (even ``1.0``), bools and 2-D tensors raise (see
+        :meth:`_check_domain`)."""
         return super().forward(x, domain)
 
     def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
-        domain = self.active_domain if args[0] is None else args[0]
-        if not isinstance(domain, Tensor) and 0 <= int(domain) < self.num_domains:
+        domain = self._check_domain(self.active_domain if args[0] is None else args[0])
+        if not isinstance(domain, Tensor) and 0 <= domain < self.num_domains:
             # one domain for the whole batch: BN's inference with that domain's statistics
             running_mean, running_var = self.running_stats()
             return normalize_with_population(
-                x, running_mean[int(domain)], running_var[int(domain)], self.eps, self.weight,
-                self.bias,
-            )  # fmt: skip
+                x, running_mean[domain], running_var[domain], self.eps, self.weight, self.bias
+            )
         index = self._domain_index(x, args[0])
         running_mean, running_var = self.running_stats()
         return normalize(
@@ -205,17 +295,24 @@ class DomainBatchNorm3d(DomainBatchNorm):
 
 @contextmanager
 def use_domain(model: nn.Module, domain: int) -> Iterator[nn.Module]:
-    """Within the block every :class:`DomainBatchNorm` of ``model`` uses ``domain``."""
+    """Within the block every :class:`DomainBatchNorm` of ``model`` uses ``domain`` (an int:
+    a float, bool or tensor raises, as in the layers' forward)."""
     layers = [m for m in model.modules() if isinstance(m, DomainBatchNorm)]
     previous = [m.active_domain for m in layers]
     for m in layers:  # every layer is checked before any is switched
-        if not 0 <= domain < m.num_domains:
+        checked = m._check_domain(domain)
+        if isinstance(checked, Tensor):
+            raise TypeError(
+                f"{m.describe()}: use_domain takes one int domain for the whole model, got a "
+                f"tensor; pass per-sample ids to each layer's forward instead (layer(x, ids))"
+            )
+        if not 0 <= checked < m.num_domains:
             raise ValueError(
                 f"{m.describe()}: domain {domain} not in [0, {m.num_domains}); pass a domain "
                 f"every DomainBatchNorm of the model has"
             )
     for m in layers:
-        m.active_domain = domain
+        m.active_domain = int(domain)
     try:
         yield model
     finally:
