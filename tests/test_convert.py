@@ -1,5 +1,6 @@
 import copy
 import functools
+import io
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ from torch import nn
 
 import smallbn
 from smallbn.experiments.models import SmallResNet
+from smallbn.layers.norm_act import NormActivation
 
 NAMES = [
     "bn",
@@ -76,10 +78,13 @@ def test_pretrained_bn_state_dict_loads_into_converted_model(name, images):
         torch.testing.assert_close(
             converted.eval()(images), pretrained(images), rtol=1e-5, atol=1e-5
         )
-    if name in ("domainbn", "sn", "mabn", "cbn"):
+    if name in ("domainbn", "sn", "mabn", "cbn", "gn", "ln", "in"):
         # State beyond BN's (per-domain rows, mixture logits, moving-average windows, CBN's
-        # iteration counters): the way out is converting back to BN.
-        pretrained.load_state_dict(smallbn.convert(converted, "bn").state_dict())
+        # iteration counters) or none of its statistics (GN/LN/IN checkpoints are
+        # nn.GroupNorm's): the way out is converting back to BN.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", smallbn.ConversionWarning)
+            pretrained.load_state_dict(smallbn.convert(converted, "bn").state_dict())
     else:
         pretrained.load_state_dict(converted.state_dict())
 
@@ -177,10 +182,21 @@ def test_mabn_convert_centres_producing_convs_and_keeps_them_when_converted_back
     converted = smallbn.convert(copied, "mabn")
     assert isinstance(converted.stem, smallbn.CenteredConv2d)
     assert converted.stem.weight is stem_weight  # the replaced conv's Parameter, shared
+    centred = converted.stem.centered_weight().detach().clone()
+    images = images[:4]
+    expected = converted.eval()(images)
     back = smallbn.convert(converted, "bn")
-    assert isinstance(back.stem, smallbn.CenteredConv2d) and isinstance(
-        back.stem_norm, nn.BatchNorm2d
-    )
+    # Back to BN, the convs are plain again and hold the centred weights (the same Parameter
+    # objects): the same function, in a state_dict a plain torch model loads strictly.  They
+    # used to stay CenteredConv2d holding raw weights, which a plain model loaded as another
+    # function (differences of 2 on resnet18).
+    assert type(back.stem) is nn.Conv2d and isinstance(back.stem_norm, nn.BatchNorm2d)
+    assert back.stem.weight is stem_weight
+    torch.testing.assert_close(back.stem.weight.detach(), centred)
+    assert not any(isinstance(m, smallbn.CenteredConv2d) for m in back.modules())
+    plain = _pretrained_resnet()
+    plain.load_state_dict(back.state_dict(), strict=True)
+    torch.testing.assert_close(plain.eval()(images), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- edge cases of the model walk --------------------------------------------------------------
@@ -308,3 +324,113 @@ def test_bias_false_is_honoured_by_every_layer_and_by_convert(method: str) -> No
     nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, bias=False)).load_state_dict(
         back.state_dict()
     )
+
+
+# -- norms with behaviour of their own: timm's BatchNormAct2d and other BN subclasses ----------
+
+
+class _TimmStyleBatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d's behaviour, written out (BN, then ``drop``, then ``act``;
+    timm keeps BN's keys by subclassing BatchNorm2d)."""
+
+    def __init__(self, num_features: int, act: nn.Module) -> None:
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            0.1, self.eps,
+        )  # fmt: skip
+        return self.act(self.drop(y))
+
+
+def _norm_act_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        _TimmStyleBatchNormAct2d(8, nn.SiLU()),
+        nn.Conv2d(8, 4, 1),
+        _TimmStyleBatchNormAct2d(4, nn.PReLU(4)),  # an activation with a parameter
+    )
+    with torch.no_grad():
+        for norm in (model[1], model[3]):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["bn", *BN_EVAL_NAMES, "frozenbn", "sn", "gn"])
+def test_norm_act_layers_keep_their_activation(method: str) -> None:
+    # BatchNormAct2d used to become a plain norm, the activation gone (eval output moved by
+    # 46-110 on timm models).  Now every method runs inside the same drop/act, with the
+    # same state_dict keys both ways.
+    x = torch.randn(2, 3, 9, 9)
+    expected = _norm_act_net()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", smallbn.ConversionWarning)
+        converted = smallbn.convert(_norm_act_net(), method)
+    assert isinstance(converted[3].act, nn.PReLU) and isinstance(converted[1].act, nn.SiLU)
+    assert "3.act.weight" in converted.state_dict()
+    if method in ("bn", *BN_EVAL_NAMES, "frozenbn"):
+        torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    else:  # another method: check the activation is applied to the new norm's output
+        norm = converted[3]
+        z = converted[2](converted[1](converted[0](x)))
+        inner = super(NormActivation, norm).forward(z)  # the norm alone
+        torch.testing.assert_close(norm(z), norm.act(inner))
+    converted.train()(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", smallbn.ConversionWarning)
+        back = smallbn.convert(converted, "bn")
+    assert isinstance(back[1], nn.BatchNorm2d) and isinstance(back[1].act, nn.SiLU)
+    original = _norm_act_net()
+    original.load_state_dict(back.state_dict(), strict=True)
+    torch.testing.assert_close(original.eval()(x), back.eval()(x))
+
+
+def test_norm_act_layers_fold_leaving_their_activation_and_pickle() -> None:
+    x = torch.randn(2, 3, 9, 9)
+    model = smallbn.convert(_norm_act_net(), "brn").eval()
+    folded, report = smallbn.fold_with_report(model)
+    assert len(report.folded) == 2
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    timm_style = _norm_act_net()
+    folded_timm, report = smallbn.fold_with_report(timm_style)
+    assert len(report.folded) == 2
+    torch.testing.assert_close(folded_timm(x), timm_style(x), rtol=1e-5, atol=1e-5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), model(x))
+
+
+def test_bn_subclass_with_unknown_forward_is_refused_naming_the_layer() -> None:
+    class Doubled(nn.BatchNorm2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Doubled(4))
+    with pytest.raises(ValueError, match=r"cannot replace '1' \(Doubled\): its class overrides"):
+        smallbn.convert(model, "brn")
+    assert type(model[1]) is Doubled  # nothing changed
+    smallbn.convert(model, "brn", where=lambda name, m: name != "1")  # the documented way out
+
+
+def test_conversions_that_change_the_eval_function_say_so() -> None:
+    model = _pretrained_resnet()
+    with pytest.warns(smallbn.ConversionWarning, match=r"MABN centres the weights.*'stem_norm'"):
+        smallbn.convert(copy.deepcopy(model), "mabn")
+    sn = smallbn.convert(copy.deepcopy(model), "sn")
+    mixture = r"'stem_norm' \(SwitchableNorm2d\).*mixture"
+    with pytest.warns(smallbn.ConversionWarning, match=mixture):
+        _, report = smallbn.convert_with_report(sn, "bn")
+    assert all("mixture" in item.note for item in report)
+    with warnings.catch_warnings():  # conversions that keep the eval function stay quiet
+        warnings.simplefilter("error")
+        brn = smallbn.convert(copy.deepcopy(model), "brn")
+        _, report = smallbn.convert_with_report(brn, "bn")
+    assert not any(item.note for item in report)

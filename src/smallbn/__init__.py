@@ -5,6 +5,7 @@ Layers (:mod:`smallbn.layers`) are built on one statistics core (:mod:`smallbn.s
 """
 
 from smallbn.convert import (
+    ConversionWarning,
     Converted,
     bind_producers,
     convert,
@@ -68,6 +69,7 @@ __all__ = [
     "CenteredConv1d",
     "CenteredConv2d",
     "CenteredConv3d",
+    "ConversionWarning",
     "Converted",
     "CrossIterationBatchNorm",
     "CrossIterationBatchNorm1d",

@@ -14,6 +14,7 @@ Forward hooks registered on the old layers do not carry over.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn.graph import trace_producers
-from smallbn.layers import BatchStatsNorm, GroupedNorm, NormBase
+from smallbn.layers import BatchStatsNorm, FrozenBatchNorm, GroupedNorm, NormBase
+from smallbn.layers.norm_act import NormActivation, post_ops_of, with_activation
 from smallbn.registry import NormSpec, resolve_norm
 
 __all__ = [
+    "ConversionWarning",
     "Converted",
     "bind_producers",
     "convert",
@@ -37,15 +40,25 @@ __all__ = [
 ]
 
 _TORCH_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# torch BN classes whose forward is BatchNorm's own: a subclass that overrides it adds
+# behaviour (timm's BatchNormAct2d: an activation) that a plain replacement would drop.
+_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+class ConversionWarning(UserWarning):
+    """:func:`convert` changed what a model computes, or could not carry a layer's state over
+    (the warning names the layers and says what to do)."""
 
 
 @dataclass(frozen=True)
 class Converted:
-    """One replaced layer: its path in the model and the class names before and after."""
+    """One replaced layer: its path in the model, the class names before and after, and
+    what the replacement does not carry over (empty when the eval function is kept)."""
 
     name: str
     source: str
     target: str
+    note: str = ""
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -104,6 +117,42 @@ def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
             dst.copy_(src)
 
 
+def _post_ops(name: str, module: nn.Module) -> dict[str, nn.Module] | None:
+    """The modules a norm applies after normalizing, to be kept around its replacement; an
+    error for a BN subclass whose forward adds something smallbn cannot carry over."""
+    if isinstance(module, NormActivation):
+        return post_ops_of(module)
+    if not isinstance(module, _BatchNorm) or type(module).forward in _BN_FORWARDS:
+        return None
+    post = post_ops_of(module)
+    if post is None:
+        raise ValueError(
+            f"convert: cannot replace '{name}' ({type(module).__name__}): its class overrides "
+            f"BatchNorm's forward, so a replacement would silently drop what that forward "
+            f"adds. Leave it as it is with convert(..., where=lambda name, m: name != "
+            f"'{name}'), or replace it yourself with a module that keeps its behaviour "
+            f"(smallbn keeps the 'drop' and 'act' of timm-style *NormAct* layers)."
+        )
+    return post
+
+
+def _lost_on_conversion(source: nn.Module, target: nn.Module) -> str:
+    """What the eval function of ``source`` loses in ``target`` (empty if nothing)."""
+    if hasattr(source, "mean_weight") and not hasattr(target, "mean_weight"):
+        return (
+            "its learned mixture of IN/LN/BN statistics (Switchable Norm) is dropped: the eval "
+            "output changes"
+        )
+    has_population = uses_batch_stats(source) or isinstance(source, FrozenBatchNorm)
+    if uses_batch_stats(target) and not has_population:
+        return (
+            f"{type(source).__name__} keeps no population statistics, so the new layer starts "
+            f"from the running statistics it held (0 and 1 unless it replaced a BN): run "
+            f"smallbn.precise_bn (or train) before evaluating"
+        )
+    return ""
+
+
 def _replacement(
     name: str,
     module: nn.Module,
@@ -112,6 +161,7 @@ def _replacement(
     kwargs: dict[str, Any],
     fallback_factory: dict[str, Any],
 ) -> nn.Module:
+    post = _post_ops(name, module)
     source_dim = _input_dim(module) or dim
     source: Any = module  # a torch BN or a smallbn layer: both have BN's attributes
     inherited: dict[str, Any] = {
@@ -144,6 +194,12 @@ def _replacement(
         raise type(error)(
             f"convert: cannot replace '{name}' ({type(module).__name__}): {error}"
         ) from error
+    if post is not None:
+        # The new norm inside the same drop/act (timm's BatchNormAct2d: BN, drop, act); the
+        # children keep their names, so the state_dict keys are the source's.
+        target.__class__ = with_activation(type(target))
+        for child_name, child in post.items():
+            setattr(target, child_name, child)
     target.train(module.training)
     if isinstance(target, NormBase):
         target._smallbn_name = name  # type: ignore[assignment]
@@ -180,6 +236,7 @@ def convert_with_report(
     replacements: dict[int, nn.Module] = {}  # a layer registered under several names
     report: list[Converted] = []
     installs: list[tuple[nn.Module, str, nn.Module]] = []
+    released: list[nn.Module] = []  # centred convs of replaced MABN layers, made plain
 
     def plan(module: nn.Module, prefix: str) -> nn.Module | None:
         """The replacement of ``module`` if it is a selected norm; otherwise recurse."""
@@ -188,7 +245,12 @@ def convert_with_report(
             if id(module) not in replacements:
                 new = _replacement(name, module, spec, dim, kwargs, fallback_factory)
                 replacements[id(module)] = new
-                report.append(Converted(name, type(module).__name__, type(new).__name__))
+                note = _lost_on_conversion(module, new)
+                report.append(Converted(name, type(module).__name__, type(new).__name__, note))
+                if isinstance(module, NormBase):
+                    installed = module.release_producer(new)
+                    if installed is not None:
+                        released.append(installed)
             return replacements[id(module)]
         # _modules keeps a child registered under two names twice (named_children would not)
         for child_name, child in list(module._modules.items()):
@@ -201,11 +263,37 @@ def convert_with_report(
 
     # Every replacement is built before any is installed: an error leaves the model as it was.
     root = plan(model, "")
+    plain = _plain_producers(model, released)
     for parent, child_name, new_child in installs:
         setattr(parent, child_name, new_child)
+    for producer_name, conv in plain.items():
+        _set_submodule(model, producer_name, conv.to_plain(in_place=True))  # type: ignore[operator]
     model = model if root is None else root
     bind_producers(model)
+    _warn_lost(report)
     return model, report
+
+
+def _plain_producers(model: nn.Module, released: list[nn.Module]) -> dict[str, nn.Module]:
+    """Path → centred conv, for the convs released by replaced MABN layers that are still in
+    the model (each becomes a plain conv holding its centred weight: the same function)."""
+    wanted = {id(m) for m in released}
+    return {name: m for name, m in model.named_modules() if name and id(m) in wanted}
+
+
+def _warn_lost(report: list[Converted]) -> None:
+    """One :class:`ConversionWarning` per kind of loss, naming the layers."""
+    by_note: dict[str, list[str]] = {}
+    for item in report:
+        if item.note:
+            by_note.setdefault(item.note, []).append(f"'{item.name}' ({item.source})")
+    for note, names in by_note.items():
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"convert: for {shown}, {note} (convert_with_report lists every layer).",
+            ConversionWarning,
+            stacklevel=4,
+        )
 
 
 def bind_producers(model: nn.Module) -> dict[str, str | None]:
@@ -250,6 +338,22 @@ def bind_producers(model: nn.Module) -> dict[str, str | None]:
         if replacement is not None and producer_name is not None:
             _set_submodule(model, producer_name, replacement)
         bound[name] = producer_name
+    changed = [
+        name for name, found in layers.items() if getattr(found, "producer_changed_function", False)
+    ]
+    if changed:
+        shown = ", ".join(f"'{n}'" for n in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        warnings.warn(
+            f"MABN centres the weights of the convs before {shown}{more} (weight "
+            f"centralization, Yan et al. 2020): each kernel's mean is subtracted in every "
+            f"forward, so convs with pretrained weights now compute something else until "
+            f"fine-tuned. Expected when training from scratch; to keep a conv as it is, "
+            f"convert with center_producer=False. convert(model, 'bn') later gives plain "
+            f"convs holding the centred weights.",
+            ConversionWarning,
+            stacklevel=3,
+        )
     return bound
 
 

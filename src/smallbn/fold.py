@@ -47,6 +47,7 @@ import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,7 @@ from smallbn.convert import is_norm_layer
 from smallbn.graph import trace_producers
 from smallbn.layers import NormBase
 from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
+from smallbn.layers.norm_act import NormActivation, post_ops_of
 
 __all__ = ["FoldReport", "FoldedNorm", "KeptNorm", "fold", "fold_with_report"]
 
@@ -104,9 +106,20 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _bn_forward(norm: _BatchNorm) -> Any:
+    """The forward that normalizes: for a norm with a drop/act after it (smallbn's
+    ``...Act`` classes, timm's ``BatchNormAct2d``, whose forward is BN's followed by them),
+    BN's own; otherwise the class's."""
+    if isinstance(norm, NormActivation):
+        return super(NormActivation, norm).forward.__func__  # type: ignore[misc]
+    if post_ops_of(norm) is not None:
+        return _BatchNorm.forward
+    return type(norm).forward
+
+
 def _torch_bn_affine(norm: _BatchNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor] | str:
     """``(a, b)`` of a torch BN in eval mode, or why it has none."""
-    if type(norm).forward not in _TORCH_BN_FORWARDS:
+    if _bn_forward(norm) not in _TORCH_BN_FORWARDS:
         return f"{type(norm).__name__} overrides BatchNorm's forward: its eval map is unknown"
     # torch's eval forward uses batch statistics when the running buffers are absent
     if norm.running_mean is None or norm.running_var is None:
@@ -267,8 +280,11 @@ def _fold(model: nn.Module, inplace: bool, stacklevel: int) -> tuple[nn.Module, 
             kept.append(KeptNorm(name, reason or "no producer found"))
             continue
         _fold_into(producer, *affine)
-        # eval mode, so that the folded model passes fold's own check again
-        _replace(model, name, nn.Identity().train(False))
+        # eval mode, so that the folded model passes fold's own check again; a norm with a
+        # drop/act after it leaves them in its place
+        post = post_ops_of(norm)
+        remaining = nn.Sequential(post["drop"], post["act"]) if post else nn.Identity()
+        _replace(model, name, remaining.train(False))
         folded.append(FoldedNorm(name, producer_name))
     if search.method != "fx":
         # Warn even when every norm folded: the fallback pairs neighbours by their position

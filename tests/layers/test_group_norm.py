@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import smallbn
 from _layer_checks import (
-    BN_STATE_KEYS,
     check_step,
     make_input,
     randomize_affine,
@@ -84,19 +84,25 @@ def test_fit_num_groups_is_the_largest_divisor_not_above_the_request(channels, r
     assert all(channels % g for g in range(groups + 1, min(requested, channels) + 1))
 
 
-def test_keeps_batchnorm_state_untouched():
+def test_keeps_batchnorm_statistics_in_memory_but_not_in_its_checkpoints():
+    # A BN checkpoint loads (strict) and converting back to BN restores its statistics; the
+    # layer's own checkpoint is nn.GroupNorm's, so loading it into a BN fails on the missing
+    # statistics instead of evaluating with placeholders (it used to load, 0/1 statistics).
     bn = nn.BatchNorm2d(8)
     with torch.no_grad():
         bn.running_mean.normal_()
         bn.num_batches_tracked.fill_(5)
     for cls in (GroupNorm, LayerNorm, InstanceNorm):
         layer = cls(8)
-        assert list(layer.state_dict().keys()) == BN_STATE_KEYS
+        assert list(layer.state_dict().keys()) == ["weight", "bias"]
         layer.load_state_dict(bn.state_dict(), strict=True)
         layer.train()
         layer(torch.randn(1, 8, 3, 3))  # a batch of one trains
-        back = nn.BatchNorm2d(8)
-        back.load_state_dict(layer.state_dict(), strict=True)
+        with pytest.raises(RuntimeError, match="Missing key.*running_mean"):
+            nn.BatchNorm2d(8).load_state_dict(layer.state_dict(), strict=True)
+        nn.GroupNorm(layer.num_groups, 8).load_state_dict(layer.state_dict(), strict=True)
+        with pytest.warns(smallbn.ConversionWarning, match="keeps no population statistics"):
+            back = smallbn.convert(nn.Sequential(layer), "bn", dim=2)[0]
         for key, value in bn.state_dict().items():
             torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
 

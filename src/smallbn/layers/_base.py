@@ -82,6 +82,12 @@ class NormBase(nn.Module):
     _input_dim: ClassVar[int | None] = None
     _family: ClassVar[str] = ""
     _affine_as_buffers: ClassVar[bool] = False
+    #: Whether BN's running statistics are saved in the ``state_dict``.  Batch-independent
+    #: norms (GN/LN/IN) keep BN's buffers in memory only, so that converting back to BN
+    #: restores them, and their checkpoints do not carry statistics they never computed
+    #: (loaded into a BN, such placeholders gave a BN that evaluates with 0/1 statistics,
+    #: with no error).  A BN checkpoint still loads into them (its statistics are kept).
+    _running_stats_in_state_dict: ClassVar[bool] = True
     #: Buffers of accumulated statistics that stay in float32 at least whatever dtype the
     #: module is cast to (:meth:`_apply`); BN's running statistics follow the cast, as in torch.
     _float32_buffers: ClassVar[tuple[str, ...]] = ()
@@ -138,11 +144,17 @@ class NormBase(nn.Module):
             else:
                 self.register_parameter(name, None if tensor is None else nn.Parameter(tensor))
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(self._stats_shape(), **factory))
-            self.register_buffer("running_var", torch.ones(self._stats_shape(), **factory))
+            persistent = self._running_stats_in_state_dict
+            self.register_buffer(
+                "running_mean", torch.zeros(self._stats_shape(), **factory), persistent
+            )
+            self.register_buffer(
+                "running_var", torch.ones(self._stats_shape(), **factory), persistent
+            )
             self.register_buffer(
                 "num_batches_tracked",
                 torch.tensor(0, dtype=torch.long, device=device),
+                persistent,
             )
         else:
             self.register_buffer("running_mean", None)
@@ -183,6 +195,13 @@ class NormBase(nn.Module):
         """Receive the module whose output is this layer's input (``None`` where there is
         none; ``note`` then says why).  May return a replacement for the producer, which the
         caller installs in its place.  The default ignores it."""
+        return None
+
+    def release_producer(self, replacement: nn.Module) -> nn.Module | None:
+        """Called by :func:`smallbn.convert` when ``replacement`` takes this layer's place:
+        the module this layer installed in the model in place of its producer (MABN's
+        weight-centred conv), to be turned back into a plain module computing the same
+        function, or ``None``.  The default installed nothing."""
         return None
 
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
@@ -275,6 +294,8 @@ class NormBase(nn.Module):
             current = self.num_batches_tracked
             keep = current is not None and current.device != torch.device("meta")
             state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
+        if not self._running_stats_in_state_dict:
+            self._keep_bn_statistics(state_dict, prefix)
         self._adapt_state_dict(state_dict, prefix)
         first_new = len(error_msgs)
         super()._load_from_state_dict(
@@ -295,6 +316,15 @@ class NormBase(nn.Module):
             f"This layer holds statistics of shape {self._stats_shape()}; build it with the "
             f"checkpoint's num_features, or load a checkpoint made for this model."
         )
+
+    @torch.no_grad()
+    def _keep_bn_statistics(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Take a BN checkpoint's running statistics into the in-memory buffers of a layer
+        that does not save them (and out of ``state_dict``, where they would be unexpected)."""
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            value, buffer = state_dict.pop(prefix + name, None), self._buffers.get(name)
+            if isinstance(value, Tensor) and buffer is not None and value.shape == buffer.shape:
+                buffer.copy_(value)
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""

@@ -158,9 +158,14 @@ class _CenteredMixin:
         return new
 
     @torch.no_grad()
-    def to_plain(self) -> nn.Module:
+    def to_plain(self, *, in_place: bool = False) -> nn.Module:
         """A plain convolution computing the same function: the centred weight baked into a new
-        ``weight`` Parameter (same dtype/device), the bias Parameter shared."""
+        ``weight`` Parameter (same dtype/device), the bias Parameter shared.
+
+        ``in_place=True`` writes the centred weight into this layer's own ``weight``
+        Parameter and shares it, so that an optimizer built earlier keeps working (what
+        :func:`smallbn.convert` does when the MABN this conv served is replaced).
+        """
         module: nn.Conv1d = self  # type: ignore[assignment]
         plain: nn.Conv1d = self._plain(  # type: ignore[assignment]
             module.in_channels,
@@ -174,9 +179,13 @@ class _CenteredMixin:
             padding_mode=module.padding_mode,
             device="meta",
         )
-        plain.weight = nn.Parameter(
-            self.centered_weight().detach().clone(), requires_grad=module.weight.requires_grad
-        )
+        if in_place:
+            module.weight.copy_(self.centered_weight())
+            plain.weight = module.weight
+        else:
+            plain.weight = nn.Parameter(
+                self.centered_weight().detach().clone(), requires_grad=module.weight.requires_grad
+            )
         plain.bias = module.bias
         plain.train(module.training)
         return plain

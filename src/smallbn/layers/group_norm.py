@@ -8,9 +8,11 @@ each sample's group g with its own statistics over (C/G channels, *spatial):
 
 G = 1 is layer normalization over (C, *spatial) (Ba et al., 2016) and G = C is instance
 normalization (Ulyanov et al., 2016), both with per-channel affine.  These layers keep BN's
-``running_mean``/``running_var``/``num_batches_tracked`` buffers untouched, only so that a BN
+``running_mean``/``running_var``/``num_batches_tracked`` buffers in memory only, so that a BN
 checkpoint loads into a converted model and converting back to BN restores them; the
-computation never reads them.
+computation never reads them, and their ``state_dict`` is ``nn.GroupNorm``'s (``weight``,
+``bias``): a GN checkpoint loaded into a BN layer fails on the missing statistics instead of
+evaluating with placeholders.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from smallbn.layers import _base
 from smallbn.layers._base import NormBase
+from smallbn.stats import stats_dtype
 
 __all__ = ["GroupNorm", "InstanceNorm", "LayerNorm", "fit_num_groups"]
 
@@ -47,6 +50,7 @@ class GroupNorm(NormBase):
 
     _family = "GroupNorm"
     _default_groups = 32
+    _running_stats_in_state_dict = False  # never computed here: see NormBase
 
     def __init__(
         self,
@@ -58,10 +62,13 @@ class GroupNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         num_groups: int | None = None,
         channels_per_group: int | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         if num_groups is not None and channels_per_group is not None:
             raise ValueError(f"{type(self).__name__}: give num_groups or channels_per_group")
         for option, value in (
@@ -102,9 +109,70 @@ class GroupNorm(NormBase):
                 f"alone. Use fewer groups (LayerNorm, or a smaller num_groups), or an input "
                 f"with spatial dims."
             )
+        weight, bias = self._affine_for(x)
+        y, mean, rstd = self._group_norm(x, weight, bias, self.eps)
+        if _base._FINITE_CHECK and not _usable(mean, rstd):  # one host read of (N, G) values
+            y = self._recover(x, weight, bias)
+        return y
+
+    def _affine_for(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """γ and β in a dtype torch's kernel takes with ``x``: the input's for float32/float64
+        inputs (torch raises "mixed dtype" for a float64 input with float32 parameters, as a
+        layer built with the default dtype has), the input's or float32 for half inputs."""
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        if x.dtype in (torch.float32, torch.float64) or not params:
+            dtype = x.dtype
+        elif all(p.dtype == x.dtype for p in params):
+            dtype = x.dtype
+        else:  # torch's mixed kernel: half input, float32 parameters
+            dtype = torch.float32
+        return tuple(  # type: ignore[return-value]
+            p if p is None or p.dtype == dtype else p.to(dtype) for p in (self.weight, self.bias)
+        )
+
+    def _group_norm(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """torch's group-norm kernel: the output, and each (sample, group)'s mean and
+        ``1/sqrt(σ² + eps)`` (``(N, G)``, to check)."""
+        n, c = x.shape[:2]
         if x.device.type == "cpu" and x.dim() > 2 and not x.is_contiguous():
             x = x - self._group_means(x)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            x = x.contiguous(memory_format=_layout(x))
+        else:
+            x = x.contiguous()
+        return torch.native_group_norm(
+            x, weight, bias, n, c, math.prod(x.shape[2:]), self.num_groups, eps
+        )
+
+    def _recover(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """The output where the kernel's statistics are not usable: an error naming the layer
+        for a non-finite input; for a finite one, whose squared deviations overflow the
+        kernel's float32 accumulation (|x| above ~1e19: torch returns the bias alone, or NaN
+        for channels-last inputs), the same computation in float64, rounded to x's dtype."""
+        if not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"{self.describe()}: the input to this layer contains NaN/Inf (input shape "
+                f"{tuple(x.shape)}). Find the source with torch.autograd.set_detect_anomaly("
+                f"True); usual fixes are a lower learning rate or gradient clipping. "
+                f"(smallbn.set_finite_check(False) skips this check.)"
+            )
+        wide, eps = x.to(torch.float64), self.eps
+        if x.dtype == torch.float64:
+            # float64 itself overflowed (|x| above ~1e154): normalize x·2^-k with eps·4^-k,
+            # the same output (a power of two scales exactly).
+            peak = float(wide.detach().abs().amax())
+            scale = math.ldexp(1.0, -math.frexp(peak)[1])
+            wide, eps = wide * scale, eps * scale * scale
+        wide_params = [None if p is None else p.to(torch.float64) for p in (weight, bias)]
+        y, mean, rstd = self._group_norm(wide, *wide_params, eps)
+        if not _usable(mean, rstd):
+            raise ValueError(
+                f"{self.describe()}: a group of the input has no usable statistics (zero "
+                f"variance with eps={self.eps}, or a variance beyond float64's range; input "
+                f"shape {tuple(x.shape)}). Use eps > 0, or scale the input into a smaller range."
+            )
+        return y.to(x.dtype)
 
     def _group_means(self, x: Tensor) -> Tensor:
         """Each (sample, group)'s mean, broadcast to its channels, without gradient.
@@ -119,10 +187,25 @@ class GroupNorm(NormBase):
         """
         n, c = x.shape[:2]
         with torch.no_grad():
-            channel_means = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float32)
+            channel_means = x.mean(dim=tuple(range(2, x.dim())), dtype=stats_dtype(x.dtype))
             groups = channel_means.view(n, self.num_groups, c // self.num_groups)
             means = groups.mean(-1, keepdim=True).expand_as(groups).reshape(n, c)
         return means.to(x.dtype).view(n, c, *([1] * (x.dim() - 2)))
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The channels-last format ``x`` is laid out in, else contiguous (torch's kernel takes
+    either, dense)."""
+    for rank, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == rank and x.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
+
+
+def _usable(mean: Tensor, rstd: Tensor) -> bool:
+    """Whether every group's mean is finite and ``1/sqrt(σ² + eps)`` finite and positive (0
+    where σ² overflowed, NaN for a non-finite input, Inf for zero variance with eps = 0)."""
+    return bool(torch.isfinite(mean).all() & torch.isfinite(rstd).all() & (rstd > 0).all())
 
 
 class LayerNorm(GroupNorm):

@@ -105,6 +105,7 @@ from smallbn.layers.centered_conv import (
     centered_conv_from,
     centering_obstacle,
 )
+from smallbn.layers.frozen import FrozenBatchNorm
 from smallbn.stats import Moments, first_order_only, stats_dtype
 
 __all__ = [
@@ -728,6 +729,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         says why (:func:`~smallbn.layers.centered_conv.centering_obstacle`): MABN then
         normalizes inputs that are not made zero-mean by their producer.
         """
+        self.producer_changed_function = False
         if not self.center_producer:
             self.producer_note = "center_producer=False: producer left as it is"
             return None
@@ -752,7 +754,32 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         replacement = centered_conv_from(producer)
         assert replacement is not None  # centering_obstacle found nothing in the way
         self.producer_note = f"{type(producer).__name__} replaced by {type(replacement).__name__}"
+        self.__dict__["_centered"] = replacement  # not a child: released by release_producer
+        weight = producer.weight.detach()
+        means = weight.flatten(1).mean(1).abs()
+        # Centring subtracts each kernel's mean: a conv whose kernels are not zero-mean now
+        # computes something else (a pretrained model's function changes until fine-tuned).
+        self.producer_changed_function = bool(
+            (means > 1e-6 * weight.abs().amax().clamp_min(1e-30)).any()
+        )
         return replacement
+
+    #: Whether :meth:`bind_producer` centred a conv whose kernels were not zero-mean (so the
+    #: conv's function changed); :func:`smallbn.bind_producers` reports such layers.
+    producer_changed_function = False
+
+    def release_producer(self, replacement: nn.Module) -> nn.Module | None:
+        """The centred conv this layer installed: :func:`smallbn.convert` turns it back into a
+        plain conv holding the centred weight (the same function, and a state_dict that plain
+        torch models load).  Kept where ``replacement`` is a MABN that centres it again, or a
+        FrozenBatchNorm (:func:`smallbn.freeze_norms` in the last epochs of MABN training:
+        the convs go on training weight-centred, as the method trains them)."""
+        if isinstance(replacement, FrozenBatchNorm) or (
+            isinstance(replacement, MovingAverageBatchNorm) and replacement.center_producer
+        ):
+            return None
+        centered = self.__dict__.get("_centered")
+        return centered if isinstance(centered, nn.Module) else None
 
     # -- forward -------------------------------------------------------------------------
 
