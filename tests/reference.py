@@ -16,10 +16,13 @@ Conventions (torch.nn.BatchNorm semantics, SPEC "BN"):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "Normalized",
     "RefBatchNorm",
     "RefBatchRenorm",
     "RefDomainBatchNorm",
@@ -27,6 +30,15 @@ __all__ = [
     "affine_normalize",
     "channel_stats",
     "limit_schedule",
+    "ref_batch_norm",
+    "ref_batch_renorm",
+    "ref_domain_batch_norm",
+    "ref_domain_population_norm",
+    "ref_ghost_batch_norm",
+    "ref_group_norm",
+    "ref_moving_average_first_step",
+    "ref_population_norm",
+    "ref_switchable_norm",
 ]
 
 
@@ -499,3 +511,226 @@ class RefCrossIterationBatchNorm(RefBatchNorm):
         self.history = self.history[-self.window :]
         self.iteration += 1
         return y
+
+
+# -- one-call references with their slope (tests/test_robustness.py) ---------------------------
+#
+# Each returns a :class:`Normalized`: the float64 output (differentiable in x and in the
+# float64 copies of the parameters passed in) and ``slope``, ``∂y/∂x`` with the statistics
+# held constant (``γ·r/sqrt(σ² + eps)``, broadcastable to x).  The slope sets the scale of
+# rounding errors a test may allow: an error δ in a statistic moves the output by
+# ``slope·δ``, and the input gradient is of order ``slope·|∂L/∂y|``.
+
+
+class Normalized(NamedTuple):
+    y: Tensor
+    slope: Tensor
+    #: Switchable Norm: per element, ``Σ_k |∂y/∂(logit_k)|``-sized bound for the mixture logits'
+    #: gradient scale (``None`` elsewhere).
+    logit_scale: Tensor | None = None
+
+
+def _affine(
+    x_hat: Tensor, inv_std: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """``γ x̂ + β`` and its slope ``γ·inv_std`` (all broadcastable to x̂)."""
+    gamma = 1.0 if weight is None else weight
+    y = x_hat * gamma if weight is not None else x_hat
+    if bias is not None:
+        y = y + bias
+    return Normalized(y, (inv_std * gamma).detach().expand_as(x_hat))
+
+
+def _channel(stat: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if stat is None else _view(stat.double(), x)
+
+
+def ref_population_norm(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Normalized:
+    """BN with fixed per-channel statistics: BN's inference, FrozenBN, MABN's inference (with
+    ``mean`` its running mean): ``y = γ (x − μ)/sqrt(σ² + eps) + β``."""
+    x = x.double()
+    inv_std = 1.0 / torch.sqrt(_channel(var, x) + eps)
+    return _affine(
+        (x - _channel(mean, x)) * inv_std, inv_std, _channel(weight, x), _channel(bias, x)
+    )
+
+
+def ref_batch_norm(
+    x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
+) -> Normalized:
+    """BN in training (and SyncBN in one process, CBN's first step): batch statistics over
+    ``(N, *spatial)``, biased variance."""
+    _, mean, var = channel_stats(x)
+    return ref_population_norm(x, mean, var, eps, weight, bias)
+
+
+def ref_batch_renorm(
+    x: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: float,
+    d_max: float,
+) -> Normalized:
+    """One BRN training step with the running statistics before it and the limits in force:
+    ``x̂ = (x − μ_B)/σ_B · r + d``, r and d without gradient (SPEC "BRN")."""
+    x = x.double()
+    _, mean, var = channel_stats(x)
+    with torch.no_grad():
+        sigma_batch = torch.sqrt(var + eps)
+        sigma = torch.sqrt(running_var.double() + eps)
+        r = torch.clamp(sigma_batch / sigma, 1.0 / r_max, r_max)
+        d = torch.clamp((mean - running_mean.double()) / sigma, -d_max, d_max)
+    inv_std = _view(r / torch.sqrt(var.detach() + eps), x)
+    x_hat = (x - _view(mean, x)) / _view(torch.sqrt(var + eps), x) * _view(r, x) + _view(d, x)
+    return _affine(x_hat, inv_std, _channel(weight, x), _channel(bias, x))
+
+
+def _per_sample_groups(
+    x: Tensor, groups: list[list[int]], eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """Each list of sample indices normalized with its own channel statistics."""
+    x = x.double()
+    y: list[Tensor | None] = [None] * x.shape[0]
+    slope: list[Tensor | None] = [None] * x.shape[0]
+    for members in groups:
+        part = ref_batch_norm(x[members], eps, weight, bias)
+        for j, n in enumerate(members):
+            y[n], slope[n] = part.y[j], part.slope[j]
+    return Normalized(torch.stack(y), torch.stack(slope))  # type: ignore[arg-type]
+
+
+def ref_ghost_batch_norm(
+    x: Tensor, group_size: int, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """Ghost BN: consecutive groups of ``group_size`` samples (the last may be smaller)."""
+    n = x.shape[0]
+    groups = [list(range(s, min(s + group_size, n))) for s in range(0, n, group_size)]
+    return _per_sample_groups(x, groups, eps, weight, bias)
+
+
+def ref_domain_batch_norm(
+    x: Tensor, domains: list[int], eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """Domain-specific BN in training: the samples of each domain normalized together."""
+    groups = [[n for n, d in enumerate(domains) if d == dom] for dom in sorted(set(domains))]
+    return _per_sample_groups(x, groups, eps, weight, bias)
+
+
+def ref_domain_population_norm(
+    x: Tensor,
+    domains: list[int],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Normalized:
+    """Domain-specific BN in evaluation: sample n with its domain's running statistics."""
+    rows = [
+        ref_population_norm(x[n : n + 1], running_mean[d], running_var[d], eps, weight, bias)
+        for n, d in enumerate(domains)
+    ]
+    return Normalized(torch.cat([r.y for r in rows]), torch.cat([r.slope for r in rows]))
+
+
+def ref_group_norm(
+    x: Tensor, num_groups: int, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """Group Normalization (Wu & He 2018): each sample's G groups of C/G consecutive channels
+    normalized over (C/G, *spatial), biased variance, per-channel affine.  G = 1 is LayerNorm
+    over (C, *spatial), G = C InstanceNorm."""
+    x = x.double()
+    n, c = x.shape[:2]
+    flat = x.reshape(n, num_groups, -1)
+    mean = flat.mean(-1, keepdim=True)
+    var = (flat - mean).square().mean(-1, keepdim=True)
+    inv_std = 1.0 / torch.sqrt(var + eps)
+    x_hat = ((flat - mean) * inv_std).reshape(x.shape)
+    inv_std = inv_std.expand_as(flat).reshape(x.shape)
+    return _affine(x_hat, inv_std, _channel(weight, x), _channel(bias, x))
+
+
+def ref_switchable_norm(
+    x: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    training: bool,
+    branches: tuple[str, ...] = ("in", "ln", "bn"),
+) -> Normalized:
+    """Switchable Normalization (SPEC "SN") with the branches that cannot be computed left out
+    of the mixture and the other weights renormalized, as smallbn documents it (SPEC only
+    asks for no NaN there): IN needs more than one value per sample and channel, LN more than
+    one per sample, BN (training) more than one per channel.  Raises ``ValueError`` where no
+    branch is left."""
+    x = x.double()
+    n, c = x.shape[:2]
+    per_sample = x[0, 0].numel() if n else 0
+    flat = x.reshape(n, c, -1)
+    mu_in = flat.mean(-1)
+    var_in = (flat - mu_in.unsqueeze(-1)).square().mean(-1)
+    # SPEC's mean(σ²_in + μ_in²) − μ², in the centred form mean(σ²_in + (μ_in − μ)²): the same
+    # number without the cancellation at |μ| ≫ σ
+    mu_ln = mu_in.mean(1, keepdim=True)
+    var_ln = (var_in + (mu_in - mu_ln).square()).mean(1, keepdim=True)
+    if training:
+        mu_bn = mu_in.mean(0, keepdim=True)
+        var_bn = (var_in + (mu_in - mu_bn).square()).mean(0, keepdim=True)
+    else:
+        assert running_mean is not None and running_var is not None
+        mu_bn, var_bn = running_mean.double()[None], running_var.double()[None]
+    stats = {"in": (mu_in, var_in), "ln": (mu_ln, var_ln), "bn": (mu_bn, var_bn)}
+    usable = {
+        "in": per_sample > 1,
+        "ln": per_sample * c > 1,
+        "bn": (n * per_sample > 1) if training else True,
+    }
+    keep = [i for i, b in enumerate(branches) if usable[b]]
+    if not keep:
+        raise ValueError("no branch of the mixture can be computed")
+    w_mean = torch.softmax(mean_logits.double()[keep], 0)
+    w_var = torch.softmax(var_logits.double()[keep], 0)
+    names = [branches[i] for i in keep]
+    mu = sum(w_mean[j] * stats[b][0] for j, b in enumerate(names)).expand(n, c)
+    var = sum(w_var[j] * stats[b][1] for j, b in enumerate(names)).expand(n, c)
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    inv_std = 1.0 / torch.sqrt(var.reshape(shape) + eps)
+    result = _affine((x - mu.reshape(shape)) * inv_std, inv_std, _channel(weight, x),
+                     _channel(bias, x))  # fmt: skip
+    with torch.no_grad():  # |∂y/∂μ_k − ∂y/∂μ| and |∂y/∂σ²_k − ∂y/∂σ²| sized bounds
+        spread_mu = torch.stack([(stats[b][0] - mu).abs().expand(n, c) for b in names]).amax(0)
+        spread_var = torch.stack([(stats[b][1] - var).abs().expand(n, c) for b in names]).amax(0)
+        gamma = 1.0 if weight is None else _channel(weight, x).abs()
+        x_hat = ((x - mu.reshape(shape)) * inv_std).abs()
+        logit_scale = result.slope.abs() * spread_mu.reshape(shape) + 0.5 * gamma * x_hat * (
+            spread_var.reshape(shape) * inv_std.square()
+        )
+    return result._replace(logit_scale=logit_scale)
+
+
+def ref_moving_average_first_step(
+    x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
+) -> Normalized:
+    """MABN's first training step (SPEC "MABN"; warm-up: χ²_t and Ψ_t alone, r = 1):
+    ``y = γ x/sqrt(E_R[x²] + eps) + β``.  With v = χ²_t and Ψ̄ = Ψ_t, MABN's backward
+    ``(ĝ − z·Ψ_t)/sqrt(v + eps)`` is exactly autograd's gradient of this formula."""
+    x = x.double()
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    chi2 = flat.square().mean(dim=1)
+    inv_std = 1.0 / torch.sqrt(_view(chi2, x) + eps)
+    return _affine(x * inv_std, inv_std, _channel(weight, x), _channel(bias, x))
