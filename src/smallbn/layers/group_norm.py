@@ -8,9 +8,11 @@ each sample's group g with its own statistics over (C/G channels, *spatial):
 
 G = 1 is layer normalization over (C, *spatial) (Ba et al., 2016) and G = C is instance
 normalization (Ulyanov et al., 2016), both with per-channel affine.  These layers keep BN's
-``running_mean``/``running_var``/``num_batches_tracked`` buffers untouched, only so that a BN
+``running_mean``/``running_var``/``num_batches_tracked`` buffers in memory only, so that a BN
 checkpoint loads into a converted model and converting back to BN restores them; the
-computation never reads them.
+computation never reads them, and their ``state_dict`` is ``nn.GroupNorm``'s (``weight``,
+``bias``): a GN checkpoint loaded into a BN layer fails on the missing statistics instead of
+evaluating with placeholders.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class GroupNorm(NormBase):
 
     _family = "GroupNorm"
     _default_groups = 32
+    _running_stats_in_state_dict = False  # never computed here: see NormBase
 
     def __init__(
         self,
