@@ -51,3 +51,45 @@ def test_a_checkpoint_without_the_step_counter_keeps_the_layers_count(layer_clas
         module.load_state_dict(old, strict=False)
     assert int(torch_bn.num_batches_tracked) == 5
     assert int(layer.num_batches_tracked) == int(torch_bn.num_batches_tracked)
+
+
+BATCH_STATS_METHODS = ["syncbn", "brn", "ghostbn", "sn", "mabn", "cbn", "domainbn"]
+
+
+def _named(name: str, channels: int) -> nn.Module:
+    options = {"group_size": 2} if name == "ghostbn" else {}
+    layer = build_norm(name, channels, **options)
+    layer._smallbn_name = "block.norm"
+    return layer.train()
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e25, 1e30])
+@pytest.mark.parametrize("name", BATCH_STATS_METHODS)
+def test_finite_inputs_whose_variance_overflows_say_so(name: str, scale: float) -> None:
+    # They used to be reported as "the input to this layer contains NaN/Inf".
+    x = torch.randn(4, 3, 3, 3) * scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match=r"at 'block.norm'.*overflow.*input is finite"):
+            _named(name, 3)(x)
+
+
+@pytest.mark.parametrize("name", BATCH_STATS_METHODS)
+def test_non_finite_inputs_are_reported_as_such(name: str) -> None:
+    x = torch.randn(4, 3, 3, 3)
+    x[1, 2, 0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match=r"at 'block.norm'.*contains NaN/Inf"):
+            _named(name, 3)(x)
+
+
+@pytest.mark.parametrize("name", BATCH_STATS_METHODS)
+def test_large_finite_statistics_whose_sum_overflows_are_not_an_error(name: str) -> None:
+    # 64 channels of variance ~1e37 are each representable; only their sum is not, which the
+    # check's one-reduction fast path must not mistake for a non-finite statistic.
+    x = torch.randn(2, 64, 1, 1) * 3e18  # two values per channel: no sum of squares overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y = _named(name, 64)(x)
+    assert torch.isfinite(y).all()

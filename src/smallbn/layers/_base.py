@@ -479,7 +479,7 @@ class BatchStatsNorm(NormBase):
         local_count = x.numel() // x.shape[1]
         if local_count <= 1 and (group is None or float(moments.count) <= 1):
             self._raise_too_small(x, local_count if group is None else int(moments.count))
-        self._check_finite(moments)
+        self._check_finite(moments, x)
         return moments
 
     def _batch_norm(self, x: Tensor, affine: AffineFn | None = None) -> tuple[Tensor, Moments]:
@@ -496,7 +496,7 @@ class BatchStatsNorm(NormBase):
                 if local_count <= 1:
                     self._raise_too_small(x, local_count)
                 y, moments = fused_batch_norm(x, self.weight, self.bias, self.eps)
-                self._check_finite(moments)
+                self._check_finite(moments, x)
                 return y, moments
             with torch.no_grad():
                 moments = self._batch_moments(x)
@@ -509,15 +509,18 @@ class BatchStatsNorm(NormBase):
     def _grouped_moments(self, x: Tensor, index: Tensor, num_groups: int) -> Moments:
         """Moments per group of samples (``index[n]`` is sample n's group), pooled across
         processes if syncing: every rank must pass the same ``num_groups``."""
-        return self._merge_groups(sample_moments(x), index, num_groups)
+        return self._merge_groups(sample_moments(x), index, num_groups, x)
 
-    def _merge_groups(self, instance: Moments, index: Tensor, num_groups: int) -> Moments:
-        """:meth:`_grouped_moments` from the samples' instance moments ``(N, C)``."""
+    def _merge_groups(
+        self, instance: Moments, index: Tensor, num_groups: int, x: Tensor | None = None
+    ) -> Moments:
+        """:meth:`_grouped_moments` from the samples' instance moments ``(N, C)`` (``x``, the
+        input, only makes a non-finite result's message precise)."""
         moments = merge_moments(instance, index, num_groups)
         group = self._sync_group()
         if group is not None:
             moments = merge_moments(all_gather_moments(moments, group))
-        self._check_finite(moments)
+        self._check_finite(moments, x)
         return moments
 
     def _sample_groups(self, x: Tensor, group_size: int) -> tuple[Tensor, int]:
@@ -552,7 +555,7 @@ class BatchStatsNorm(NormBase):
         index, num_groups = self._sample_groups(x, group_size)
 
         def statistics(instance: Moments) -> SampleNormalization:
-            groups = self._merge_groups(instance, index, num_groups)
+            groups = self._merge_groups(instance, index, num_groups, x)
             self._update_running_from_groups(groups, factor)
             return groups.mean[index], groups.var[index], self.weight, self.bias
 
@@ -611,18 +614,40 @@ class BatchStatsNorm(NormBase):
             f"batch-independent norm ('gn', 'ln', 'frozenbn'), or put the layer in eval mode."
         )
 
-    def _check_finite(self, moments: Moments) -> None:
+    def _check_finite(self, moments: Moments, x: Tensor | None = None) -> None:
+        """Raise ``FloatingPointError`` naming the layer if ``moments`` hold a NaN/Inf; with
+        the layer's input ``x`` the message tells a non-finite input from a finite one whose
+        squares overflow the statistics' dtype (|x| above ~1e19 in float32: the variance of
+        a batch of such values is not representable, and neither is a running variance)."""
         if not _FINITE_CHECK:
             return
         if bool(torch.isfinite(moments.mean.sum() + moments.var.sum())):
             return
         bad = ~(torch.isfinite(moments.mean) & torch.isfinite(moments.var))
+        if not bool(bad.any()):
+            return  # every statistic is finite; only the check's own sum overflowed
         channels = torch.nonzero(bad.reshape(-1, bad.shape[-1]).any(0)).flatten().tolist()
         shown = channels[:8] + (["..."] if len(channels) > 8 else [])
+        skip = "(smallbn.set_finite_check(False) skips this check.)"
+        if x is not None and bool(torch.isfinite(x).all()):
+            largest = float(x.detach().abs().amax())
+            raise FloatingPointError(
+                f"{self.describe()}: batch statistics overflow {moments.var.dtype} in "
+                f"channel(s) {shown}: the input is finite, but its values (largest |x| = "
+                f"{largest:.3g}) square past what {moments.var.dtype} holds (~3.4e38 for "
+                f"float32), so neither the batch variance nor a running variance is "
+                f"representable. Scale the input down (normalize the data, or lower the "
+                f"scale of the layer before), or run this layer and its input in float64. "
+                f"{skip}"
+            )
+        what = (
+            "the input to this layer contains NaN/Inf"
+            if x is not None
+            else "the input to this layer contains NaN/Inf, or values whose squares overflow "
+            "the statistics' dtype (|x| above ~1e19 in float32)"
+        )
         raise FloatingPointError(
-            f"{self.describe()}: batch statistics are NaN or Inf in channel(s) {shown}: the "
-            f"input to this layer contains NaN/Inf. Find the source with "
-            f"torch.autograd.set_detect_anomaly(True); usual fixes are a lower learning rate, "
-            f"gradient clipping, or a larger eps. (smallbn.set_finite_check(False) skips this "
-            f"check.)"
+            f"{self.describe()}: batch statistics are NaN or Inf in channel(s) {shown}: "
+            f"{what}. Find the source with torch.autograd.set_detect_anomaly(True); usual "
+            f"fixes are a lower learning rate, gradient clipping, or a larger eps. {skip}"
         )

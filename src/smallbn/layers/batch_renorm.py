@@ -139,7 +139,7 @@ class BatchRenorm(BatchStatsNorm):
             index, num_groups = self._sample_groups(x, size)
 
             def statistics(instance: Moments) -> SampleNormalization:
-                groups = self._merge_groups(instance, index, num_groups)
+                groups = self._merge_groups(instance, index, num_groups, x)
                 weight, bias = self._renorm_affine(groups.detach())  # (G, C): r, d per group
                 self._update_running_from_groups(groups, factor)
                 return (

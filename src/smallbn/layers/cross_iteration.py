@@ -1088,7 +1088,7 @@ class CrossIterationBatchNorm(BatchStatsNorm):
                 mean, var = mean_var(xs, [1, *range(3, xs.dim())])
                 values = float(size * math.prod(x.shape[2:]))
                 groups = Moments(mean.new_full((num,), values), mean, var)
-                self._check_finite(groups)
+                self._check_finite(groups, x)
         elif local:
             with torch.no_grad():
                 groups = self._grouped_moments(x, index, num)

@@ -257,7 +257,7 @@ class DomainBatchNorm(BatchStatsNorm):
         index = self._domain_index(x, args[0])
 
         def statistics(instance: Moments) -> SampleNormalization:
-            domains = self._merge_groups(instance, index, self.num_domains)
+            domains = self._merge_groups(instance, index, self.num_domains, x)
             present = domains.count > 0
             too_small = present & (domains.count <= 1)
             if bool(too_small.any()):

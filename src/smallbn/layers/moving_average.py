@@ -783,11 +783,12 @@ class MovingAverageBatchNorm(BatchStatsNorm):
 
     # -- forward -------------------------------------------------------------------------
 
-    def _check_chi2(self, chi2: Tensor) -> None:
+    def _check_chi2(self, chi2: Tensor, x: Tensor | None = None) -> None:
         # One reduction in the common case (a NaN/Inf anywhere makes the sum non-finite; the
         # values are ≥ 0, so no Inf − Inf); the base's check builds the message otherwise.
         if _base._FINITE_CHECK and not math.isfinite(float(chi2.sum())):
-            self._check_finite(Moments(chi2.new_ones(chi2.shape[0]), chi2, torch.zeros_like(chi2)))
+            second = Moments(chi2.new_ones(chi2.shape[0]), chi2, torch.zeros_like(chi2))
+            self._check_finite(second, x)
 
     def _check_running_var(self, stored: Tensor) -> None:
         """Raise ``FloatingPointError`` if the running variance about to be stored is not
@@ -812,7 +813,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
             f"{stored.dtype} can hold. {fix}; the layer's state is unchanged."
         )
 
-    def _plan(self, training: bool, tracking: bool) -> MABNPlan:
+    def _plan(self, training: bool, tracking: bool, x: Tensor | None = None) -> MABNPlan:
         running_var = self.running_var if tracking else None
         return MABNPlan(
             eps=self.eps,
@@ -828,7 +829,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
             r_min=self.r_min,
             r_max=self.r_max,
             process_group=self._sync_group(),
-            check_finite=self._check_chi2,
+            check_finite=functools.partial(self._check_chi2, x=x),
         )
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
@@ -837,7 +838,7 @@ class MovingAverageBatchNorm(BatchStatsNorm):
         # A statistics pass (PreciseBN, batch_stats_eval) normalizes each group by its own
         # E[x²], as eval mode without running statistics does, and changes no state.
         training = self.training and not self.statistics_pass
-        plan = self._plan(training, factor is not None)
+        plan = self._plan(training, factor is not None, x)
         if x.shape[0] == 0 and plan.process_group is None:
             self._undo_step(factor)
             return x.clone()

@@ -199,7 +199,7 @@ class SwitchableNorm(BatchStatsNorm):
     ) -> tuple[Tensor, Tensor]:
         """The mixed ``(μ, σ²)``, each ``(N, C)``, from x's instance moments (the one pass
         over x)."""
-        self._check_finite(instance)
+        self._check_finite(instance, x)
         n, c = instance.mean.shape
         per_sample = math.prod(x.shape[2:]) if n else 0  # from the shape: no device sync
         stats: dict[str, tuple[Tensor, Tensor]] = {}
