@@ -559,22 +559,6 @@ def _spread(case: Case) -> float:
 
 DEFECTS: list[Defect] = [
     Defect(
-        "overflow_blamed_on_nan",
-        "finite inputs whose float32 statistics overflow (|x| above ~1e18) are reported as "
-        "'the input to this layer contains NaN/Inf' (_base.BatchStatsNorm._check_finite, "
-        "MABN's _check_chi2: a finite sum of channels can overflow too, 'channel(s) []'); torch "
-        "BN gives a finite output",
-        lambda c: c.method in BATCH_STATS and overflow_zone(c, _x64(c)),
-        re.compile(r"blames NaN/Inf in a finite input"),
-        (
-            Case("brn", (1, 1, 2), f32, f32, False, True, 1e19, 0.0, 0, False),
-            Case("syncbn", (2, 4, 3, 3), f32, f32, False, True, 1e20, 0.0, 0, False),
-            Case("ghostbn", (3, 2, 2, 2), bf16, f32, True, True, 1e20, 0.0, 0, False),
-            Case("mabn", (1, 4, 1, 1, 1), f32, f32, False, True, 1e-18, 1e19, 1364, True),
-            Case("sn", (2, 3, 3, 1), f32, f32, False, False, 1e20, -10.0, 446, False),
-        ),
-    ),
-    Defect(
         "switchable_overflow_gives_bias",
         "SwitchableNorm in eval mode on a finite input whose layer/batch variance overflows "
         "float32 (|x| ~1e20): the mixed variance is Inf and the output is the bias alone, "
