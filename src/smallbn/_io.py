@@ -1,5 +1,6 @@
 """Atomic file writes: a reader, a crash or a SIGKILL never sees a partial file (results,
-checkpoints, recordings, figures); and an exclusive lock for read-modify-write updates.
+checkpoints, recordings, figures); an exclusive lock for read-modify-write updates; and a
+claim on a piece of work that concurrent processes must not do twice.
 Part of the core: imports only the standard library."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ try:
 except ImportError:  # not POSIX (Windows): no advisory locks, see exclusive_lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_write", "exclusive_lock"]
+__all__ = ["atomic_write", "claim", "exclusive_lock"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -58,3 +59,51 @@ def exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def claim(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Claim the piece of work that the lock file ``path`` stands for; yields whether this
+    process holds it.
+
+    With ``wait=False`` it yields ``False`` at once when another process holds the claim, so
+    the caller can do other work first; with ``wait=True`` it blocks until the claim is free.
+    The claim is an exclusive ``fcntl.flock``: the operating system releases it when its
+    holder dies, even by SIGKILL, so a waiting process takes over the work of a killed one.
+
+    The lock file is removed on release (while still held), so finished work leaves no
+    files behind.  A process that was waiting on the removed file finds, once it gets the
+    lock, that the path no longer names the file it locked, and claims the path afresh:
+    two processes never hold the same claim.
+
+    Where ``fcntl`` does not exist (Windows) every claim succeeds at once: concurrent
+    invocations are then not coordinated, as they were not before claims existed.
+    """
+    if fcntl is None:
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+b")  # closed on every path below
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            break
+        except BaseException:
+            handle.close()
+            raise
+        try:
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            try:
+                yield True
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                handle.close()
+            return
+        handle.close()  # its holder removed the file as it released it: claim the path anew
+    yield False

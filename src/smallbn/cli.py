@@ -4,30 +4,75 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 __all__ = ["main"]
 
 
+#: Seeds are 0 to 2**32 - 1: every job's RNGs take them (the comparison job's batch order
+#: seeds torch with 1,000,003 * seed + epoch, which must stay within 64 bits).
+_MAX_SEED = 2**32 - 1
+
+
+def _usage_error(args: argparse.Namespace, option: str, message: str) -> NoReturn:
+    """Exit as argparse does for a bad option (usage, ``argument OPTION: message``, code 2),
+    for what is found only after parsing: data too small, a folder that cannot be written."""
+    parser: argparse.ArgumentParser = args.parser
+    parser.error(f"argument {option}: {message}")
+
+
+def _check_output_dir(args: argparse.Namespace, option: str = "--output-dir") -> Path:
+    """The output folder, once a file could be written in it (or, where it does not exist
+    yet, in the folder it would be created in): a job must not train for minutes and then
+    lose its results to a folder it cannot write.  Creates nothing."""
+    path = Path(getattr(args, option.lstrip("-").replace("-", "_")))
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        _usage_error(
+            args, option, f"{path}: {existing} is not a folder; pick a folder you can write to"
+        )
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".smallbn-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        _usage_error(
+            args,
+            option,
+            f"{path}: cannot write in {existing} ({error.strerror or error}); pick a folder "
+            f"you can write to",
+        )
+    return path
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from smallbn.experiments.data import OptionError
     from smallbn.experiments.demo import format_table, run_demo
 
     torch.set_num_threads(args.threads)
-    rows = run_demo(
-        tuple(args.methods.split(",")),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        train_samples=args.train_samples,
-        eval_samples=args.eval_samples,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        seed=args.seed,
-    )
+    try:
+        rows = run_demo(
+            tuple(args.methods.split(",")),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            train_samples=args.train_samples,
+            eval_samples=args.eval_samples,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            seed=args.seed,
+        )
+    except OptionError as error:
+        _usage_error(args, error.option, str(error))
     title = (
         f"SmallResNet on {args.dataset}: {args.steps} SGD steps at batch {args.batch_size}, "
         f"test error on {args.eval_samples} test images (seed {args.seed})"
@@ -47,6 +92,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed from 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"need an integer from 0 to {_MAX_SEED}, got {text!r}")
+    return value
+
+
 def _batch_sizes(text: str) -> tuple[int, ...]:
     """``"2,32"`` → ``(2, 32)``: distinct positive sizes."""
     sizes = _int_list(text)
@@ -56,9 +112,11 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def _record(args: argparse.Namespace) -> int:
+    from smallbn.experiments.data import OptionError
     from smallbn.experiments.record import run_record
 
     torch.set_num_threads(args.threads)
+    output = _check_output_dir(args)
     try:
         print(
             run_record(
@@ -72,7 +130,7 @@ def _record(args: argparse.Namespace) -> int:
                 train_samples=args.train_samples,
                 dataset=args.dataset,
                 data_root=args.data_root,
-                output_dir=Path(args.output_dir),
+                output_dir=output,
                 file_format=args.format,
                 seed=args.seed,
             )
@@ -80,6 +138,8 @@ def _record(args: argparse.Namespace) -> int:
     except KeyError as error:
         print(f"smallbn record: {error.args[0]}", file=sys.stderr)
         return 2
+    except OptionError as error:
+        _usage_error(args, error.option, str(error))
     return 0
 
 
@@ -88,7 +148,9 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "record",
         help="record a norm layer's batch statistics while training at several batch sizes",
     )
-    record.add_argument("--steps", type=int, default=300)
+    record.add_argument(
+        "--steps", type=_count(2), default=300, help="training steps per batch size (at least 2)"
+    )
     record.add_argument(
         "--batch-sizes", type=_batch_sizes, default=(2, 32), help="comma-separated, e.g. 2,32"
     )
@@ -96,11 +158,11 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--layer", default="stages.0.bn2", help="module name of the norm layer to record"
     )
     record.add_argument(
-        "--channel", type=int, default=None, help="plot/summarize one channel (default: mean)"
+        "--channel", type=_count(0), default=None, help="plot/summarize one channel (default: mean)"
     )
     record.add_argument(
         "--window",
-        type=int,
+        type=_count(0),
         default=11,
         help="summary: std of the deviation from a centred moving average of this many "
         "iterations, which removes the drift from training (0: plain std over iterations)",
@@ -110,24 +172,26 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action="store_true",
         help="record g_B, Psi_B of the raw dL/dy instead of scaling it by the batch size",
     )
-    record.add_argument("--lr", type=float, default=0.02)
-    record.add_argument("--train-samples", type=int, default=6000)
+    record.add_argument("--lr", type=_positive_float, default=0.02)
+    record.add_argument("--train-samples", type=_count(1), default=6000)
     _add_data_arguments(record, "fashion-mnist")
     record.add_argument("--output-dir", default="runs/record")
     record.add_argument("--format", default="pt", choices=["pt", "npz"])
-    record.add_argument("--seed", type=int, default=0)
-    record.set_defaults(run=_record)
+    record.add_argument("--seed", type=_seed, default=0)
+    record.set_defaults(run=_record, parser=record)
 
 
 def _compare(args: argparse.Namespace) -> int:
     from smallbn.experiments.compare import (
         CheckpointError,
+        bind_data,
+        check_data,
         format_tables,
         preset_configs,
         run_sweep,
         setup_distributed,
     )
-    from smallbn.experiments.data import DatasetError
+    from smallbn.experiments.data import DatasetError, OptionError
 
     torch.set_num_threads(args.threads)
     device = setup_distributed(args.device)
@@ -149,7 +213,17 @@ def _compare(args: argparse.Namespace) -> int:
         )
     except ValueError as error:  # a combination of options that cannot run as labelled
         args.parser.error(str(error))
-    output = Path(args.output_dir)
+    output = _check_output_dir(args)
+    try:
+        # before any run is trained: a run whose data make no batch would fail only after
+        # the runs before it
+        configs = bind_data(configs, args.data_root)
+        check_data(configs)
+    except DatasetError as error:
+        print(f"smallbn compare: error: {error}", file=sys.stderr)
+        return 1
+    except OptionError as error:
+        _usage_error(args, error.option, str(error))
     try:
         rows = run_sweep(
             configs,
@@ -178,7 +252,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) ->
 
     parser.add_argument("--dataset", default=dataset, choices=list(DATASETS))
     parser.add_argument("--data-root", default=None, help="folder of --dataset (default: Debian's)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
 
 
 def _names(known: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
@@ -199,18 +273,26 @@ def _names(known: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,0"`` → ``(0, 1)``: a repeated seed would make the same run twice."""
-    return tuple(dict.fromkeys(_int_list(text)))
+    """``"0,1,0"`` → ``(0, 1)``: at least one seed, each from 0 to 2**32 - 1; a repeated
+    seed would make the same run twice.  An empty list is an error, not the preset's seeds:
+    the user asked for something, and it was not that."""
+    seeds = tuple(dict.fromkeys(_int_list(text)))
+    if not seeds or not all(0 <= seed <= _MAX_SEED for seed in seeds):
+        raise argparse.ArgumentTypeError(
+            f"need a comma-separated list of seeds from 0 to {_MAX_SEED} (e.g. 0,1,2), got {text!r}"
+        )
+    return seeds
 
 
 def _positive_float(text: str) -> float:
-    """An argparse type: a float above 0."""
+    """An argparse type: a finite float above 0 (a learning rate of 0 trains nothing, a
+    negative one is refused by the optimizer, NaN or inf make every weight NaN)."""
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"need a number above 0, got {text!r}")
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"need a finite number above 0, got {text!r}")
     return value
 
 
@@ -262,7 +344,9 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compare.add_argument("--seeds", type=_seeds, default=None, help="e.g. 0,1,2")
     compare.add_argument("--epochs", type=_positive_float, default=None)
     compare.add_argument("--train-samples", type=_count(1), default=None)
-    compare.add_argument("--lr", type=float, default=None)
+    compare.add_argument(
+        "--lr", type=_positive_float, default=None, help="peak learning rate (default 0.2)"
+    )
     compare.add_argument(
         "--mode",
         choices=["groups", "sgd"],
@@ -354,6 +438,7 @@ def _bench(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as error:
         print(f"smallbn bench {args.bench}: {error}", file=sys.stderr)
         return 2
+    output = _check_output_dir(args)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     report: Any
     if args.bench == "layers":
@@ -367,7 +452,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         report = run_network(args.methods, args.batch_size, settings, progress=progress)
     print(format_table(report))
-    json_path, md_path = write_report(report, Path(args.output_dir))
+    json_path, md_path = write_report(report, output)
     print(f"results: {json_path}  table: {md_path}")
     return 0
 
@@ -403,7 +488,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         )
         parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=_seed, default=0)
         parser.add_argument(
             "--no-finite-check",
             action="store_true",
@@ -413,7 +498,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         parser.add_argument(
             "--output-dir", default="runs/bench", help="where <layers|network>.json/.md go"
         )
-        parser.set_defaults(run=_bench)
+        parser.set_defaults(run=_bench, parser=parser)
     default_shapes = ",".join("x".join(map(str, s)) for s in DEFAULT_SHAPES)
     layers.add_argument(
         "--shapes",
@@ -438,13 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="convert a small ResNet to each method and train briefly"
     )
     demo.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--train-samples", type=int, default=6000)
-    demo.add_argument("--eval-samples", type=int, default=2000)
+    demo.add_argument("--steps", type=_count(1), default=300)
+    demo.add_argument("--batch-size", type=_count(1), default=8)
+    demo.add_argument("--train-samples", type=_count(1), default=6000)
+    demo.add_argument("--eval-samples", type=_count(1), default=2000)
     _add_data_arguments(demo, "fashion-mnist")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo)
+    demo.add_argument("--seed", type=_seed, default=0)
+    demo.set_defaults(run=_demo, parser=demo)
     _add_record_parser(commands)
     _add_compare_parser(commands)
     _add_bench_parser(commands)

@@ -3,8 +3,10 @@ and a 2-process torchrun (gloo) run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,8 +77,10 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_result_per_config(tmp_path
 
 def test_torn_last_line_is_ignored(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b", "err')
-    assert [row["key"] for row in compare.read_results(path)] == ["a"]
+    row = _row("bn", 2, "iid", 0, 0.5)
+    path.write_text(json.dumps(row) + "\n" + '{"key": "b", "err')
+    with pytest.warns(compare.ResultsWarning, match=r"results\.jsonl:2: not JSON"):
+        assert [row["key"] for row in compare.read_results(path)] == [row["key"]]
 
 
 def _row(method, b, composition, seed, error):
@@ -283,7 +287,7 @@ def test_a_failing_run_in_a_parallel_sweep_keeps_the_others_results(tmp_path):
 
 def _append_many(path: Path, name: str, count: int) -> None:
     for i in range(count):
-        compare._append_result(path, {"key": f"{name}-{i}"})
+        compare._append_result(path, {**_row("bn", 2, "iid", i, 0.5), "key": f"{name}-{i}"})
 
 
 def test_append_result_holds_a_lock_around_the_read_modify_write(tmp_path, monkeypatch):
@@ -345,3 +349,241 @@ def test_naive_pooling_is_cbn_without_compensation_at_every_batch(b, window):
     assert built["cbn"].window == built["naive"].window == window
     assert built["cbn"].burnin == built["naive"].burnin
     assert built["cbn"].compensate and not built["naive"].compensate
+
+
+# -- concurrent invocations (issue 18) ---------------------------------------------------------
+
+#: Two runs (correlated and iid), of 8 steps per epoch on 256 digits.
+PAIR = ["--methods", "bn", "--batch-sizes", "2"]
+
+
+def _keys(path: Path) -> list[str]:
+    """The keys of the rows in ``path``, read directly, duplicates included."""
+    if not path.exists():
+        return []
+    return [json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_two_invocations_started_together_train_each_run_once(tmp_path, jobs):
+    out = tmp_path / "out"
+    command = _cli(out, *PAIR, "--jobs", jobs)
+    processes = [
+        subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    errors = [process.communicate(timeout=300)[1].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    keys = _keys(out / "results.jsonl")  # the file itself, not read_results' view of it
+    assert len(keys) == len(set(keys)) == 2
+    cells = [line for line in (out / "results.md").read_text().splitlines() if "| bn |" in line]
+    assert cells and not [line for line in cells if "±" in line]  # one value per cell
+    assert not list((out / "checkpoints").iterdir())  # no checkpoint or claim left behind
+
+
+def test_an_invocation_killed_holding_a_run_leaves_it_to_the_other(tmp_path):
+    """A trains the first run; B, started beside it, trains the second and waits for the
+    first; A is killed (SIGKILL) while B waits; B takes the first run over from A's
+    checkpoint.  SIGSTOP holds A mid-run whatever the machine's speed."""
+    out = tmp_path / "out"
+    command = _cli(out, *PAIR, "--epochs", "30", "--checkpoint-every", "5", "--jobs", "1")
+    first = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    second = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "checkpoints").glob("*.pt")):
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        (held,) = list((out / "checkpoints").glob("*.pt"))
+        step = torch.load(held, weights_only=False)["step"]
+        log = tmp_path / "second.err"
+        with open(log, "wb") as err:
+            second = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 60  # (sooner if A was stopped holding the results' lock)
+        while time.time() < deadline and "waiting for run" not in log.read_text():
+            # B must not finish while A holds a run: it would have trained that run too
+            assert second.poll() is None, f"B ended while A held {held.stem}: {log.read_text()}"
+            time.sleep(0.05)
+        digests = [hashlib.sha1(k.encode()).hexdigest()[:12] for k in _keys(out / "results.jsonl")]
+        assert not [digest for digest in digests if held.stem.endswith(digest)]  # left to A
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert second.wait(timeout=300) == 0, log.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log.read_text()
+    assert f"waiting for run {held.stem}" in text
+    resumed = re.search(rf"resuming {re.escape(held.stem)} from its checkpoint at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) >= step > 0, text
+    keys = _keys(out / "results.jsonl")
+    assert len(keys) == len(set(keys)) == 2
+
+
+def test_a_claim_is_exclusive_and_leaves_no_file(tmp_path):
+    from smallbn._io import claim
+
+    pytest.importorskip("fcntl")
+    lock = tmp_path / "run.lock"
+    with claim(lock, wait=False) as mine:
+        # a second open file description conflicts as another process's would
+        with claim(lock, wait=False) as theirs:
+            assert mine and not theirs
+    assert not lock.exists()
+    with claim(lock, wait=False) as again:
+        assert again
+
+
+# -- damaged results (issue 18) ----------------------------------------------------------------
+
+
+def test_damaged_lines_are_moved_aside_with_their_line_numbers_and_the_job_carries_on(
+    tmp_path, monkeypatch
+):
+    configs = compare.preset_configs(
+        "smoke",
+        dataset="digits",
+        methods=("bn",),
+        batch_sizes=(2,),
+        compositions=("iid",),
+        seeds=(0, 1),
+    )
+    finished = {
+        **configs[0].identity(),
+        "key": configs[0].key,
+        "error_ema": 0.3,
+        "error_precise": 0.2,
+    }
+    damaged = [
+        '{"method": "bn", "error_ema": 0.1}',  # valid JSON, no key
+        "\x00\x01 garbage {",
+        "[1, 2, 3]",
+        json.dumps({**finished, "error_ema": 0.9}),  # a second row of the same run
+    ]
+    lines = [damaged[0], json.dumps(finished), damaged[1], damaged[2], damaged[3]]
+    path = tmp_path / "results.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    trained = []
+
+    def fake_run(config, dataset, checkpoint, **kwargs):
+        trained.append(config.key)
+        return {**config.identity(), "key": config.key, "error_ema": 0.5, "error_precise": 0.4}
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    monkeypatch.setattr(compare, "plot_results", lambda rows, path: path)
+    with pytest.warns(compare.ResultsWarning) as caught:
+        rows = compare.run_sweep(configs, tmp_path, progress=False)
+    messages = "\n".join(str(w.message) for w in caught)
+    for number in (1, 3, 4, 5):
+        assert f"{path}:{number}: " in messages
+    assert f"{path}:2: " not in messages
+    assert "1: no key, composition, norm_batch, seed, error_precise fields" in messages
+    assert "5: a second row for the run recorded at line 2" in messages
+    assert trained == [configs[1].key]  # the finished run was skipped, the other trained
+    assert sorted(row["key"] for row in rows) == sorted(c.key for c in configs)
+    assert _keys(path) == [configs[0].key, configs[1].key]
+    # nothing lost: every damaged line is kept verbatim
+    assert (tmp_path / "results.jsonl.damaged").read_text().splitlines() == damaged
+    assert "mean ± std over 2 seed(s)" in (tmp_path / "results.md").read_text()
+
+
+def test_reading_warns_about_a_damaged_line_in_the_middle(tmp_path):
+    path = tmp_path / "results.jsonl"
+    good = [_row("bn", 2, "iid", seed, 0.5) for seed in (0, 1)]
+    path.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n")
+    with pytest.warns(compare.ResultsWarning, match=rf"{path}:2: not JSON"):
+        assert [row["seed"] for row in compare.read_results(path)] == [0, 1]
+    with pytest.warns(compare.ResultsWarning, match=rf"{path}:2: .*moved verbatim"):
+        compare._append_result(path, _row("bn", 2, "iid", 2, 0.5))  # moved, not deleted
+    assert (tmp_path / "results.jsonl.damaged").read_text() == "{not json\n"
+    assert [row["seed"] for row in compare.read_results(path)] == [0, 1, 2]
+
+
+# -- checkpoints that do not fit their run (issue 18) ------------------------------------------
+
+TINY = {"dataset": "digits", "epochs": 1.0, "precise_samples": 32, "train_samples": 128}
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _interrupted_after_training(config, checkpoint, monkeypatch):
+    """Train ``config`` with a checkpoint every step and stop it as evaluation begins, as a
+    kill would: the checkpoint of its last saved step is left."""
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare, "evaluate", stop)
+        with pytest.raises(_Stopped):
+            compare.run_one(
+                config,
+                data.load_digits(),
+                checkpoint,
+                device=torch.device("cpu"),
+                checkpoint_every=1,
+                progress=False,
+            )
+    assert checkpoint.exists()
+
+
+def test_a_checkpoint_past_the_end_of_its_run_is_an_error(tmp_path, monkeypatch):
+    config = compare.RunConfig("bn", 2, "iid", 0, **TINY)
+    checkpoint = tmp_path / f"{config.tag}.pt"
+    _interrupted_after_training(config, checkpoint, monkeypatch)
+    state = torch.load(checkpoint, weights_only=False)
+    state["step"] = 1000
+    torch.save(state, checkpoint)
+    with pytest.raises(
+        compare.CheckpointError, match=f"{checkpoint}: .*step 1000.*delete the file"
+    ):
+        compare.run_one(config, data.load_digits(), checkpoint, device=torch.device("cpu"))
+
+
+def test_a_checkpoint_of_another_run_is_an_error(tmp_path, monkeypatch):
+    config = compare.RunConfig("bn", 2, "iid", 0, **TINY)
+    other = compare.RunConfig("bn", 2, "iid", 1, **TINY)  # the same model, another seed
+    checkpoint = tmp_path / f"{other.tag}.pt"
+    _interrupted_after_training(config, checkpoint, monkeypatch)
+    with pytest.raises(
+        compare.CheckpointError, match=f"{checkpoint}: .*another run: seed=0 .*delete the file"
+    ):
+        compare.run_one(other, data.load_digits(), checkpoint, device=torch.device("cpu"))
+
+
+def test_a_run_stopped_after_training_resumes_without_training_and_gives_the_same_row(
+    tmp_path, monkeypatch
+):
+    config = compare.RunConfig("bn", 2, "iid", 0, **TINY)
+    fresh = compare.run_one(
+        config,
+        data.load_digits(),
+        tmp_path / "fresh.pt",
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    checkpoint = tmp_path / f"{config.tag}.pt"
+    _interrupted_after_training(config, checkpoint, monkeypatch)
+    steps = []
+    loss = compare.F.cross_entropy
+    monkeypatch.setattr(
+        compare.F, "cross_entropy", lambda *a, **k: steps.append(1) or loss(*a, **k)
+    )
+    resumed = compare.run_one(
+        config, data.load_digits(), checkpoint, device=torch.device("cpu"), progress=False
+    )
+    assert not steps  # every step was done: nothing trained again
+    for field in ("steps", "error_ema", "error_precise", "final_loss"):
+        assert resumed[field] == fresh[field], field
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", 0.0), ("lr", float("nan")), ("epochs", -1.0)])
+def test_a_run_that_would_train_nothing_is_rejected(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number above 0"):
+        compare.RunConfig("bn", 2, "iid", 0, **{field: value}).check()

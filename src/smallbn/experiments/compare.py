@@ -14,9 +14,16 @@ error with the EMA running statistics and after PreciseBN, the training time and
   the RoIs of one image in a detection head.  A normalization group of b = 2 is then a single
   class, while BN over 32 samples mixes 16 such runs.
 * **Robustness.** Each finished run is appended atomically to ``results.jsonl``; a run in
-  progress checkpoints atomically every ``checkpoint_every`` steps.  Rerunning the same
-  command skips finished runs and resumes an interrupted one from its checkpoint: nothing
-  lost, nothing duplicated.
+  progress checkpoints atomically every ``checkpoint_every`` steps and when its training
+  ends.  Rerunning the same command skips finished runs and resumes an interrupted one from
+  its checkpoint: nothing lost, nothing duplicated.  A damaged line of ``results.jsonl`` is
+  moved, verbatim and with a warning naming its line, to ``results.jsonl.damaged``; a
+  checkpoint that does not fit its run is an error naming the file.
+* **Concurrency.** Several invocations of the same sweep (or of overlapping ones) on the
+  same output folder share the work: each run is claimed (``checkpoints/<tag>.lock``, an
+  ``flock`` the OS releases when its holder dies) before it is trained, a run claimed
+  elsewhere is left for last and then waited for, and it is trained, from its checkpoint,
+  only if it still has no row: one row per run, even when one of the invocations is killed.
 * **Scale-out.** Under ``torchrun`` every process trains its share of each SGD batch (whole
   groups) with DistributedDataParallel (gloo on CPU, NCCL on GPU); ``sync=True`` makes the
   norm layers pool statistics across processes.  Rank 0 writes the results.
@@ -24,6 +31,7 @@ error with the EMA running statistics and after PreciseBN, the training time and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -32,6 +40,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,16 +53,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from smallbn._io import atomic_write, exclusive_lock
+from smallbn._io import atomic_write, claim, exclusive_lock
 from smallbn.convert import bind_producers, uses_batch_stats
 from smallbn.experiments.data import (
     DEFAULT_FASHION_MNIST,
     Dataset,
+    OptionError,
     load_dataset,
     resolve_dataset,
 )
 from smallbn.experiments.models import SmallResNet
-from smallbn.experiments.sampling import COMPOSITIONS, batch_indices, steps_per_epoch
+from smallbn.experiments.sampling import (
+    COMPOSITIONS,
+    batch_indices,
+    samples_for_one_batch,
+    shortfall,
+    steps_per_epoch,
+)
 from smallbn.experiments.train import evaluate
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
@@ -63,8 +79,10 @@ __all__ = [
     "MODES",
     "PRESETS",
     "CheckpointError",
+    "ResultsWarning",
     "RunConfig",
     "bind_data",
+    "check_data",
     "format_tables",
     "plot_results",
     "preset_configs",
@@ -93,7 +111,12 @@ MODES = ("groups", "sgd")
 
 
 class CheckpointError(RuntimeError):
-    """A run's checkpoint cannot be resumed from (damaged, or from another version)."""
+    """A run's checkpoint cannot be resumed from: damaged, from another version, written for
+    another run, or past the end of this one."""
+
+
+class ResultsWarning(UserWarning):
+    """A line of ``results.jsonl`` cannot be used as a result and was set aside."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +168,8 @@ class RunConfig:
     def check(self) -> None:
         """Raise ValueError, stating the rule, if this run would not train what it is
         labelled as (a short group, a normalization batch other than ``norm_batch``, i.i.d.
-        batches labelled correlated, an SGD batch that does not split over the processes)."""
+        batches labelled correlated, an SGD batch that does not split over the processes, a
+        learning rate or a length that trains nothing)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}' (one of {', '.join(METHODS)})")
         if self.composition not in COMPOSITIONS:
@@ -157,6 +181,10 @@ class RunConfig:
         for name in ("norm_batch", "sgd_batch", "class_group", "train_samples", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "epochs"):  # 0 trains nothing; NaN or inf make every weight NaN
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number above 0, got {value!r}")
         b = self.norm_batch
         if self.mode == "groups" and self.sgd_batch % b:
             effect = (
@@ -315,6 +343,76 @@ def _save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
+def _checkpoint_path(output_dir: Path, config: RunConfig) -> Path:
+    return output_dir / "checkpoints" / f"{config.tag}.pt"
+
+
+def _differences(key: str, other: str) -> str:
+    """The fields in which two run keys differ, as ``field=theirs (this run: ours)``."""
+    try:
+        ours, theirs = json.loads(key), json.loads(other)
+    except (TypeError, json.JSONDecodeError):
+        return "an unreadable key"
+    if not isinstance(theirs, dict):
+        return "an unreadable key"
+    fields = sorted(set(ours) | set(theirs))
+    return ", ".join(
+        f"{field}={theirs.get(field)!r} (this run: {ours.get(field)!r})"
+        for field in fields
+        if ours.get(field) != theirs.get(field)
+    )
+
+
+def _resume(
+    checkpoint: Path,
+    config: RunConfig,
+    total: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[int, float, float]:
+    """Load ``checkpoint`` into ``model`` and ``optimizer``; returns (step, seconds, loss).
+
+    A checkpoint that does not fit its run raises :class:`CheckpointError` naming the file
+    and saying to delete it; it is never discarded nor worked around.  Resuming from it would
+    record a result trained for the wrong number of steps (a step past this run's end) or
+    from another run's weights (a file copied or renamed by hand), and discarding it would
+    silently throw away training the user may want back.  Checkpoints record the run
+    (``key``) and the number of steps (``total``) they were written for; older ones, without
+    those fields, are checked on their step alone.  A checkpoint at exactly ``total`` steps is
+    a finished training whose result was not recorded yet: resuming evaluates it, no step is
+    trained again.
+    """
+
+    def unusable(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"{checkpoint}: cannot resume {config.tag} from this checkpoint ({reason}); "
+            f"delete the file to restart that run from scratch"
+        )
+
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        step = state["step"]
+    except Exception as error:  # any failure to read it: the file is the problem
+        raise unusable(f"{type(error).__name__}: {error}") from error
+    if "key" in state and state["key"] != config.key:
+        raise unusable(f"it was written for another run: {_differences(config.key, state['key'])}")
+    if "total" in state and state["total"] != total:
+        raise unusable(
+            f"it was written for a run of {state['total']} steps and this run has {total}: "
+            f"the training data or the code changed since"
+        )
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+        raise unusable(f"it is at step {step!r}, outside this run's {total} steps")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return step, float(state["elapsed"]), float(state["loss"])
+    except Exception as error:  # any failure to resume: the file is the problem
+        raise unusable(f"{type(error).__name__}: {error}") from error
+
+
 def _rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -344,7 +442,12 @@ def run_one(
     checkpoint_every: int = 100,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and evaluate one config, resuming from ``checkpoint`` if it exists."""
+    """Train and evaluate one config, resuming from ``checkpoint`` if it exists.
+
+    Rank 0 checkpoints every ``checkpoint_every`` steps and when training ends, so a run
+    interrupted while it is evaluated resumes without training again.  A checkpoint that
+    does not fit the run raises :class:`CheckpointError` (see :func:`_resume`).
+    """
     rank, world = _rank()
     config.check()
     train_x, train_y = data.train_x[: config.train_samples], data.train_y[: config.train_samples]
@@ -366,18 +469,13 @@ def run_one(
     )
     start, elapsed, loss_value = 0, 0.0, float("nan")
     if checkpoint.exists():
-        try:
-            state = torch.load(checkpoint, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            start, elapsed, loss_value = state["step"], state["elapsed"], state["loss"]
-        except Exception as error:  # any failure to resume: the file is the problem
-            raise CheckpointError(
-                f"{checkpoint}: cannot resume {config.tag} from this checkpoint "
-                f"({type(error).__name__}: {error}); delete the file to restart that run "
-                f"from scratch"
-            ) from error
+        start, elapsed, loss_value = _resume(checkpoint, config, total, model, optimizer, device)
+        if rank == 0:
+            print(
+                f"resuming {config.tag} from its checkpoint at step {start} of {total}",
+                file=sys.stderr,
+                flush=True,
+            )
     trained: nn.Module = model
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
@@ -411,7 +509,7 @@ def run_one(
         optimizer.step()
         bar.update(1)
         done = step + 1
-        if rank == 0 and (done % checkpoint_every == 0 and done < total):
+        if rank == 0 and (done % checkpoint_every == 0 or done == total):
             loss_value = float(loss.detach())
             _save_checkpoint(
                 {
@@ -421,6 +519,8 @@ def run_one(
                     "step": done,
                     "elapsed": elapsed + time.perf_counter() - began,
                     "loss": loss_value,
+                    "key": config.key,
+                    "total": total,
                 },
                 checkpoint,
             )
@@ -457,29 +557,228 @@ def run_one(
 
 # -- results -----------------------------------------------------------------------------------
 
+#: What every row of ``results.jsonl`` needs, with its types: the run's identity (``key``,
+#: which makes a finished run skipped) and what the tables read.  A line without them is no
+#: result: skipping runs on it, or reporting it, would crash every later run.
+_ROW_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": (str,),
+    "method": (str,),
+    "composition": (str,),
+    "norm_batch": (int,),
+    "seed": (int,),
+    "error_ema": (int, float),
+    "error_precise": (int, float),
+}
+
+
+@dataclass(frozen=True)
+class _Damaged:
+    """A line of ``results.jsonl`` that is no result: its number (from 1), text and why."""
+
+    number: int
+    text: str
+    problem: str
+
+
+def _check_row(line: str) -> tuple[dict[str, Any] | None, str]:
+    """``(row, "")`` for a usable line, else ``(None, what is wrong with it)``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not JSON ({error.msg} at column {error.colno})"
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object"
+    missing = [field for field in _ROW_FIELDS if field not in row]
+    if missing:
+        return None, f"no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}"
+    wrong = [
+        f"{field}={row[field]!r}"
+        for field, types in _ROW_FIELDS.items()
+        if isinstance(row[field], bool) or not isinstance(row[field], types)
+    ]
+    if wrong:
+        return None, f"field{'s' if len(wrong) > 1 else ''} of the wrong type: {', '.join(wrong)}"
+    return row, ""
+
+
+def _parse_results(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[_Damaged]]:
+    """The usable rows of ``path`` with their lines verbatim, and the damaged lines: not
+    JSON, not an object, without the fields of :data:`_ROW_FIELDS`, or a second row of a
+    run already recorded (it would count as one more seed in the tables).  Blank lines hold
+    nothing and are neither."""
+    if not path.exists():
+        return [], []
+    # surrogateescape: bytes that are not UTF-8 survive to results.jsonl.damaged unchanged
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    damaged: list[_Damaged] = []
+    first: dict[str, int] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        row, problem = _check_row(line)
+        if row is not None and row["key"] in first:
+            problem = f"a second row for the run recorded at line {first[row['key']]}"
+            row = None
+        if row is None:
+            damaged.append(_Damaged(number, line, problem))
+            continue
+        first[row["key"]] = number
+        rows.append((line, row))
+    return rows, damaged
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(path.name + ".damaged")
+
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """The finished runs in ``results.jsonl`` (a torn last line from a crash is ignored)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The finished runs in ``results.jsonl``.
+
+    A damaged line (see :func:`_parse_results`) is skipped with a :class:`ResultsWarning`
+    naming the file and the line; the job moves it verbatim to ``results.jsonl.damaged`` at
+    its next write (:func:`_set_aside_damaged`), so it is never lost and never read as a
+    result.
+    """
+    rows, damaged = _parse_results(path)
+    for line in damaged:
+        warnings.warn(
+            f"{path}:{line.number}: {line.problem}; skipped (the comparison job moves it "
+            f"verbatim to {_aside(path)})",
+            ResultsWarning,
+            stacklevel=2,
+        )
+    return [row for _, row in rows]
+
+
+def _encode(lines: Iterable[str]) -> bytes:
+    return "".join(line + "\n" for line in lines).encode("utf-8", errors="surrogateescape")
+
+
+def _rewrite(path: Path, extra: Sequence[str] = ()) -> None:
+    """Rewrite ``path`` (the caller holds its lock) with its usable lines verbatim and
+    ``extra`` after them, first moving its damaged lines, verbatim, to the end of
+    ``<name>.damaged`` with a warning naming each.  Both files are written atomically, the
+    damaged lines first: a kill in between leaves them in both files (moved again, so
+    twice in the .damaged file, by the next rewrite), never in neither."""
+    rows, damaged = _parse_results(path)
+    if damaged:
+        aside = _aside(path)
+        previous = aside.read_bytes() if aside.exists() else b""
+        moved = _encode(line.text for line in damaged)
+        atomic_write(aside, lambda handle: handle.write(previous + moved))
+    if damaged or extra:
+        lines = [line for line, _ in rows] + list(extra)
+        atomic_write(path, lambda handle: handle.write(_encode(lines)))
+    for line in damaged:
+        warnings.warn(
+            f"{path}:{line.number}: {line.problem}; moved verbatim to {_aside(path)}",
+            ResultsWarning,
+            stacklevel=3,
+        )
+
+
+def _results_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    return exclusive_lock(path.with_name(path.name + ".lock"))
+
+
+def _set_aside_damaged(path: Path) -> None:
+    """Move the damaged lines of ``path`` to ``<name>.damaged`` (with a warning each), so
+    that what follows reads results only."""
+    if path.exists():
+        with _results_lock(path):
+            _rewrite(path)
 
 
 def _append_result(path: Path, row: dict[str, Any]) -> None:
     """Append one line atomically: the file is rewritten to a temporary and renamed, so a
     kill at any moment leaves either the old or the new file, never half a line.  The
     read-modify-write holds an exclusive lock on ``<name>.lock`` beside it, so concurrent
-    invocations writing the same results never drop each other's rows."""
-    with exclusive_lock(path.with_name(path.name + ".lock")):
-        lines = [json.dumps(r, sort_keys=True) for r in read_results(path)]
-        lines.append(json.dumps(row, sort_keys=True))
-        atomic_write(path, lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
+    invocations writing the same results never drop each other's rows; damaged lines found
+    on the way are moved to ``<name>.damaged``, never dropped."""
+    with _results_lock(path):
+        _rewrite(path, [json.dumps(row, sort_keys=True)])
+
+
+def _recorded(path: Path, key: str) -> bool:
+    """Whether ``path`` holds a row of the run ``key``."""
+    return any(row["key"] == key for row in read_results(path))
+
+
+# -- claims: one run, one process ---------------------------------------------------------------
+
+_HELD, _RUN, _DONE = 0, 1, 2
+#: Seconds between attempts to claim a run held elsewhere, under torchrun (see _attempt).
+_POLL_SECONDS = 1.0
+
+
+def _agree(value: int, device: torch.device) -> int:
+    """Rank 0's ``value`` on every process under torchrun, so that all ranks take the same
+    branch (they train each run together); ``value`` itself in a single process."""
+    rank, world = _rank()
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def _attempt(
+    config: RunConfig,
+    output_dir: Path,
+    train: Callable[[], dict[str, Any]],
+    *,
+    wait: bool,
+    device: torch.device,
+) -> bool:
+    """Claim ``config``'s run, train it with ``train`` unless ``results.jsonl`` already has
+    its row, record the row, and drop its checkpoint; ``False`` if another process holds the
+    claim (``wait=False``: the caller comes back to it once its other runs are done).
+
+    The claim (``checkpoints/<tag>.lock``, :func:`smallbn._io.claim`) is held until the row
+    is recorded, and the results are read again once it is held: so a run is trained by one
+    process at a time and recorded once, however many invocations share the folder.  When
+    the holder dies, even by SIGKILL, the OS releases the claim and a waiting process takes
+    the run over from its checkpoint.  Under torchrun rank 0 claims and writes and every rank
+    follows its decision; a wait is then a poll (every :data:`_POLL_SECONDS`), so that the
+    other ranks wait in short broadcasts rather than one that would time out.
+    """
+    rank, world = _rank()
+    results = output_dir / "results.jsonl"
+    checkpoint = _checkpoint_path(output_dir, config)
+    lock = checkpoint.with_suffix(".lock")
+    with contextlib.ExitStack() as held:
+        while True:
+            state = _HELD
+            if rank == 0:
+                attempt = contextlib.ExitStack()
+                if attempt.enter_context(claim(lock, wait=wait and world == 1)):
+                    held.enter_context(attempt)  # held until the row is recorded
+                    state = _DONE if _recorded(results, config.key) else _RUN
+                else:
+                    attempt.close()
+            state = _agree(state, device)
+            if state != _HELD or not wait:
+                break
+            time.sleep(_POLL_SECONDS)
+        if state == _HELD:
+            return False
+        if state == _RUN:
+            row = train()
+            if rank == 0:
+                _append_result(results, row)
+        if rank == 0:
+            checkpoint.unlink(missing_ok=True)
+    return True
+
+
+def _notice_waiting(config: RunConfig) -> None:
+    print(
+        f"waiting for run {config.tag}: another process is training it (its row is taken "
+        f"when it ends; if that process dies, this one resumes the run from its checkpoint)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -488,20 +787,24 @@ def _worker_dataset(name: str, root: str | None) -> Dataset:
     return load_dataset(name, root)
 
 
-def _worker_run(config: RunConfig, output_dir: Path, checkpoint_every: int) -> dict[str, Any]:
-    """One run in a worker process of a parallel sweep (one thread each)."""
+def _worker_run(config: RunConfig, output_dir: Path, checkpoint_every: int, wait: bool) -> bool:
+    """One run in a worker process of a parallel sweep (one thread each), claimed, trained
+    and recorded by the worker itself (:func:`_attempt`): the claim is then held until the
+    row is in the file, which it would not be if the worker returned the row for the main
+    process to write.  ``False``: another process holds the run."""
     torch.set_num_threads(1)
-    data = _worker_dataset(config.dataset, config.data_root)
-    checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
-    row = run_one(
-        config,
-        data,
-        checkpoint,
-        device=torch.device("cpu"),
-        checkpoint_every=checkpoint_every,
-        progress=False,
-    )
-    return row
+
+    def train() -> dict[str, Any]:
+        return run_one(
+            config,
+            _worker_dataset(config.dataset, config.data_root),
+            _checkpoint_path(output_dir, config),
+            device=torch.device("cpu"),
+            checkpoint_every=checkpoint_every,
+            progress=False,
+        )
+
+    return _attempt(config, output_dir, train, wait=wait, device=torch.device("cpu"))
 
 
 def _die_with_parent() -> None:
@@ -522,10 +825,12 @@ def _run_parallel(
     checkpoint_every: int,
     progress: bool,
 ) -> None:
-    """Run ``todo`` in ``jobs`` worker processes, recording each result as it completes.
+    """Run ``todo`` in ``jobs`` worker processes, each recording its result as it completes.
 
-    When a run fails, the runs not yet started are cancelled, those in progress finish and
-    are recorded (their work is not thrown away), and then the first failure is raised.
+    A run that another process holds is submitted again, to wait for its claim, behind the
+    runs submitted first.  When a run fails, the runs not yet started are cancelled, those in
+    progress finish and are recorded (their work is not thrown away), and then the first
+    failure is raised.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -535,20 +840,25 @@ def _run_parallel(
     first_error: BaseException | None = None
     bar = tqdm(total=len(todo), desc="runs", disable=not progress)
     try:
-        futures: dict[Future[dict[str, Any]], RunConfig] = {
-            pool.submit(_worker_run, c, output_dir, checkpoint_every): c for c in todo
+        futures: dict[Future[bool], RunConfig] = {
+            pool.submit(_worker_run, c, output_dir, checkpoint_every, False): c for c in todo
         }
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                bar.update(1)
                 config = futures[future]
                 error = future.exception()
                 if error is None:
-                    _append_result(output_dir / "results.jsonl", future.result())
-                    (output_dir / "checkpoints" / f"{config.tag}.pt").unlink(missing_ok=True)
+                    if future.result():
+                        bar.update(1)
+                    elif first_error is None:  # held elsewhere: wait for it after the others
+                        _notice_waiting(config)
+                        again = pool.submit(_worker_run, config, output_dir, checkpoint_every, True)
+                        futures[again] = config
+                        pending.add(again)
                     continue
+                bar.update(1)
                 if first_error is None:
                     first_error = error
                     error.add_note(
@@ -567,6 +877,48 @@ def _run_parallel(
         pool.shutdown(wait=True, cancel_futures=True)
     if first_error is not None:
         raise first_error
+
+
+def _run_serial(
+    todo: Sequence[RunConfig],
+    output_dir: Path,
+    device: torch.device,
+    checkpoint_every: int,
+    progress: bool,
+) -> None:
+    """Run ``todo`` in this process (every rank under torchrun), the runs that another
+    process holds last, each once its claim is free (:func:`_attempt`)."""
+    rank, world = _rank()
+    datasets: dict[tuple[str, str | None], Dataset] = {}
+
+    def trainer(config: RunConfig) -> Callable[[], dict[str, Any]]:
+        def train() -> dict[str, Any]:
+            source = (config.dataset, config.data_root)
+            if source not in datasets:
+                datasets[source] = load_dataset(*source)
+            return run_one(
+                config,
+                datasets[source],
+                _checkpoint_path(output_dir, config),
+                device=device,
+                checkpoint_every=checkpoint_every,
+                progress=progress,
+            )
+
+        return train
+
+    deferred = []
+    for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
+        if not _attempt(config, output_dir, trainer(config), wait=False, device=device):
+            deferred.append(config)
+        if world > 1:
+            dist.barrier()
+    for config in deferred:
+        if rank == 0:
+            _notice_waiting(config)
+        _attempt(config, output_dir, trainer(config), wait=True, device=device)
+        if world > 1:
+            dist.barrier()
 
 
 def bind_data(configs: Sequence[RunConfig], root: str | Path | None) -> list[RunConfig]:
@@ -607,7 +959,9 @@ def run_sweep(
 
     ``jobs > 1`` runs that many configs at once in worker processes of one thread each (CPU,
     single process only): on small CPUs this beats several threads per run, whose small
-    per-layer operations parallelize poorly.  Returns the result rows of ``configs``.
+    per-layer operations parallelize poorly.  Invocations sharing ``output_dir`` share the
+    work, each run trained once (:func:`_attempt`).  Returns the result rows of ``configs``,
+    which, when it returns, include those that other invocations trained.
     """
     device = torch.device(device)
     rank, world = _rank()
@@ -619,37 +973,75 @@ def run_sweep(
     for config in configs:  # a repeated config would race itself on one checkpoint
         unique.setdefault(config.key, config)
     configs = list(unique.values())
-    done = {row["key"] for row in read_results(results_path)}
-    todo = [c for c in configs if c.key not in done]
-    datasets: dict[tuple[str, str | None], Dataset] = {}
+    if rank == 0:
+        _set_aside_damaged(results_path)  # warned about once, here, and never read as rows
+    if world == 1:
+        done = {row["key"] for row in read_results(results_path)}
+        todo = [c for c in configs if c.key not in done]
+    else:  # rank 0 decides for every run: the ranks may read the file as another writes it
+        todo = configs
     if jobs > 1 and world == 1 and device.type == "cpu" and todo:
         _run_parallel(todo, output_dir, jobs, checkpoint_every, progress)
-        todo = []
-    for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
-        source = (config.dataset, config.data_root)
-        if source not in datasets:
-            datasets[source] = load_dataset(*source)
-        checkpoint = output_dir / "checkpoints" / f"{config.tag}.pt"
-        row = run_one(
-            config,
-            datasets[source],
-            checkpoint,
-            device=device,
-            checkpoint_every=checkpoint_every,
-            progress=progress,
-        )
-        if rank == 0:
-            _append_result(results_path, row)
-            checkpoint.unlink(missing_ok=True)
-        if world > 1:
-            dist.barrier()
+    else:
+        _run_serial(todo, output_dir, device, checkpoint_every, progress)
+    if world > 1:
+        dist.barrier()  # rank 0 has written every row before any rank reads them
     keys = {c.key for c in configs}
     rows = [row for row in read_results(results_path) if row["key"] in keys]
     if rank == 0 and rows:
         tables = format_tables(rows)
-        (output_dir / "results.md").write_text(tables + "\n")
+        atomic_write(output_dir / "results.md", lambda handle: handle.write(f"{tables}\n".encode()))
         plot_results(rows, output_dir / "error_vs_batch.png")
     return rows
+
+
+def check_data(configs: Sequence[RunConfig]) -> None:
+    """Raise :class:`OptionError` naming ``--train-samples`` if the training data of a run
+    (``configs`` as :func:`bind_data` returns them) make no batch: such a run would fail
+    only once the runs before it are trained.  Reads each dataset once, and keeps none.
+
+    The rule is that of :func:`smallbn.experiments.sampling.shortfall`: an i.i.d. batch
+    needs as many samples as the batch, a correlated one whole runs of ``class_group``
+    samples of one class, so each class's leftover samples do not count.
+    """
+    sources: dict[tuple[str, str | None], list[RunConfig]] = {}
+    for config in configs:
+        sources.setdefault((config.dataset, config.data_root), []).append(config)
+    for source, group in sources.items():
+        data = load_dataset(*source)
+        seen = set()
+        for config in group:
+            case = (config.train_samples, config.batch, config.class_group, config.composition)
+            if case in seen:
+                continue
+            seen.add(case)
+            problem = shortfall(
+                data.train_y,
+                config.train_samples,
+                config.batch,
+                config.class_group,
+                config.composition,
+            )
+            if problem:
+                raise OptionError("--train-samples", _no_batch(problem, config, data))
+
+
+def _no_batch(problem: str, config: RunConfig, data: Dataset) -> str:
+    """The message for a run whose training samples make no batch, with every fix: the
+    least ``--train-samples`` that makes one, and the options that change the batch."""
+    fixes = []
+    if config.composition == "correlated":
+        fixes.append("--compositions iid")
+    if config.mode == "sgd":
+        fixes.append("smaller --batch-sizes")
+    least = samples_for_one_batch(
+        data.train_y, config.batch, config.class_group, config.composition
+    )
+    if least is not None:
+        fixes.append(f"--train-samples {least} or more (the least that makes one batch)")
+    else:
+        fixes.append(f"more training data than {data.name}, all of which makes no such batch")
+    return f"{problem}, of {data.name} (run {config.tag}); pass {', or '.join(fixes)}"
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "DATASETS",
+    "OptionError",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -81,6 +82,20 @@ _IDX_DTYPES: dict[int, str | type] = {
 
 class DatasetError(RuntimeError):
     """A dataset is missing, corrupt or not in the expected format."""
+
+
+class OptionError(ValueError):
+    """A job's option whose value cannot run, found once the data or the model is known
+    (too few training samples for a batch, a channel the layer does not have).  Jobs raise it
+    before training anything; the command line reports it as a usage error of ``option``."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(option, message)  # both in args: it pickles (worker processes)
+        self.option = option
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from smallbn.convert import convert
-from smallbn.experiments.data import load_dataset
+from smallbn.experiments.data import OptionError, load_dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.train import batches, evaluate, train_steps
 
@@ -51,10 +51,19 @@ def run_demo(
     data_root: str | None = None,
     seed: int = 0,
 ) -> list[DemoRow]:
-    """Train a copy of one BN ResNet per method; returns one row per method."""
+    """Train a copy of one BN ResNet per method; returns one row per method.  Raises
+    :class:`OptionError` before training when the batch is larger than the training
+    samples."""
     torch.manual_seed(seed)
     data = load_dataset(dataset, data_root)
     train_x, train_y = data.train_x[:train_samples], data.train_y[:train_samples]
+    if batch_size > len(train_x):
+        raise OptionError(
+            "--train-samples",
+            f"batch size {batch_size} exceeds the {len(train_x)} training samples"
+            + (f" (all {data.name} has)" if len(train_x) < train_samples else "")
+            + f"; pass --train-samples {batch_size} or more, or a smaller --batch-size",
+        )
     test_x, test_y = data.test_x[:eval_samples], data.test_y[:eval_samples]
     base = SmallResNet(data.num_classes, data.in_channels)
     rows = []

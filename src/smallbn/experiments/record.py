@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from smallbn.experiments.data import load_dataset
+from smallbn.experiments.data import OptionError, load_dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.train import batches, train_steps
 from smallbn.recorder import (
@@ -21,6 +21,19 @@ from smallbn.recorder import (
 )
 
 __all__ = ["run_record"]
+
+
+def _check_channel(model: torch.nn.Module, layer: str, channel: int | None) -> None:
+    """:class:`OptionError` if ``channel`` is not a channel of ``layer`` (known before any
+    step is trained, where the recorder would find out at the first one)."""
+    module = dict(model.named_modules()).get(layer)
+    channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    if channel is not None and isinstance(channels, int) and not 0 <= channel < channels:
+        raise OptionError(
+            "--channel",
+            f"{channel} is not a channel of {layer}, which has {channels}: pass 0 to "
+            f"{channels - 1}, or leave --channel out for the mean over channels",
+        )
 
 
 def run_record(
@@ -40,9 +53,33 @@ def run_record(
     seed: int = 0,
 ) -> str:
     """Run the recordings, write them and the figure to ``output_dir``; returns the
-    fluctuation table (Markdown).  Raises KeyError for an unknown ``layer``."""
+    fluctuation table (Markdown).  Raises KeyError for an unknown ``layer``, and
+    :class:`OptionError` before training when the options cannot give a table of numbers:
+    too few steps for the fluctuation (NaN), a channel the layer does not have, a batch
+    larger than the training samples."""
+    minimum = window + 1 if window > 1 else 2
+    if steps < minimum:
+        reason = (
+            f"the deviation from a centred {window}-iteration moving average needs "
+            f"{minimum} iterations (--window {window} + 1)"
+            if window > 1
+            else "a standard deviation over iterations needs 2"
+        )
+        raise OptionError(
+            "--steps",
+            f"{steps} step(s) give no fluctuation, as {reason}; pass --steps {minimum} or more"
+            + (" or a smaller --window (0: no moving average)" if window > 1 else ""),
+        )
     data = load_dataset(dataset, data_root)
     train_x, train_y = data.train_x[:train_samples], data.train_y[:train_samples]
+    if max(batch_sizes) > len(train_x):
+        raise OptionError(
+            "--train-samples",
+            f"batch size {max(batch_sizes)} exceeds the {len(train_x)} training samples"
+            + (f" (all {data.name} has)" if len(train_x) < train_samples else "")
+            + f"; pass --train-samples {max(batch_sizes)} or more, or smaller --batch-sizes",
+        )
+    _check_channel(SmallResNet(data.num_classes, data.in_channels), layer, channel)
     records: dict[str, Recording] = {}
     for size in batch_sizes:
         # Same seed for every run: identical initial weights and the same shuffling stream,

@@ -14,7 +14,13 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["COMPOSITIONS", "batch_indices", "steps_per_epoch"]
+__all__ = [
+    "COMPOSITIONS",
+    "batch_indices",
+    "samples_for_one_batch",
+    "shortfall",
+    "steps_per_epoch",
+]
 
 COMPOSITIONS = ("iid", "correlated")
 
@@ -50,6 +56,58 @@ def steps_per_epoch(labels: Tensor, batch_size: int, group_size: int, compositio
     return len(_epoch_order(labels, batch_size, group_size, composition, 0, 0)) // batch_size
 
 
+def _usable(labels: Tensor, group_size: int, composition: str) -> int:
+    """How many of ``labels`` an epoch can put in batches (before whole batches are cut):
+    all of them i.i.d.; in correlated batches whole runs of ``group_size`` samples of one
+    class, so the ``n % group_size`` leftover samples of each class do not count."""
+    if composition != "correlated" or len(labels) == 0:
+        return len(labels)
+    counts = torch.bincount(labels)
+    return int((counts - counts % group_size).sum())
+
+
+def shortfall(
+    labels: Tensor, train_samples: int, batch_size: int, group_size: int, composition: str
+) -> str:
+    """Why the first ``train_samples`` of ``labels`` make no batch of ``batch_size``, or
+    ``""`` when they make one (:func:`steps_per_epoch` is then at least 1)."""
+    used = labels[:train_samples]
+    count = (
+        f"the {len(used)} training samples"
+        if len(used) == train_samples
+        else f"the {len(used)} training samples (all there are, of the {train_samples} asked for)"
+    )
+    usable = _usable(used, group_size, composition)
+    if usable >= batch_size:
+        return ""
+    if composition != "correlated":
+        return f"batch size {batch_size} exceeds {count}"
+    return (
+        f"a correlated batch of {batch_size} is {batch_size // group_size} runs of "
+        f"{group_size} samples of one class, and {count} hold only {usable // group_size} "
+        f"such runs ({usable} samples: the samples a class has beyond its last whole run of "
+        f"{group_size} are left out)"
+    )
+
+
+def samples_for_one_batch(
+    labels: Tensor, batch_size: int, group_size: int, composition: str
+) -> int | None:
+    """The least ``train_samples`` whose first samples of ``labels`` make one batch, or None
+    when all of ``labels`` make none."""
+    if composition != "correlated":
+        return batch_size if len(labels) >= batch_size else None
+    counts: dict[int, int] = {}
+    usable = 0
+    for number, label in enumerate(labels.tolist(), 1):
+        counts[label] = counts.get(label, 0) + 1
+        if counts[label] % group_size == 0:
+            usable += group_size
+            if usable >= batch_size:
+                return number
+    return None
+
+
 def batch_indices(
     labels: Tensor,
     batch_size: int,
@@ -69,7 +127,7 @@ def batch_indices(
         )
     per_epoch = steps_per_epoch(labels, batch_size, group_size, composition)
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} exceeds the {len(labels)} training samples")
+        raise ValueError(shortfall(labels, len(labels), batch_size, group_size, composition))
     epoch, step = divmod(start_step, per_epoch)
     while True:
         order = _epoch_order(labels, batch_size, group_size, composition, seed, epoch)
