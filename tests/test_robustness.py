@@ -29,10 +29,8 @@ Cross-iteration methods (cbn, mabn) are checked on their first training step (em
 warm-up: plain BN, and ``γ x/sqrt(E[x²] + eps) + β``); their later steps are SPEC's and
 tested in tests/layers.
 
-Known defects of other modules (being fixed by their owners) are listed in ``DEFECTS``: a
-property case that fails exactly as a listed defect predicts is let through, and each defect
-has a strict-xfail reproduction (``test_known_defect``) that turns red once it is fixed, so the
-entry can be removed.
+Defects the property test found are fixed; the cases that showed them run on every test run
+(``REGRESSIONS``, ``test_fixed_defect_stays_fixed``).
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -523,137 +520,54 @@ def check_numbers(
         compare(f"{name} gradient", outcome.grads.get(name), leaf.grad, scale)
 
 
-# -- known defects of other modules --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Defect:
-    """A defect of a module this suite does not own: the cases it affects, how its failure
-    reads, and reproductions that fail while it is there."""
-
-    name: str
-    reason: str
-    applies: Callable[[Case], bool]
-    signature: re.Pattern
-    examples: tuple[Case, ...]
+# -- regressions: defects the property test found, fixed ----------------------------------------
 
 
 f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-HALF = (bf16, f16)
-#: Methods built on BatchStatsNorm's checks (torch's BN, FrozenBN and the group norms are not).
-BATCH_STATS = ("brn", "cbn", "domainbn", "ghostbn", "mabn", "sn", "syncbn")
-NUMBERS = re.compile(r"differs from the float64 reference|is not finite")
 
-
-def _x64(case: Case) -> Tensor:
-    return make_input(case).double()
-
-
-def _spread(case: Case) -> float:
-    """The largest standard deviation of a channel, or of the whole input (SN's layer
-    branch)."""
-    x = _x64(case)
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-    return max(float(flat.std(1, correction=0).max()), float(x.std(correction=0)))
-
-
-DEFECTS: list[Defect] = [
-    Defect(
-        "switchable_overflow_gives_bias",
+#: Each entry: a defect the property test found (what went wrong), and the cases that showed
+#: it; they run as ordinary cases of :func:`check_case`, so the defect cannot come back.
+REGRESSIONS: dict[str, tuple[str, tuple[Case, ...]]] = {
+    "switchable_overflow_gives_bias": (
         "SwitchableNorm in eval mode on a finite input whose layer/batch variance overflows "
-        "float32 (|x| ~1e20): the mixed variance is Inf and the output is the bias alone, "
-        "finite and wrong, without an error",
-        lambda c: c.method == "sn" and overflow_zone(c, _x64(c)),
-        NUMBERS,
+        "float32 (|x| ~1e20): the mixed variance was Inf and the output the bias alone",
         (Case("sn", (1, 3), f32, f32, False, False, 1e20, 0.0, 59269, False),),
     ),
-    Defect(
-        "half_precision_fold",
-        "with float16/bfloat16 running statistics (a model.half()/.to(bfloat16) module), the "
-        "eval-mode normalization (stats.normalize, normalize_with_population with gradients, "
-        "affine_from_moments) folds μ and 1/sqrt(σ² + eps) into scale and shift in that dtype: "
-        "the output is off by u·|μ|/σ·γ (0.44 at x = μ, σ = 0 in bfloat16, where torch BN "
-        "gives β exactly) and a float16 shift above 65504 gives Inf",
-        lambda c: (
-            c.param_dtype in HALF
-            and (c.method in BATCH_STATS or c.method == "frozenbn")
-            and (not c.training or c.method == "frozenbn")
-        ),
-        NUMBERS,
+    "half_precision_fold": (
+        "float16/bfloat16 running statistics were folded into scale and shift in their own "
+        "dtype (0.44 off at x = mu, sigma = 0 in bfloat16; Inf for a float16 shift > 65504)",
         (
             Case("frozenbn", (1, 3, 1), bf16, bf16, False, False, 1e9, 1e-11, 37424, True),
             Case("syncbn", (1, 2, 3), f16, f16, False, False, 0.1, -1000.0, 47198, True),
             Case("brn", (3, 2, 1, 1), bf16, bf16, True, False, 1e14, 1e19, 20417, True),
         ),
     ),
-    Defect(
-        "sample_stats_backward_underflow",
-        "the backward of per-sample-statistics normalization (stats._SampleStatsNormalize: "
-        "Ghost BN, SN, DomainBN) forms -0.5·γ·inv_std**3·D in float32: inv_std**3 underflows "
-        "for σ above ~1e13 and the input gradient is wrong (20% at σ = 1e15, finite)",
-        lambda c: (
-            c.method in ("ghostbn", "sn", "domainbn")
-            and not c.dtype == c.param_dtype == f64
-            and _spread(c) > 1e11
-        ),
-        re.compile(r"input gradient (differs|is not finite)"),
+    "sample_stats_backward_underflow": (
+        "the per-sample-statistics backward (Ghost BN, SN, DomainBN) formed inv_std**3, which "
+        "underflows float32 for sigma above ~1e13 (input gradient 20% off at 1e15)",
         (
             Case("ghostbn", (2, 1, 1, 1, 1), f32, f32, False, True, 1e15, 0.0, 19684, True),
             Case("sn", (3, 2), f32, f32, False, True, 1e16, 0.0, 25443, True),
             Case("domainbn", (3, 2, 2, 2), f32, f32, False, True, 1e16, 0.0, 1, True),
         ),
     ),
-    Defect(
-        "switchable_eval_mixed_dtype",
-        "SwitchableNorm in eval mode where only the BN branch is usable (one value per sample) "
-        "and the layer's dtype is not the statistics dtype of the input (float64 input into a "
-        "float32 layer; a float16/bfloat16 module): the mixed mean has the running statistics' "
-        "dtype and the backward hands torch's batch-norm kernel mixed dtypes (RuntimeError "
-        "'mixed dtype (CPU)', without the layer's name)",
-        lambda c: (
-            c.method == "sn"
-            and not c.training
-            and c.param_dtype != (f64 if c.dtype == f64 else f32)
-            and c.values_per_sample * c.shape[1] <= 1
-        ),
-        re.compile(r"mixed dtype"),
+    "switchable_eval_mixed_dtype": (
+        "SN in eval with only the BN branch usable and running statistics in another dtype "
+        "than the input's statistics: torch's 'mixed dtype (CPU)' without the layer's name",
         (
             Case("sn", (2, 1, 1), f64, f32, False, False, 0.1, 0.0, 18262, True),
             Case("sn", (3, 1, 1), f16, f16, False, False, 1e-15, 0.0, 47836, True),
         ),
     ),
-    Defect(
-        "switchable_half_mixture",
-        "SwitchableNorm with float16/bfloat16 parameters mixes in that dtype: the softmax "
-        "weights do not sum to 1 (μ misses by |μ|·2^-11, amplified by 1/σ: a constant input of "
-        "3000 gives 231.6 instead of β) and the logits' gradient Σ ∂L/∂μ·μ_k overflows float16 "
-        "before the softmax backward (NaN, no error)",
-        lambda c: c.method == "sn" and c.param_dtype in HALF,
-        NUMBERS,
+    "switchable_half_mixture": (
+        "SN with float16/bfloat16 logits mixed in that dtype: weights not summing to 1 (231.6 "
+        "for beta on a constant 3000) and a NaN logits gradient without an error",
         (
             Case("sn", (2, 3, 1, 1, 1), f16, f16, True, True, 0.1, -10000.0, 7048, True),
             Case("sn", (1, 4, 2, 1), bf16, bf16, True, True, 1e-19, 1e5, 10658, True),
         ),
     ),
-]
-
-
-def known_defect(case: Case, failure: str) -> Defect | None:
-    for defect in DEFECTS:
-        if defect.applies(case) and defect.signature.search(failure):
-            return defect
-    return None
-
-
-def check_property(case: Case) -> None:
-    try:
-        check_case(case)
-    except AssertionError as failure:
-        defect = known_defect(case, str(failure))
-        if defect is None:
-            raise
-        note(f"known defect: {defect.name}")
-        event(f"known defect: {defect.name}")
+}
 
 
 # -- tests ---------------------------------------------------------------------------------------
@@ -663,25 +577,20 @@ def check_property(case: Case) -> None:
 @ROBUST
 @given(data=st.data())
 def test_no_silent_wrong_results(method: str, data) -> None:
-    check_property(data.draw(cases(method), label="case"))
+    check_case(data.draw(cases(method), label="case"))
 
 
 @pytest.mark.parametrize(
-    "defect, case",
+    "case",
     [
-        pytest.param(
-            d,
-            c,
-            marks=pytest.mark.xfail(strict=True, reason=f"defect: {d.reason}"),
-            id=f"{d.name}-{i}",
-        )
-        for d in DEFECTS
-        for i, c in enumerate(d.examples)
+        pytest.param(case, id=f"{name}-{i}")
+        for name, (_, examples) in REGRESSIONS.items()
+        for i, case in enumerate(examples)
     ],
 )
-def test_known_defect(defect: Defect, case: Case) -> None:
-    """Each listed defect, reproduced; XPASS (strict: a failure) means it was fixed: remove
-    its ``DEFECTS`` entry so that the property test covers those cases again."""
+def test_fixed_defect_stays_fixed(case: Case) -> None:
+    """Each case that showed a defect found by the property test (``REGRESSIONS`` says
+    which) now passes it."""
     check_case(case)
 
 

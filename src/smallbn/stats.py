@@ -317,7 +317,12 @@ def normalize(
     torch's BN kernels do.  Half-precision inputs are normalized in float32 and rounded once
     at the end: rounding μ to bfloat16 first would cost ``2⁻⁹·|μ|/σ`` of accuracy.
     """
-    scale, shift = affine_from_moments(mean, torch.rsqrt(var + eps), weight, bias)
+    # The statistics in float32 at least: half-precision running statistics combined in
+    # their own dtype lose the output (bfloat16: μ = 1.2344, σ² = 0 gave 0.0625 for 0.5).
+    dtype = stats_dtype(torch.promote_types(mean.dtype, var.dtype))
+    scale, shift = affine_from_moments(
+        mean.to(dtype), torch.rsqrt(var.to(dtype) + eps), weight, bias
+    )
     return apply_affine(x, scale, shift)
 
 
@@ -364,6 +369,8 @@ def sample_grad_sums(grad: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Ten
     where that reshape would copy x and g) ``Σ g x − μ Σ g``.
     """
     n, c = x.shape[:2]
+    if x.dim() == 2:  # one value per sample and channel (sum over no dims: sum(dim=[]) is all)
+        return grad * (x - mean), grad
     if x.is_contiguous() and grad.is_contiguous():
         rows = (1, n * c, -1)
         _, centred, total = torch.ops.aten.native_batch_norm_backward.default(
@@ -415,14 +422,18 @@ class _SampleStatsNormalize(torch.autograd.Function):
         detached = sample_moments(compute)  # forward runs without grad: plain tensors
         inst_mean, per_sample = detached.mean, x[0, 0].numel()
         with torch.enable_grad():
-            leaves = (inst_mean.requires_grad_(), detached.var.requires_grad_())
+            # detach(): for (N, C) inputs the instance mean is x itself, which must not
+            # become a leaf that requires grad
+            leaves = (inst_mean.detach().requires_grad_(), detached.var.detach().requires_grad_())
             instance = Moments(detached.count, *leaves)
             mean, var, weight, bias = statistics(instance)
         ctx.graph = leaves, (mean, var, weight, bias), [p for p in params if p.requires_grad]
         ctx.param_needs = [p.requires_grad for p in params]
         ctx.per_sample = per_sample
         # The affine map needs no graph: backward differentiates (mean, var, weight, bias).
-        mean, var = mean.detach(), var.detach()
+        # In the compute dtype: statistics may arrive in the running buffers' dtype (SN in
+        # eval: float16 buffers, or float32 ones for a float64 input).
+        mean, var = mean.detach().to(compute.dtype), var.detach().to(compute.dtype)
         inv_std = torch.rsqrt(var + eps)
         gamma = inv_std.new_ones(()) if weight is None else weight.detach().to(inv_std.dtype)
         scale, shift = affine_from_moments(mean, inv_std, gamma, bias)
@@ -441,7 +452,9 @@ class _SampleStatsNormalize(torch.autograd.Function):
         mean = mean.expand(n, c)
         centred, total = sample_grad_sums(grad, compute, mean)
         grad_mean = -scale * total
-        grad_var = -0.5 * gamma * inv_std.pow(3) * centred
+        # -½ γ s³ D, multiplied in an order that keeps every factor in range: s³ alone
+        # underflows float32 once σ exceeds ~1e13 (a silently zero variance gradient).
+        grad_var = (centred * inv_std) * inv_std * (inv_std * (-0.5 * gamma))
         outputs, grads = [out_mean, out_var], [grad_mean, grad_var]
         for out, g in ((weight, inv_std * centred), (bias, total)):
             if out is not None and out.requires_grad:
@@ -450,7 +463,11 @@ class _SampleStatsNormalize(torch.autograd.Function):
         inputs = [leaf_mean, leaf_var, *params]
         # Statistics that are constants (eval-mode running statistics with a frozen mixture)
         # have no graph: they pass no gradient on, and autograd.grad refuses them.
-        live = [(out, g) for out, g in zip(outputs, grads, strict=True) if out.requires_grad]
+        live = [
+            (out, g.to(out.dtype))
+            for out, g in zip(outputs, grads, strict=True)
+            if out.requires_grad
+        ]
         found: tuple[Tensor | None, ...] = (None,) * len(inputs)
         if live:
             # retain_graph: a second backward through the outer graph (retain_graph=True
@@ -498,7 +515,7 @@ def normalize_from_sample_moments(
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in tensors)
     )
-    if needs_grad and x.dim() > 2 and x.numel() > 0:
+    if needs_grad and x.numel() > 0:
         return _SampleStatsNormalize.apply(x, statistics, eps, *tensors)
     mean, var, weight, bias = statistics(sample_moments(x))
     return normalize(x, mean, var, eps, weight, bias)

@@ -93,3 +93,16 @@ def test_large_finite_statistics_whose_sum_overflows_are_not_an_error(name: str)
         warnings.simplefilter("ignore", RuntimeWarning)
         y = _named(name, 64)(x)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["sn", "ghostbn", "domainbn", "brn"])
+def test_an_input_without_spatial_dims_is_left_as_it_was(name: str) -> None:
+    # The per-sample-statistics path takes an (N, C) input's instance mean as x itself; the
+    # backward's leaves once made the caller's tensor require grad.
+    options = {"group_size": 2} if name == "ghostbn" else {}
+    if name == "brn":
+        options = {"norm_batch_size": 2}
+    layer = build_norm(name, 3, dim=1, **options).train()
+    x = torch.randn(6, 3)
+    layer(x).sum().backward()
+    assert not x.requires_grad and x.grad_fn is None

@@ -512,15 +512,23 @@ class BatchStatsNorm(NormBase):
         return self._merge_groups(sample_moments(x), index, num_groups, x)
 
     def _merge_groups(
-        self, instance: Moments, index: Tensor, num_groups: int, x: Tensor | None = None
+        self,
+        instance: Moments,
+        index: Tensor,
+        num_groups: int,
+        x: Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> Moments:
         """:meth:`_grouped_moments` from the samples' instance moments ``(N, C)`` (``x``, the
-        input, only makes a non-finite result's message precise)."""
+        input, only makes a non-finite result's message precise; ``check=False`` leaves the
+        finiteness check to the caller, e.g. after its own checks of the groups' sizes)."""
         moments = merge_moments(instance, index, num_groups)
         group = self._sync_group()
         if group is not None:
             moments = merge_moments(all_gather_moments(moments, group))
-        self._check_finite(moments, x)
+        if check:
+            self._check_finite(moments, x)
         return moments
 
     def _sample_groups(self, x: Tensor, group_size: int) -> tuple[Tensor, int]:

@@ -257,12 +257,13 @@ class DomainBatchNorm(BatchStatsNorm):
         index = self._domain_index(x, args[0])
 
         def statistics(instance: Moments) -> SampleNormalization:
-            domains = self._merge_groups(instance, index, self.num_domains, x)
+            domains = self._merge_groups(instance, index, self.num_domains, check=False)
             present = domains.count > 0
             too_small = present & (domains.count <= 1)
-            if bool(too_small.any()):
+            if bool(too_small.any()):  # before the values' check: the structural error first
                 which = torch.nonzero(too_small).flatten().tolist()
                 self._raise_too_small(x, 1, f"domain {which}")
+            self._check_finite(domains, x)
             if factor is not None:
                 # Only the domains present in the batch move.
                 running_mean, running_var = self.running_stats()

@@ -180,10 +180,20 @@ class SwitchableNorm(BatchStatsNorm):
             var_logits = var_logits.index_fill(
                 0, var_logits.new_tensor(index).long(), float("-inf")
             )
-        mean_w = torch.softmax(mean_logits, 0)
-        var_w = torch.softmax(var_logits, 0)
-        mean = sum(mean_w[i] * stats[b][0] for i, b in enumerate(self.branches) if usable[b])
-        var = sum(var_w[i] * stats[b][1] for i, b in enumerate(self.branches) if usable[b])
+        # In the statistics' dtype (float32 at least): float16 softmax weights do not sum to 1
+        # (a constant input of 3000 came out as 231.6, not β) and the logits' gradient
+        # overflowed float16.
+        dtype = stats[self.branches[0]][0].dtype
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        mean_w = torch.softmax(mean_logits, 0, dtype=dtype)
+        var_w = torch.softmax(var_logits, 0, dtype=dtype)
+        # Statistics cast too: a 0-dim weight times float16 running statistics stays float16.
+        mean = sum(
+            mean_w[i] * stats[b][0].to(dtype) for i, b in enumerate(self.branches) if usable[b]
+        )
+        var = sum(
+            var_w[i] * stats[b][1].to(dtype) for i, b in enumerate(self.branches) if usable[b]
+        )
         return mean, var  # type: ignore[return-value]
 
     def _normalize(self, x: Tensor, factor: float | None, training: bool) -> Tensor:
@@ -247,6 +257,9 @@ class SwitchableNorm(BatchStatsNorm):
             # No batch statistics were averaged in: not a step of momentum=None's average.
             self._undo_step(factor)
         mean, var = self._mix(stats, usable)
+        if not training:  # training checked the statistics it computed; here the mixture
+            # of a sample's own moments can still overflow (LN's E[x²] at |x| ~1e20)
+            self._check_finite(Moments(mean.new_ones(()), mean, var), x)
         return mean.expand(n, c), var.expand(n, c)
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
