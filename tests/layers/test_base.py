@@ -106,3 +106,48 @@ def test_an_input_without_spatial_dims_is_left_as_it_was(name: str) -> None:
     x = torch.randn(6, 3)
     layer(x).sum().backward()
     assert not x.requires_grad and x.grad_fn is None
+
+
+def _damaged(layer: nn.Module, key: str, value: float) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state[key].view(-1)[0] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "key", "value"),
+    [
+        ("mabn", {}, "chi2_count", -3),
+        ("mabn", {}, "sma_steps", -1),
+        ("mabn", {}, "chi2_window", float("inf")),
+        ("mabn", {}, "psi_window", float("nan")),
+        ("cbn", {"window": 3}, "window_mean", float("inf")),
+        ("cbn", {"window": 3}, "window_var", -1.0),
+        ("cbn", {"window": 3}, "window_fill", -2),
+        ("sn", {}, "mean_weight", float("nan")),
+        *[(name, {}, "running_var", float("nan")) for name in ("brn", "syncbn", "ghostbn")],
+        *[(name, {}, "running_var", -0.5) for name in ("frozenbn", "domainbn", "mabn")],
+        ("brn", {}, "running_mean", float("inf")),
+        ("brn", {}, "num_batches_tracked", -7),
+    ],
+)
+def test_a_checkpoint_with_invalid_values_is_refused_naming_the_layer_and_key(
+    name: str, options: dict, key: str, value: float
+) -> None:
+    # They used to load, and outputs became non-finite later (or never, silently wrong).
+    source = build_norm(name, 4, **options)
+    state = _damaged(source, key, value)
+    target = build_norm(name, 4, **options)
+    target._smallbn_name = "block.norm"
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"at 'block.norm': the checkpoint's values .*'{key}'"):
+        target.load_state_dict(state)
+    for k, v in target.state_dict().items():  # this layer kept its own state
+        assert torch.equal(before[k], v), k
+
+
+def test_switchable_checkpoint_with_other_branches_says_which() -> None:
+    three = build_norm("sn", 4)
+    two = build_norm("sn", 4, branches=("in", "ln"))
+    with pytest.raises(RuntimeError, match=r"mixes 3 branch.*this layer 2: \('in', 'ln'\)"):
+        two.load_state_dict(three.state_dict())

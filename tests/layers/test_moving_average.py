@@ -376,6 +376,9 @@ def test_casting_keeps_the_window_values_and_checkpoints_load_across_dtypes():
     # a checkpoint whose windows were saved in float16 loads as float32, also by assignment
     state = {k: v.half() if v.is_floating_point() else v for k, v in half.state_dict().items()}
     assigned = MovingAverageBatchNorm2d(C, window=4, warmup=0).half()
+    with pytest.raises(RuntimeError, match="'chi2_window' holds NaN/Inf"):
+        assigned.load_state_dict(state, assign=True)  # E[x²] = 9·10⁴ is Inf in float16
+    state["chi2_window"] = state["chi2_window"].clamp(max=6e4)
     assigned.load_state_dict(state, assign=True)
     assert assigned.chi2_window.dtype == assigned.psi_window.dtype == torch.float32
     assert torch.equal(assigned.psi_window, windows[1].half().float())

@@ -297,6 +297,17 @@ class NormBase(nn.Module):
         if not self._running_stats_in_state_dict:
             self._keep_bn_statistics(state_dict, prefix)
         self._adapt_state_dict(state_dict, prefix)
+        problems = self._checkpoint_problems(state_dict, prefix)
+        if problems:
+            # Refused before anything is copied: this layer keeps its state.  A NaN running
+            # variance or a negative count would otherwise surface steps later, elsewhere.
+            error_msgs.append(
+                f"{self.describe()}: the checkpoint's values are invalid: "
+                f"{'; '.join(problems)}. The file is damaged or was written by another "
+                f"program: load an intact checkpoint, or drop these keys and load with "
+                f"strict=False to keep this layer's own values."
+            )
+            return
         first_new = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -316,6 +327,37 @@ class NormBase(nn.Module):
             f"This layer holds statistics of shape {self._stats_shape()}; build it with the "
             f"checkpoint's num_features, or load a checkpoint made for this model."
         )
+
+    #: Checkpoint entries and the values they must hold: ``"finite"``, ``"non-negative"``
+    #: (finite and ≥ 0) or ``"count"`` (an integer ≥ 0).  Layers add their own state.
+    _checkpoint_rules: ClassVar[dict[str, str]] = {
+        "weight": "finite",
+        "bias": "finite",
+        "running_mean": "finite",
+        "running_var": "non-negative",
+        "num_batches_tracked": "count",
+    }
+
+    def _checkpoint_problems(self, state_dict: dict[str, Any], prefix: str) -> list[str]:
+        """What is wrong with the values of this layer's entries of ``state_dict`` (a NaN
+        running variance, a negative count, an infinite window entry), one line each."""
+        problems = []
+        for name, rule in self._checkpoint_rules.items():
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or value.numel() == 0 or value.is_meta:
+                continue
+            if rule == "count":
+                if value.is_floating_point() or bool((value < 0).any()):
+                    problems.append(f"'{prefix}{name}' must be a count >= 0, got {value.tolist()}")
+                continue
+            checked = value.detach().double()
+            finite = torch.isfinite(checked)
+            if not bool(finite.all()):
+                where = torch.nonzero(~finite.flatten()).flatten().tolist()[:8]
+                problems.append(f"'{prefix}{name}' holds NaN/Inf (at flat index {where})")
+            elif rule == "non-negative" and bool((checked < 0).any()):
+                problems.append(f"'{prefix}{name}' holds negative values (min {checked.min():.3g})")
+        return problems
 
     @torch.no_grad()
     def _keep_bn_statistics(self, state_dict: dict[str, Any], prefix: str) -> None:

@@ -909,6 +909,18 @@ class CrossIterationBatchNorm(BatchStatsNorm):
 
     # -- window state --------------------------------------------------------------------
 
+    _checkpoint_rules = {
+        **BatchStatsNorm._checkpoint_rules,
+        "iteration": "count",
+        "window_fill": "count",
+        "window_mean": "finite",
+        "window_var": "non-negative",
+        "window_mean_dot": "finite",
+        "window_var_dot": "finite",
+        "window_mean_grad": "finite",
+        "window_var_grad": "finite",
+    }
+
     # The compensation is a difference of stored values, which bfloat16 would round to a few
     # percent: the window stays in float32 when the model is cast.
     _float32_buffers = (*_STAT_BUFFERS, *_GRAD_BUFFERS)

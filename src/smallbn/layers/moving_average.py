@@ -665,6 +665,15 @@ class MovingAverageBatchNorm(BatchStatsNorm):
 
     # -- state ---------------------------------------------------------------------------
 
+    _checkpoint_rules = {
+        **BatchStatsNorm._checkpoint_rules,
+        "chi2_window": "non-negative",  # means of squares
+        "psi_window": "finite",
+        "chi2_count": "count",
+        "psi_count": "count",
+        "sma_steps": "count",
+    }
+
     #: A window of ``B`` values of ``E[x²]`` that each fit in float16 need not sum to one that
     #: does: the windows stay in float32 when the module is cast (see ``NormBase._apply``).
     _float32_buffers = ("chi2_window", "psi_window")

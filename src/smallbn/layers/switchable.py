@@ -134,6 +134,28 @@ class SwitchableNorm(BatchStatsNorm):
             "var": dict(zip(self.branches, var, strict=True)),
         }
 
+    _checkpoint_rules = {
+        **BatchStatsNorm._checkpoint_rules,
+        "mean_weight": "finite",
+        "var_weight": "finite",
+    }
+
+    def _checkpoint_mismatch(self, state_dict: dict[str, Any], prefix: str) -> str:
+        logits = state_dict.get(prefix + "mean_weight")
+        if isinstance(logits, Tensor) and logits.shape != self.mean_weight.shape:
+            count = logits.numel()
+            hint = {
+                1: "a single branch",
+                2: "two branches (e.g. ('in', 'ln'), the variant without BN)",
+                3: "all three branches ('in', 'ln', 'bn')",
+            }.get(count, f"{count} branches")
+            return (
+                f"The checkpoint mixes {count} branch(es) (mean_weight has {count} logits), "
+                f"this layer {len(self.branches)}: {self.branches}. Build it with the "
+                f"checkpoint's branches: {hint}."
+            )
+        return super()._checkpoint_mismatch(state_dict, prefix)
+
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         # A BN checkpoint has no mixture logits: keep the initial (equal) ones.
         for name in ("mean_weight", "var_weight"):
