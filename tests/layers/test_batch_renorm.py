@@ -4,6 +4,7 @@ bounds, BN state and error messages."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from hypothesis import given
 from torch import nn
 
+import smallbn
 from _layer_checks import (
     BN_STATE_KEYS,
     SHAPES,
@@ -257,3 +259,27 @@ def test_rejects_incompatible_checkpoint():
 def test_rejects_bad_constructor_args(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BatchRenorm2d(4, **kwargs)
+
+
+@pytest.mark.parametrize("options", [{}, {"norm_batch_size": 2}], ids=["batch", "groups"])
+def test_compiled_training_matches_eager(options):
+    # Under torch.compile the backward used to fail with "modified by an inplace operation":
+    # the AOT partitioner recomputed r and d from the running statistics the step had
+    # already updated.  aot_eager runs the same partitioner as inductor, without codegen.
+    torch.manual_seed(0)
+    eager = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        smallbn.BatchRenorm2d(4, warmup_steps=0, r_max_ramp_end=0, d_max_ramp_end=0, **options),
+    )
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    for step in range(3):
+        x = torch.randn(4, 3, 6, 6) * (step + 1) + step
+        for model in (eager, compiled):
+            model(x).square().sum().backward()
+        torch.testing.assert_close(compiled(x).detach(), eager(x).detach(), rtol=1e-5, atol=1e-5)
+    for (name, a), (_, b) in zip(
+        eager.named_parameters(), compiled_model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(compiled_model[1].running_var, eager[1].running_var)

@@ -35,6 +35,20 @@ def _ramp(step: Tensor, start: int, end: int) -> Tensor:
     return ((step.to(torch.float32) - start) / (end - start)).clamp(0.0, 1.0)
 
 
+def _clip(value: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """``clamp(value, low, high)`` (same numbers), written as two reductions over a stack.
+
+    Why not ``torch.clamp``: under ``torch.compile`` the AOT min-cut partitioner may recompute
+    cheap pointwise values in the backward instead of saving them, and r and d are pointwise
+    reads of the running statistics, which this step then updates in place; the backward
+    read the updated buffers ("modified by an inplace operation", or silently other r, d;
+    pytorch/pytorch#197039).  The partitioner never recomputes reductions, so r and d are
+    saved as computed.
+    """
+    low, high = low.expand_as(value), high.expand_as(value)
+    return torch.stack([torch.stack([value, low]).amax(0), high]).amin(0)
+
+
 class BatchRenorm(BatchStatsNorm):
     """Batch Renormalization for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
@@ -124,9 +138,8 @@ class BatchRenorm(BatchStatsNorm):
             r_max, d_max = r_max.to(moments.var), d_max.to(moments.var)
             running_std = torch.sqrt(running_var.to(moments.var) + self.eps)
             batch_std = torch.sqrt(moments.var + self.eps)
-            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
-            d = (moments.mean - running_mean.to(moments.mean)) / running_std
-            d = torch.minimum(torch.maximum(d, -d_max), d_max)
+            r = _clip(batch_std / running_std, 1.0 / r_max, r_max)
+            d = _clip((moments.mean - running_mean.to(moments.mean)) / running_std, -d_max, d_max)
         gamma = self.weight if self.weight is not None else torch.ones_like(r)
         beta = self.bias if self.bias is not None else torch.zeros_like(d)
         return gamma * r, beta + gamma * d
