@@ -408,6 +408,7 @@ def test_record_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "record",
         "--dataset=digits",
         "--steps=5",
+        "--window=2",  # a centred moving average of 2 needs 3 of the 5 steps
         "--batch-sizes=2,4",
         "--train-samples=64",
         f"--output-dir={tmp_path}",
