@@ -269,11 +269,11 @@ class _Untraceable(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_untraceable_model_folds_sequential_neighbours_and_warns():
+def test_untraceable_model_folds_within_traceable_submodules_and_warns():
     model = _Untraceable().eval()
-    with pytest.warns(UserWarning, match=r"could not trace.*1 norm\(s\) stay"):
+    with pytest.warns(UserWarning, match=r"could not trace.*submodules.*1 norm\(s\) stay"):
         folded, report = fold_with_report(model)
-    assert report.method == "sequential" and report.trace_error
+    assert report.method == "submodules" and report.trace_error
     assert [(f.norm, f.producer) for f in report.folded] == [("body.1", "body.0")]
     assert [k.norm for k in report.kept] == ["bn"]
     x = torch.randn(3, 3, 6, 6)
@@ -297,17 +297,17 @@ class _ChildrenCalledOutside(nn.Module):
 
 
 def test_untraceable_model_warns_even_when_every_norm_folds():
-    """The fallback folds by position in the Sequential; here that pairing is wrong although
-    nothing is kept, so the warning must not depend on a norm staying in place."""
+    """The submodule search pairs by the Sequential's forward; here that pairing is wrong
+    although nothing is kept, so the warning must not depend on a norm staying in place."""
     model = _ChildrenCalledOutside().eval()
     with pytest.warns(
         UserWarning,
-        match=r"could not trace.*every norm found was folded.*outside Sequential\.forward",
+        match=r"could not trace.*every norm found was folded.*outside that forward",
     ):
         folded, report = fold_with_report(model)
-    assert report.method == "sequential" and report.kept == ()
+    assert report.method == "submodules" and report.kept == ()
     assert [(f.norm, f.producer) for f in report.folded] == [("stem.1", "stem.0")]
-    with pytest.warns(UserWarning, match="outside Sequential.forward"):
+    with pytest.warns(UserWarning, match="outside that forward"):
         fold(model)
 
 

@@ -4,6 +4,7 @@ models, by nn.Sequential neighbours."""
 import ast
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -155,13 +156,63 @@ class _Untraceable(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_sequential_fallback_when_tracing_fails():
+def test_submodules_are_traced_when_the_whole_model_cannot_be():
     search = trace_producers(_Untraceable(), is_norm)
-    assert search.method == "sequential"
+    assert search.method == "submodules"
     assert search.trace_error and "TraceError" in search.trace_error
+    assert set(search.untraced) == {"<root>"}
     assert search.producers == {"body.1": "body.0", "body.4": "body.3"}
     assert set(search.unpaired) == {"body.6", "bn"}
-    assert "fx tracing failed" in search.unpaired["bn"]
+    assert "forward of '<root>', which calls it, cannot be traced" in search.unpaired["bn"]
+
+
+class _Encoder(nn.Module):
+    """A traceable submodule with its own forward (not a Sequential), as a segmentation
+    model's encoder; its first output also leaves the module (a skip connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        skip = self.conv1(x)  # also returned: used outside this module
+        y = self.bn2(self.conv2(torch.relu(self.bn1(skip))))
+        return skip, self.bn3(self.conv3(y))
+
+
+class _Segmenter(nn.Module):
+    """Untraceable at the top (control flow on the input's size), traceable inside; one level
+    deeper an untraceable block sits beside traceable ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _Encoder()
+        self.decoder = nn.ModuleDict({"head": _Untraceable(), "proj": nn.Conv2d(4, 4, 1)})
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip, y = self.encoder(x)
+        if x.shape[-1] % 2:
+            y = y + skip
+        y = self.decoder["head"](y)
+        return self.bn(self.decoder["proj"](y))
+
+
+def test_traceable_submodules_are_paired_at_any_depth():
+    search = trace_producers(_Segmenter(), is_norm)
+    assert search.method == "submodules"
+    assert set(search.untraced) == {"<root>", "decoder.head"}
+    assert search.producers == {
+        "encoder.bn2": "encoder.conv2",
+        "encoder.bn3": "encoder.conv3",
+        "decoder.head.body.1": "decoder.head.body.0",
+        "decoder.head.body.4": "decoder.head.body.3",
+    }
+    assert "also used elsewhere" in search.unpaired["encoder.bn1"]
+    assert "forward of '<root>'" in search.unpaired["bn"]
+    assert "forward of 'decoder.head'" in search.unpaired["decoder.head.bn"]
 
 
 class _SharedInSequential(nn.Module):
@@ -185,9 +236,9 @@ class _Reordered(nn.Sequential):
         return self[0](x) + self[1](x)
 
 
-def test_sequential_fallback_excludes_shared_producers_and_custom_forwards():
+def test_submodule_search_excludes_shared_producers_and_custom_forwards():
     search = trace_producers(_SharedInSequential(), is_norm)
-    assert search.method == "sequential"
+    assert search.method == "submodules"
     assert search.producers == {"tail.1": "tail.0"}
 
     class Wrapper(nn.Module):
@@ -231,9 +282,9 @@ class _SharedActivation(nn.Module):
         return self.body(x) if x.sum() > 0 else x
 
 
-def test_sequential_fallback_keeps_a_child_used_twice_between_its_neighbours():
+def test_submodule_search_keeps_a_child_used_twice_between_its_neighbours():
     search = trace_producers(_SharedActivation(), is_norm)
-    assert search.method == "sequential"
+    assert search.method == "submodules"
     assert search.producers == {}
 
 

@@ -91,7 +91,8 @@ class FoldReport:
         folded: the (norm, producer) pairs folded, in module order.
         kept: the norms left in place with the reason.
         method: how producers were found: ``"fx"`` (the whole forward traced) or
-            ``"sequential"`` (tracing failed; only ``nn.Sequential`` neighbours examined).
+            ``"submodules"`` (the whole model could not be traced; its traceable submodules
+            were, one by one: :func:`smallbn.graph.trace_producers`).
         trace_error: the tracing error behind the fallback, else ``None``.
     """
 
@@ -287,19 +288,20 @@ def _fold(model: nn.Module, inplace: bool, stacklevel: int) -> tuple[nn.Module, 
         _replace(model, name, remaining.train(False))
         folded.append(FoldedNorm(name, producer_name))
     if search.method != "fx":
-        # Warn even when every norm folded: the fallback pairs neighbours by their position
-        # in the Sequential, not by the data flow, so a pair can be wrong without any norm
-        # being kept.
+        # Warn even when every norm folded: pairs found inside a submodule assume the parent
+        # runs it through its forward, so a pair can be wrong without any norm being kept.
         staying = (
             f"{len(kept)} norm(s) stay in place (fold_with_report lists them)"
             if kept
             else "every norm found was folded"
         )
+        untraced = ", ".join(f"'{n}'" for n in list(search.untraced)[:4])
+        more = ", ..." if len(search.untraced) > 4 else ""
         warnings.warn(
-            f"fold: torch.fx could not trace the model ({search.trace_error}); only norms "
-            f"that directly follow a Conv/Linear inside an nn.Sequential were examined, and "
-            f"{staying}. Those pairs come from the Sequential's order, not from tracing: if "
-            f"the model calls a Sequential's children outside Sequential.forward (e.g. "
+            f"fold: torch.fx could not trace the model as a whole ({search.trace_error}); its "
+            f"traceable submodules were traced one by one (untraceable: {untraced}{more}), and "
+            f"{staying}. Those pairs assume each submodule runs through its forward: if a "
+            f"parent calls a submodule's children outside that forward (e.g. "
             f"self.block[1](f(self.block[0](x)))), a folded pair may be wrong; compare the "
             f"folded model's outputs with the original's, or make the model traceable by "
             f"torch.fx.",

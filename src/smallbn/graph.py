@@ -16,12 +16,15 @@ other consumer, and if not, why:
   A target qualifies when it is called once, with its input as the only argument, and that
   input is the output of a single call of a producer whose output has exactly one user.
   This sees every consumer in the traced ``forward`` (residual branches, returned values).
-* **sequential** (fallback, when tracing fails, e.g. on data-dependent control flow such as
-  ``if x.sum() > 0``): consecutive children of ``nn.Sequential`` containers, producer
-  immediately followed by target.  Inside ``nn.Sequential.forward`` a child's output goes to
-  the next child only, but a forward that cannot be traced may still call the producer
-  elsewhere; the fallback cannot see such uses, so it is restricted to ``nn.Sequential``
-  containers, where they would be unusual.
+* **fx, per submodule** (when the whole forward cannot be traced, e.g. data-dependent control
+  flow such as ``if x.sum() > 0`` at the top of a detection or segmentation model): each
+  child of an untraceable module is traced on its own, recursively, so every norm whose
+  producer sits in the same traceable submodule is paired as the whole-model trace would
+  pair it (a producer output that leaves the submodule counts as used elsewhere).  Norms
+  directly inside an untraceable module stay unpaired, with the reason.  This assumes that
+  a submodule is run through its ``forward``: a parent that calls a submodule's children one
+  by one, bypassing that forward, can make a pair wrong, which no trace of the parent can
+  show (callers warn that the result comes from submodules).
 
 Modules that are called more than once, or registered under several names (shared), are
 excluded in both methods: rewriting one would change every place that uses it.
@@ -32,7 +35,7 @@ This module is part of the core: it imports only torch.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,7 +62,7 @@ PRODUCER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
 )
 
-Method = Literal["fx", "sequential"]
+Method = Literal["fx", "submodules"]
 
 
 @dataclass(frozen=True)
@@ -69,16 +72,18 @@ class ProducerSearch:
     Attributes:
         producers: target name → producer name, for every target that has a foldable producer.
         unpaired: target name → why it has none (for reports), for every other target.
-        method: ``"fx"`` when the whole forward was traced; ``"sequential"`` when tracing
-            failed and only ``nn.Sequential`` neighbours were paired (callers may warn that
-            targets inside other modules were not examined).
-        trace_error: the tracing error that triggered the fallback, else ``None``.
+        method: ``"fx"`` when the whole forward was traced; ``"submodules"`` when it could
+            not be and its traceable submodules were traced one by one (callers warn).
+        trace_error: the first tracing error (of the whole model), else ``None``.
+        untraced: the modules whose forward could not be traced (``"<root>"`` for the
+            model), with the first line of each error.
     """
 
     producers: dict[str, str]
     unpaired: dict[str, str] = field(default_factory=dict)
     method: Method = "fx"
     trace_error: str | None = None
+    untraced: dict[str, str] = field(default_factory=dict)
 
 
 def _is_producer(module: nn.Module, producer_types: tuple[type[nn.Module], ...]) -> bool:
@@ -130,9 +135,12 @@ def _pair_fx(
     graph: torch.fx.Graph,
     targets: dict[str, nn.Module],
     producer_types: tuple[type[nn.Module], ...],
+    aliases: dict[int, list[str]] | None = None,
 ) -> ProducerSearch:
+    """Pairs within ``model`` traced as ``graph`` (names relative to ``model``); ``aliases``:
+    every name of each module in the whole model, where ``model`` is a submodule of it."""
     modules = dict(model.named_modules())
-    aliases = _aliases(model)
+    aliases = _aliases(model) if aliases is None else aliases
     calls: Counter[str] = Counter(
         str(node.target) for node in graph.nodes if node.op == "call_module"
     )
@@ -207,48 +215,59 @@ def _producer_problem(
     return None
 
 
-def _sequential_children(model: nn.Module) -> Iterable[tuple[str, list[tuple[str, nn.Module]]]]:
-    for name, module in model.named_modules():
-        # A subclass that overrides forward may route children's outputs anywhere.
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-            prefix = f"{name}." if name else ""
-            # _modules, not named_children(): a module placed twice in the sequence (a shared
-            # activation) must stay between its neighbours, or they would look adjacent.
-            children = [(prefix + c, m) for c, m in module._modules.items() if m is not None]
-            yield name, children
+def _trace_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def _pair_sequential(
+def _pair_submodules(
     model: nn.Module,
-    targets: dict[str, nn.Module],
+    is_target: Callable[[nn.Module], bool],
     producer_types: tuple[type[nn.Module], ...],
     error: str,
 ) -> ProducerSearch:
+    """Trace each child of an untraceable module on its own, recursively (module docstring)."""
     aliases = _aliases(model)
     producers: dict[str, str] = {}
-    for _, children in _sequential_children(model):
-        for (producer_name, producer), (target_name, target) in zip(
-            children, children[1:], strict=False
-        ):
-            if (
-                target_name in targets
-                and _is_producer(producer, producer_types)
-                and len(aliases[id(producer)]) == 1
-                and len(aliases[id(target)]) == 1
-            ):
-                producers[target_name] = producer_name
     unpaired: dict[str, str] = {}
-    for name, module in targets.items():
-        if name in producers:
+    untraced: dict[str, str] = {"<root>": error}
+    tracer = _LeafTracer(is_target, producer_types)
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module._modules.items():
+            if child is None:
+                continue
+            name = f"{prefix}{child_name}"
+            if is_target(child) or _is_producer(child, producer_types):
+                continue  # a leaf: paired, or not, by its parent's trace
+            inner = {n: m for n, m in child.named_modules() if n and is_target(m)}
+            if not inner:
+                continue
+            if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
+                visit(child, f"{name}.")  # containers without a forward: their parent calls
+                continue
+            try:
+                graph = tracer.trace(child)
+            except Exception as child_error:  # as in trace_producers: untraceable user code
+                untraced[name] = _trace_error(child_error)
+                visit(child, f"{name}.")
+                continue
+            found = _pair_fx(child, graph, inner, producer_types, aliases)
+            producers.update({f"{name}.{t}": f"{name}.{p}" for t, p in found.producers.items()})
+            unpaired.update({f"{name}.{t}": why for t, why in found.unpaired.items()})
+
+    visit(model, "")
+    for name, module in _targets(model, is_target).items():
+        if name in producers or name in unpaired:
             continue
         if len(aliases[id(module)]) > 1:
             unpaired[name] = _several_names(name, aliases[id(module)])
-        else:
-            unpaired[name] = (
-                "fx tracing failed and it does not directly follow an unshared producer "
-                "in an nn.Sequential"
-            )
-    return ProducerSearch(producers, unpaired, "sequential", error)
+            continue
+        parent = name.rpartition(".")[0] or "<root>"
+        unpaired[name] = (
+            f"the forward of '{parent}', which calls it, cannot be traced by torch.fx "
+            f"({untraced.get(parent, error)})"
+        )
+    return ProducerSearch(producers, unpaired, "submodules", error, untraced)
 
 
 def trace_producers(
@@ -267,7 +286,8 @@ def trace_producers(
 
     Returns:
         A :class:`ProducerSearch`: the pairs, the reason for each target left unpaired, and
-        the method used (``"fx"``, or ``"sequential"`` when tracing failed).
+        the method used (``"fx"``, or ``"submodules"`` when the whole model could not be
+        traced).
     """
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         # Their forward cannot be traced; the wrapped module's can, under the prefix "module."
@@ -277,6 +297,7 @@ def trace_producers(
             {f"module.{t}": why for t, why in inner.unpaired.items()},
             inner.method,
             inner.trace_error,
+            {f"module.{n}" if n != "<root>" else n: why for n, why in inner.untraced.items()},
         )
     targets = _targets(model, is_target)
     tracer = _LeafTracer(is_target, producer_types)
@@ -285,8 +306,7 @@ def trace_producers(
     except Exception as error:
         # fx raises TraceError, TypeError, RuntimeError, ... from user code: all mean that
         # this forward cannot be traced symbolically, not that the model is broken.
-        message = f"{type(error).__name__}: {error}".splitlines()[0]
-        return _pair_sequential(model, targets, producer_types, message)
+        return _pair_submodules(model, is_target, producer_types, _trace_error(error))
     return _pair_fx(model, graph, targets, producer_types)
 
 
