@@ -434,3 +434,89 @@ def test_conversions_that_change_the_eval_function_say_so() -> None:
         brn = smallbn.convert(copy.deepcopy(model), "brn")
         _, report = smallbn.convert_with_report(brn, "bn")
     assert not any(item.note for item in report)
+
+
+# -- norms in the wild: frozen BNs, batch-independent norms, the report ------------------------
+
+
+class _TorchvisionFrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's behaviour, written out: BN's statistics and affine as
+    buffers, no num_batches_tracked (it drops one from a checkpoint)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # type: ignore[no-untyped-def]
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+FrozenBatchNorm2d = type("FrozenBatchNorm2d", (_TorchvisionFrozenBatchNorm2d,), {})
+
+
+def _frozen_backbone() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        FrozenBatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        FrozenBatchNorm2d(4),
+    )
+    for norm in (model[1], model[4]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["bn", *BN_EVAL_NAMES, "frozenbn"])
+def test_frozen_batch_norms_of_detection_backbones_are_converted(method: str) -> None:
+    # torchvision's FrozenBatchNorm2d used to be invisible: convert replaced 0 layers and fold
+    # folded 0, without a word.
+    x = torch.randn(2, 3, 9, 9)
+    expected = _frozen_backbone()(x)
+    converted, report = smallbn.convert_with_report(_frozen_backbone(), method)
+    assert [item.name for item in report] == ["1", "4"]
+    assert all(item.source == "FrozenBatchNorm2d" for item in report)
+    torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    back = smallbn.convert(converted, "bn")
+    original = _frozen_backbone()
+    original.load_state_dict(back.state_dict(), strict=True)
+    torch.testing.assert_close(original(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batch_norms_fold() -> None:
+    model = _frozen_backbone()
+    x = torch.randn(2, 3, 9, 9)
+    folded, report = smallbn.fold_with_report(model)
+    assert [f.norm for f in report.folded] == ["1", "4"]
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_report_lists_kept_layers_and_pairing_and_warns_when_nothing_is_replaced() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.Flatten(), nn.LayerNorm(196)
+    )
+    converted, report = smallbn.convert_with_report(model, "cbn")
+    assert [item.name for item in report] == ["1"]
+    assert [(k.name, k.kind) for k in report.kept] == [("2", "GroupNorm"), ("4", "LayerNorm")]
+    assert report.producers == {"1": "0"}
+    assert "replaced 1 norm layer(s), kept 2" in report.summary()
+    assert "paired 1 of 1" in report.summary()
+    transformer_like = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.warns(smallbn.ConversionWarning, match=r"replaced no layer.*LayerNorm"):
+        smallbn.convert(transformer_like, "cbn")
+    with pytest.warns(smallbn.ConversionWarning, match=r"where= selected none of its 1"):
+        smallbn.convert(nn.Sequential(nn.BatchNorm2d(2)), "brn", where=lambda n, m: False)

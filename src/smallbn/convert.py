@@ -30,11 +30,14 @@ from smallbn.registry import NormSpec, resolve_norm
 
 __all__ = [
     "ConversionWarning",
+    "ConvertReport",
     "Converted",
+    "Kept",
     "bind_producers",
     "convert",
     "convert_with_report",
     "freeze_norms",
+    "is_frozen_batch_norm",
     "is_norm_layer",
     "uses_batch_stats",
 ]
@@ -51,6 +54,36 @@ class ConversionWarning(UserWarning):
 
 
 @dataclass(frozen=True)
+class Kept:
+    """A norm-like layer :func:`convert` left in place, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+class ConvertReport(list["Converted"]):
+    """What :func:`convert_with_report` replaced (the list itself, one :class:`Converted` per
+    layer), what it kept (:attr:`kept`), and the producer pairing (:attr:`producers`: layer
+    name → producer name or ``None``, for the layers that need one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Kept] = []
+        self.producers: dict[str, str | None] = {}
+
+    def summary(self) -> str:
+        """One paragraph: counts, then every kept layer and every unpaired one with why."""
+        lines = [f"replaced {len(self)} norm layer(s), kept {len(self.kept)}"]
+        lines += [f"  kept '{k.name}' ({k.kind}): {k.reason}" for k in self.kept]
+        if self.producers:
+            paired = sum(p is not None for p in self.producers.values())
+            lines.append(f"paired {paired} of {len(self.producers)} with their producer")
+            lines += [f"  unpaired '{n}'" for n, p in self.producers.items() if p is None]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class Converted:
     """One replaced layer: its path in the model, the class names before and after, and
     what the replacement does not carry over (empty when the eval function is kept)."""
@@ -61,15 +94,56 @@ class Converted:
     note: str = ""
 
 
+def is_frozen_batch_norm(module: nn.Module) -> bool:
+    """torchvision's ``FrozenBatchNorm2d`` (every pretrained detection backbone), detectron2's
+    and timm's (``FrozenBatchNorm2d``, ``FrozenBatchNormAct2d``): BN's statistics and affine
+    held as 1-D buffers, the eval forward BN's, and no Parameters."""
+    if isinstance(module, (_BatchNorm, NormBase)) or "FrozenBatchNorm" not in type(module).__name__:
+        return False
+    names = ("weight", "bias", "running_mean", "running_var")
+    buffers = [module._buffers.get(name) for name in names]
+    return (
+        all(isinstance(b, Tensor) and b.dim() == 1 for b in buffers)
+        and len({b.numel() for b in buffers if b is not None}) == 1
+        and not module._parameters
+    )
+
+
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for the layers :func:`convert` replaces: torch BatchNorms and smallbn layers."""
-    return isinstance(module, (_BatchNorm, NormBase))
+    """True for the layers :func:`convert` replaces: torch BatchNorms (SyncBatchNorm and
+    subclasses included), frozen BNs (:func:`is_frozen_batch_norm`) and smallbn layers."""
+    return isinstance(module, (_BatchNorm, NormBase)) or is_frozen_batch_norm(module)
+
+
+#: Norms that are not BN and that convert keeps, with the reason the report gives.
+_KEPT_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.GroupNorm, "a batch-independent norm (torch GroupNorm): no batch statistics to replace"),
+    (nn.LayerNorm, "a batch-independent norm (torch LayerNorm): no batch statistics to replace"),
+    (
+        nn.modules.instancenorm._InstanceNorm,
+        "a batch-independent norm (torch InstanceNorm): no batch statistics to replace",
+    ),
+)
+
+
+def _kept_reason(module: nn.Module) -> str | None:
+    for kind, reason in _KEPT_KINDS:
+        if isinstance(module, kind):
+            return reason
+    if "Norm" in type(module).__name__ and not list(module.children()):
+        # e.g. timm's LayerNorm2d subclasses nn.LayerNorm (above); anything else named a norm
+        return "not a BatchNorm (convert replaces BN-family layers and smallbn layers only)"
+    return None
 
 
 def _input_dim(module: nn.Module) -> int | None:
     for cls, dim in _TORCH_DIMS.items():
         if isinstance(module, cls):
             return dim
+    if is_frozen_batch_norm(module):  # FrozenBatchNorm2d, ...: the rank is in the name
+        for dim in (1, 2, 3):
+            if f"{dim}d" in type(module).__name__.lower():
+                return dim
     return getattr(module, "_input_dim", None) or getattr(module, "_smallbn_dim", None)
 
 
@@ -120,8 +194,8 @@ def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
 def _post_ops(name: str, module: nn.Module) -> dict[str, nn.Module] | None:
     """The modules a norm applies after normalizing, to be kept around its replacement; an
     error for a BN subclass whose forward adds something smallbn cannot carry over."""
-    if isinstance(module, NormActivation):
-        return post_ops_of(module)
+    if isinstance(module, NormActivation) or is_frozen_batch_norm(module):
+        return post_ops_of(module)  # timm's FrozenBatchNormAct2d has drop/act
     if not isinstance(module, _BatchNorm) or type(module).forward in _BN_FORWARDS:
         return None
     post = post_ops_of(module)
@@ -143,7 +217,11 @@ def _lost_on_conversion(source: nn.Module, target: nn.Module) -> str:
             "its learned mixture of IN/LN/BN statistics (Switchable Norm) is dropped: the eval "
             "output changes"
         )
-    has_population = uses_batch_stats(source) or isinstance(source, FrozenBatchNorm)
+    has_population = (
+        uses_batch_stats(source)
+        or isinstance(source, FrozenBatchNorm)
+        or is_frozen_batch_norm(source)
+    )
     if uses_batch_stats(target) and not has_population:
         return (
             f"{type(source).__name__} keeps no population statistics, so the new layer starts "
@@ -164,14 +242,14 @@ def _replacement(
     post = _post_ops(name, module)
     source_dim = _input_dim(module) or dim
     source: Any = module  # a torch BN or a smallbn layer: both have BN's attributes
-    inherited: dict[str, Any] = {
-        "eps": source.eps,
-        "momentum": source.momentum,
-        "affine": source.affine,
-        "track_running_stats": source.track_running_stats,
+    inherited: dict[str, Any] = {  # frozen BNs have eps only: BN's defaults for the rest
+        "eps": float(getattr(source, "eps", 1e-5)),
+        "momentum": getattr(source, "momentum", 0.1),
+        "affine": getattr(source, "affine", True),
+        "track_running_stats": getattr(source, "track_running_stats", True),
         **(_factory(module) or fallback_factory),
     }
-    if source.affine and getattr(source, "bias", None) is None:
+    if inherited["affine"] and getattr(source, "bias", None) is None:
         # nn.BatchNorm2d(C, bias=False): γ without β.  Passed only when set, so targets
         # without the keyword (torch < 2.6's BN) still convert layers that have a bias.
         inherited["bias"] = False
@@ -188,7 +266,8 @@ def _replacement(
                 "before converting"
             )
         domain = _source_domain(module, options.pop("source_domain", None))
-        target = resolve_norm(spec, source_dim)(source.num_features, **options)
+        channels = getattr(source, "num_features", None) or source.running_mean.numel()
+        target = resolve_norm(spec, source_dim)(channels, **options)
         _transfer_state(module, target, domain)
     except (TypeError, ValueError, KeyError, IndexError) as error:
         raise type(error)(
@@ -230,18 +309,27 @@ def convert_with_report(
     dim: int | None = None,
     where: Callable[[str, nn.Module], bool] | None = None,
     **kwargs: Any,
-) -> tuple[nn.Module, list[Converted]]:
-    """:func:`convert`, also returning what was replaced."""
+) -> tuple[nn.Module, ConvertReport]:
+    """:func:`convert`, also returning a :class:`ConvertReport`: what was replaced (the list),
+    what was kept and why, and how the layers that need a producer were paired."""
     fallback_factory = _factory(model)
     replacements: dict[int, nn.Module] = {}  # a layer registered under several names
-    report: list[Converted] = []
+    report = ConvertReport()
     installs: list[tuple[nn.Module, str, nn.Module]] = []
     released: list[nn.Module] = []  # centred convs of replaced MABN layers, made plain
 
     def plan(module: nn.Module, prefix: str) -> nn.Module | None:
         """The replacement of ``module`` if it is a selected norm; otherwise recurse."""
         name = prefix or "<root>"
-        if is_norm_layer(module) and (where is None or where(name, module)):
+        if is_norm_layer(module) and where is not None and not where(name, module):
+            report.kept.append(Kept(name, type(module).__name__, "not selected by where="))
+            return None
+        if not is_norm_layer(module):
+            reason = _kept_reason(module)
+            if reason is not None:
+                report.kept.append(Kept(name, type(module).__name__, reason))
+                return None
+        if is_norm_layer(module):
             if id(module) not in replacements:
                 new = _replacement(name, module, spec, dim, kwargs, fallback_factory)
                 replacements[id(module)] = new
@@ -269,8 +357,24 @@ def convert_with_report(
     for producer_name, conv in plain.items():
         _set_submodule(model, producer_name, conv.to_plain(in_place=True))  # type: ignore[operator]
     model = model if root is None else root
-    bind_producers(model)
+    report.producers = bind_producers(model)
     _warn_lost(report)
+    if not report:
+        excluded = sum(k.reason == "not selected by where=" for k in report.kept)
+        kinds = sorted({k.kind for k in report.kept})
+        found = f" (norm layers it has: {', '.join(kinds)})" if kinds else ""
+        why = (
+            f"where= selected none of its {excluded} BatchNorm-family layer(s)"
+            if excluded
+            else f"it has no BatchNorm-family layer{found}; batch-independent norms "
+            f"(GroupNorm, LayerNorm) need no small-batch method"
+        )
+        warnings.warn(
+            f"convert: replaced no layer of {type(model).__name__}: {why}. Check that this "
+            f"is the model you meant.",
+            ConversionWarning,
+            stacklevel=3,
+        )
     return model, report
 
 

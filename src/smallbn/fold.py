@@ -55,7 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from smallbn.convert import is_norm_layer
+from smallbn.convert import is_frozen_batch_norm, is_norm_layer
 from smallbn.graph import trace_producers
 from smallbn.layers import NormBase
 from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
@@ -152,6 +152,11 @@ def _eval_affine(norm: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor] |
         return scale.detach().to(dtype), shift.detach().to(dtype)
     if isinstance(norm, _BatchNorm):
         return _torch_bn_affine(norm, dtype)
+    if is_frozen_batch_norm(norm):  # torchvision's/detectron2's/timm's: BN's eval map
+        eps = float(getattr(norm, "eps", 1e-5))
+        weight, bias = norm.weight.detach().to(dtype), norm.bias.detach().to(dtype)
+        scale = weight * torch.rsqrt(norm.running_var.detach().to(dtype) + eps)
+        return scale, bias - norm.running_mean.detach().to(dtype) * scale
     return f"{type(norm).__name__} is not a known norm layer"
 
 
