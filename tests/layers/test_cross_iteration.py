@@ -969,3 +969,32 @@ def test_grouped_window_norm_gradcheck(
 
     assert torch.autograd.gradcheck(run, (x, weight, bias))
     assert torch.autograd.gradcheck(lambda x: run(x, None, None), (x,))
+
+
+class _Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame's behaviour, written out: TF 'SAME' padding computed in forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        dims = zip(x.shape[:-3:-1], self.stride[::-1], self.kernel_size[::-1], strict=True)
+        for size, stride, kernel in dims:  # width, then height: F.pad's order
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = torch.nn.functional.pad(x, pads)
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation)
+
+
+def test_conv_subclasses_with_their_own_forward_are_refused_at_bind_time():
+    # Bound to timm's Conv2dSame, CBN crashed at its first training step with a oneDNN error
+    # that named nothing.
+    layer = CrossIterationBatchNorm2d(4, window=2)
+    layer._smallbn_name = "blocks.0.bn1"
+    with pytest.raises(ValueError, match=r"at 'blocks.0.bn1': bind_producer got a _Conv2dSame"):
+        layer.bind_producer(_Conv2dSame(3, 4, 3, stride=2))
+    # convert pairs only exact conv types: the layer is left unpaired, with the reason
+    model = nn.Sequential(_Conv2dSame(3, 4, 3, stride=2), nn.BatchNorm2d(4))
+    with pytest.warns(RuntimeWarning, match="naive cross-iteration"):
+        converted, report = smallbn.convert_with_report(model, "cbn", window=2)
+    assert report.producers == {"1": None}
+    for _ in range(3):
+        converted.train()(torch.randn(2, 3, 9, 9)).sum().backward()

@@ -142,6 +142,18 @@ BurninMode = Literal["two_stage", "linear"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PRODUCERS = (*_CONVS, nn.Linear)
+
+
+def _plain_class(producer: nn.Module) -> type[nn.Module]:
+    """The torch class among :data:`_PRODUCERS` that ``producer`` is an instance of."""
+    return next(cls for cls in _PRODUCERS if isinstance(producer, cls))
+
+
+def _plain_forward(producer: nn.Module) -> Any:
+    """The forward a producer must have for the derivatives to hold: its torch class's
+    (subclasses that only add state, like smallbn's CenteredConv, override it and are
+    refused too: their weight is transformed before the conv)."""
+    return _plain_class(producer).forward
 Producer = _ConvNd | nn.Linear
 _Layer = TypeVar("_Layer", bound="CrossIterationBatchNorm")
 
@@ -796,6 +808,23 @@ class CrossIterationBatchNorm(BatchStatsNorm):
         cannot pair.  Rebinding to another module empties the window.  Returns ``None``
         (the producer is used as is).
         """
+        if (
+            producer is not None
+            and isinstance(producer, _PRODUCERS)
+            and type(producer).forward is not _plain_forward(producer)
+        ):
+            # e.g. timm's Conv2dSame (pads in its forward), weight-standardized convs: the
+            # derivatives below are those of the plain conv of the stored weight on the
+            # module's input, which such a forward does not compute (a oneDNN shape error
+            # at the first step, or silently wrong compensation).
+            raise ValueError(
+                f"{self.describe()}: bind_producer got a {type(producer).__name__}, whose "
+                f"forward is not {_plain_class(producer).__name__}'s (it pads or transforms "
+                f"its weight itself), so its statistics' derivatives are not those of a plain "
+                f"conv. Leave the layer unbound (naive cross-iteration pooling) or replace "
+                f"the producer by a plain {_plain_class(producer).__name__} that computes the "
+                f"same (e.g. an explicit nn.ZeroPad2d before it)."
+            )
         bound: Producer | None = producer if isinstance(producer, _PRODUCERS) else None
         if producer is not None and any(
             nn.parameter.is_lazy(p) for p in producer.parameters(recurse=False)
