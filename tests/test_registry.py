@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import smallbn
-from smallbn import registry
+from smallbn import available_norms, build_norm, registry
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,38 @@ def test_register_norm_aliases_cannot_take_names_unless_overwriting():
 def test_a_layer_instance_is_not_a_spec():
     with pytest.raises(TypeError, match=r"layer instance .*pass its class \(GroupNorm\)"):
         smallbn.build_norm(nn.GroupNorm(2, 4), 4)
+
+
+def test_bn_family_layers_are_found_by_code_that_checks_for_torch_batch_norm():
+    # mmengine's norm_decay_mult, torchvision's split_normalization_params, timm's and
+    # detectron2's helpers find norms with isinstance(m, _BatchNorm): layers whose eval map is
+    # BN's are _BatchNorm instances (torch's helpers read their state as BN's, correctly);
+    # SN and domain BN are not (their eval output is not BN's map of their state).
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    is_bn = {
+        name: isinstance(
+            build_norm(name, 4, **({"num_domains": 2} if name == "domainbn" else {})), _BatchNorm
+        )
+        for name in available_norms()
+    }
+    assert is_bn == {
+        "bn": True,
+        "brn": True,
+        "cbn": True,
+        "domainbn": False,
+        "frozenbn": True,
+        "ghostbn": True,
+        "gn": False,
+        "in": False,
+        "ln": False,
+        "mabn": True,
+        "sn": False,
+        "syncbn": True,
+    }
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    converted = smallbn.convert(model, "cbn")
+    norm_params = [
+        p for m in converted.modules() if isinstance(m, _BatchNorm) for p in m.parameters()
+    ]
+    assert len(norm_params) == 2  # γ and β get the norms' weight decay, as before convert

@@ -196,6 +196,8 @@ def _post_ops(name: str, module: nn.Module) -> dict[str, nn.Module] | None:
     error for a BN subclass whose forward adds something smallbn cannot carry over."""
     if isinstance(module, NormActivation) or is_frozen_batch_norm(module):
         return post_ops_of(module)  # timm's FrozenBatchNormAct2d has drop/act
+    if isinstance(module, NormBase):  # smallbn's own forward (some are _BatchNorm too)
+        return None
     if not isinstance(module, _BatchNorm) or type(module).forward in _BN_FORWARDS:
         return None
     post = post_ops_of(module)
@@ -494,7 +496,11 @@ def uses_batch_stats(module: nn.Module) -> bool:
     """True for layers that normalize with batch statistics in training and keep running
     statistics: torch's BatchNorm/SyncBatchNorm and smallbn's :class:`BatchStatsNorm`."""
     return (
-        isinstance(module, (_BatchNorm, BatchStatsNorm))
+        (
+            isinstance(module, _BatchNorm)
+            and not isinstance(module, NormBase)
+            or isinstance(module, BatchStatsNorm)
+        )  # smallbn's FrozenBN is a _BatchNorm too
         and bool(module.track_running_stats)
         and module.running_mean is not None
     )

@@ -115,7 +115,9 @@ class NormBase(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        # nn.Module's, not the next class's: the BN-family layers also derive from torch's
+        # _BatchNorm (for code that finds norms by type), whose __init__ this one replaces.
+        nn.Module.__init__(self)
         if int(num_features) <= 0:
             raise ValueError(
                 f"{type(self).__name__}: num_features must be a positive channel count, "

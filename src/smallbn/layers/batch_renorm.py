@@ -20,6 +20,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
@@ -49,7 +50,7 @@ def _clip(value: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return torch.stack([torch.stack([value, low]).amax(0), high]).amin(0)
 
 
-class BatchRenorm(BatchStatsNorm):
+class BatchRenorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """Batch Renormalization for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
     Args:

@@ -111,6 +111,7 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from smallbn import _distributed
@@ -609,7 +610,7 @@ _UNHOOK: weakref.WeakKeyDictionary[nn.Module, weakref.finalize[Any, Any]] = (
 )
 
 
-class CrossIterationBatchNorm(BatchStatsNorm):
+class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """Cross-Iteration BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
     Args:

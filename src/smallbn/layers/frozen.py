@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn.layers._base import NormBase
 from smallbn.stats import normalize_with_population
@@ -20,7 +21,7 @@ from smallbn.stats import normalize_with_population
 __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class FrozenBatchNorm(NormBase):
+class FrozenBatchNorm(NormBase, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """Frozen BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
     ``momentum`` and ``track_running_stats`` are accepted for BN-compatible construction;

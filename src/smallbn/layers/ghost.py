@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
@@ -26,7 +27,7 @@ from smallbn.layers._base import BatchStatsNorm
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
-class GhostBatchNorm(BatchStatsNorm):
+class GhostBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """Ghost BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
     Args:

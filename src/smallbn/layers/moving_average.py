@@ -94,6 +94,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
 from smallbn.layers import _base
@@ -554,7 +555,7 @@ def mabn_function(
 # -- the layer ----------------------------------------------------------------------------------
 
 
-class MovingAverageBatchNorm(BatchStatsNorm):
+class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """Moving Average Batch Normalization for inputs of any rank ≥ 2 (see the 1d/2d/3d
     variants and the module docstring for the formulas).
 

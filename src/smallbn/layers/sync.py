@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
 from smallbn.layers._base import BatchStatsNorm
@@ -23,7 +24,7 @@ from smallbn.layers._base import BatchStatsNorm
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(BatchStatsNorm):
+class SyncBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (NormBase)
     """BN with statistics pooled across processes; accepts any input of rank ≥ 2.
 
     Args mirror ``torch.nn.SyncBatchNorm``; ``sync=False`` turns pooling off (plain BN).
