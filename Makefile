@@ -1,4 +1,5 @@
-# The README's two commands: `make compare` (the main job) and `make test` (the test suite).
+# The README's two commands: `make compare` (the main job) and `make test` (the test suite;
+# `make test-zoo` runs all of its third-party model zoo).
 # Both create their own virtual environment; torch is pinned through constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: compare demo test data clean
+.PHONY: compare demo test test-zoo data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +29,14 @@ compare: $(VENV)/.installed data
 demo: $(VENV)/.installed data
 	$(PY) -m smallbn demo $(ARGS)
 
+# The suite; of the model zoo (tests/zoo: torchvision, timm and smp architectures through
+# every method) it runs one architecture per family.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 $(ARGS)
+
+# The whole model zoo: every architecture with every method.
+test-zoo: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 -m zoo --zoo=all tests/zoo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -29,6 +29,16 @@ settings.register_profile("thorough", parent=settings.get_profile("smallbn"), ma
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "smallbn"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--zoo",
+        choices=("ci", "all"),
+        default="ci",
+        help="tests/zoo: 'ci' (default) runs one architecture per family with every method, "
+        "'all' every architecture (make test-zoo)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def seed_torch() -> Iterator[None]:
     """Every test starts from the same torch RNG state (and leaves the global one as found)."""
