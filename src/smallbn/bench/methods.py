@@ -10,11 +10,12 @@ its warm-up and clamp start (every path of the layer active) after a weight-cent
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from torch import nn
 
-from smallbn.convert import bind_producers
+from smallbn.convert import ConversionWarning, bind_producers
 from smallbn.registry import available_norms, build_norm
 
 __all__ = [
@@ -99,5 +100,7 @@ def norm_factory(method: str) -> functools.partial[nn.Module]:
 
 def bound(model: nn.Module) -> nn.Module:
     """``model`` with producers bound (Cross-Iteration BN's conv, MABN's centred conv)."""
-    bind_producers(model)
+    with warnings.catch_warnings():  # benchmarks build from scratch: no function to keep
+        warnings.filterwarnings("ignore", "MABN centres", ConversionWarning)
+        bind_producers(model)
     return model

@@ -54,7 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smallbn._io import atomic_write, claim, exclusive_lock
-from smallbn.convert import bind_producers, uses_batch_stats
+from smallbn.convert import ConversionWarning, bind_producers, uses_batch_stats
 from smallbn.experiments.data import (
     DEFAULT_FASHION_MNIST,
     Dataset,
@@ -463,7 +463,9 @@ def run_one(
         norm=_norm_factory(config, total),
     ).to(device)
     model.to(memory_format=_memory_format(device))  # type: ignore[call-overload]
-    bind_producers(model)
+    with warnings.catch_warnings():  # a model trained from scratch: no function to keep
+        warnings.filterwarnings("ignore", "MABN centres", ConversionWarning)
+        bind_producers(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
     )

@@ -4,12 +4,13 @@ small batch on real data, and print a table of test error and step time."""
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from smallbn.convert import convert
+from smallbn.convert import ConversionWarning, convert
 from smallbn.experiments.data import OptionError, load_dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.train import batches, evaluate, train_steps
@@ -68,7 +69,9 @@ def run_demo(
     base = SmallResNet(data.num_classes, data.in_channels)
     rows = []
     for method in methods:
-        model = convert(copy.deepcopy(base), method, **_options(method, steps, batch_size))
+        with warnings.catch_warnings():  # trained from scratch: no function to keep
+            warnings.filterwarnings("ignore", "MABN centres", ConversionWarning)
+            model = convert(copy.deepcopy(base), method, **_options(method, steps, batch_size))
         generator = torch.Generator().manual_seed(seed)
         result = train_steps(
             model, batches(train_x, train_y, batch_size, generator), steps, lr=0.02, progress=method
