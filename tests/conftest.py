@@ -17,6 +17,25 @@ _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make torchvision importable in this process too (tests/zoo/_thirdparty.py says how).
+
+    pytest-xdist's controller re-imports the module of every warning category a worker
+    reports; Lightning's and mmengine's categories import torchvision, whose import fails on
+    this CPU torch without the zoo's stub, and that crashed the whole run."""
+    zoo = str(Path(_TESTS) / "zoo")
+    if zoo not in sys.path:
+        sys.path.append(zoo)
+    try:
+        import _thirdparty
+
+        _thirdparty._import_torchvision()  # returns the error instead of raising
+    except Exception:  # noqa: BLE001 - without the zoo's packages there is nothing to prepare
+        pass
+
+
 settings.register_profile(
     "smallbn",
     deadline=None,  # first calls pay torch's lazy initialization; timing is not under test

@@ -137,7 +137,9 @@ def test_lightning_runs_precise_bn_before_validation_and_refuses_sync_batchnorm(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, loader, loader)
+    with warnings.catch_warnings():  # Lightning's advice on loaders and workers: not ours
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader, loader)
     assert callback.runs == 1
     # the running statistics are the population's: those of the first conv's outputs
     with torch.no_grad():
