@@ -31,6 +31,23 @@ def no_downloads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+@pytest.fixture(autouse=True)
+def threads_per_worker() -> Iterator[None]:
+    """Under pytest-xdist, each worker's torch uses its share of the cores: torch's default
+    (every core in every worker) oversubscribes them, and its spinning threads made the zoo
+    3-4x slower on 2 cores with 2 workers."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from _architectures import ARCHITECTURES
 
