@@ -2,8 +2,10 @@
 models, by nn.Sequential neighbours."""
 
 import ast
+import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -293,3 +295,41 @@ def test_data_parallel_wrappers_are_seen_through():
     search = trace_producers(nn.DataParallel(model), is_norm)
     assert search.method == "fx"
     assert search.producers == {"module.1": "module.0"}
+
+
+class _SamePadConv(nn.Conv2d):
+    """timm's Conv2dSame in miniature: pads by the input's size, which fx cannot trace."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = max(0, (math.ceil(x.shape[-1] / 2) - 1) * 2 + 3 - x.shape[-1])
+        return super().forward(nn.functional.pad(x, [pad // 2, pad - pad // 2] * 2))
+
+
+class _StridedBlock(nn.Module):
+    """Untraceable only because of a child: its own dataflow is plain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_pw = nn.Conv2d(4, 8, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv_dw = _SamePadConv(8, 8, 3, stride=2, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv_pwl = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn1(self.conv_pw(x)))
+        x = torch.relu(self.bn2(self.conv_dw(x)))
+        return self.bn3(self.conv_pwl(x))
+
+
+def test_a_module_untraceable_only_because_of_a_child_pairs_its_own_norms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _StridedBlock())
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)  # the premise: the whole model cannot be traced
+    search = trace_producers(model, is_norm)
+    assert search.method == "submodules"
+    assert set(search.untraced) == {"<root>", "2"}
+    assert search.producers == {"1": "0", "2.bn1": "2.conv_pw", "2.bn3": "2.conv_pwl"}
+    assert "_SamePadConv" in search.unpaired["2.bn2"]
+    assert "subclass of Conv2d" in search.unpaired["2.bn2"]

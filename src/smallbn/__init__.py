@@ -55,6 +55,7 @@ from smallbn.layers import (
     SwitchableNorm2d,
     SwitchableNorm3d,
     SyncBatchNorm,
+    check_finite,
     set_finite_check,
     use_domain,
 )
@@ -124,6 +125,7 @@ __all__ = [
     "precise_bn",
     "register_norm",
     "resolve_norm",
+    "check_finite",
     "set_finite_check",
     "use_domain",
     "uses_batch_stats",

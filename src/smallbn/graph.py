@@ -20,8 +20,12 @@ other consumer, and if not, why:
   flow such as ``if x.sum() > 0`` at the top of a detection or segmentation model): each
   child of an untraceable module is traced on its own, recursively, so every norm whose
   producer sits in the same traceable submodule is paired as the whole-model trace would
-  pair it (a producer output that leaves the submodule counts as used elsewhere).  Norms
-  directly inside an untraceable module stay unpaired, with the reason.  This assumes that
+  pair it (a producer output that leaves the submodule counts as used elsewhere).  An
+  untraceable module is traced once more with each of its children kept whole (one opaque
+  call each): it is often untraceable only because of a child, e.g. timm's ``Conv2dSame``
+  pads by the input's shape, and its own dataflow still pairs the norms it calls directly.
+  Norms directly inside a module whose own forward cannot be traced stay unpaired, with the
+  reason.  This assumes that
   a submodule is run through its ``forward``: a parent that calls a submodule's children one
   by one, bypassing that forward, can make a pair wrong, which no trace of the parent can
   show (callers warn that the result comes from submodules).
@@ -112,15 +116,18 @@ class _LeafTracer(torch.fx.Tracer):
         self,
         is_target: Callable[[nn.Module], bool],
         producer_types: tuple[type[nn.Module], ...],
+        leaves: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__()
         self._is_target = is_target
         self._producer_types = producer_types
+        self._leaves = leaves  # ids of further modules to keep whole
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
             self._is_target(m)
             or _is_producer(m, self._producer_types)
+            or id(m) in self._leaves
             or super().is_leaf_module(m, module_qualified_name)
         )
 
@@ -194,6 +201,15 @@ def _producer_problem(
                 f"({type(module).__name__}), whose weights are not materialized yet: run one "
                 f"forward pass first, then pair again (smallbn.bind_producers(model))"
             )
+    if isinstance(source, torch.fx.Node) and source.op == "call_module":
+        module = modules[str(source.target)]
+        if isinstance(module, producer_types) and not _is_producer(module, producer_types):
+            return (
+                f"input comes from '{source.target}' ({type(module).__name__}), a subclass of "
+                f"{type(module).__mro__[1].__name__} that may "
+                f"transform its input or weight in its own forward (padding, weight "
+                f"standardization), which a rewrite of its stored weight would not survive"
+            )
     if not (
         isinstance(source, torch.fx.Node)
         and source.op == "call_module"
@@ -219,6 +235,36 @@ def _trace_error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
+def _called_children(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The children ``module``'s forward can call: its children, with the contents of
+    ``ModuleList``/``ModuleDict`` containers (which have no forward) in their place."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found += _called_children(child, f"{prefix}{name}.")
+        else:
+            found.append((f"{prefix}{name}", child))
+    return found
+
+
+def _trace_with_children_whole(
+    module: nn.Module,
+    is_target: Callable[[nn.Module], bool],
+    producer_types: tuple[type[nn.Module], ...],
+) -> torch.fx.Graph | None:
+    """``module``'s own forward traced with each of its children as one opaque call, or
+    ``None`` if even that fails.  A module is often untraceable only because of a child
+    (timm's ``Conv2dSame`` pads by the input's shape); its own dataflow still pairs the norms
+    it calls directly with the plain convs it calls directly."""
+    children = frozenset(id(child) for _, child in _called_children(module))
+    try:
+        return _LeafTracer(is_target, producer_types, children).trace(module)
+    except Exception:  # its own forward is untraceable too
+        return None
+
+
 def _pair_submodules(
     model: nn.Module,
     is_target: Callable[[nn.Module], bool],
@@ -231,6 +277,20 @@ def _pair_submodules(
     unpaired: dict[str, str] = {}
     untraced: dict[str, str] = {"<root>": error}
     tracer = _LeafTracer(is_target, producer_types)
+
+    def pair_direct_calls(module: nn.Module, name: str) -> None:
+        """For an untraceable ``module``: its dataflow between children, when that can be
+        traced, pairs the norms it calls directly; those inside its children come from their
+        own traces."""
+        own = _trace_with_children_whole(module, is_target, producer_types)
+        if own is None:
+            return
+        called = dict(_called_children(module))
+        direct = {n: m for n, m in called.items() if is_target(m)}
+        found = _pair_fx(module, own, direct, producer_types, aliases)
+        prefix = f"{name}." if name else ""
+        producers.update({f"{prefix}{t}": f"{prefix}{p}" for t, p in found.producers.items()})
+        unpaired.update({f"{prefix}{t}": why for t, why in found.unpaired.items()})
 
     def visit(module: nn.Module, prefix: str) -> None:
         for child_name, child in module._modules.items():
@@ -249,12 +309,14 @@ def _pair_submodules(
                 graph = tracer.trace(child)
             except Exception as child_error:  # as in trace_producers: untraceable user code
                 untraced[name] = _trace_error(child_error)
+                pair_direct_calls(child, name)
                 visit(child, f"{name}.")
                 continue
             found = _pair_fx(child, graph, inner, producer_types, aliases)
             producers.update({f"{name}.{t}": f"{name}.{p}" for t, p in found.producers.items()})
             unpaired.update({f"{name}.{t}": why for t, why in found.unpaired.items()})
 
+    pair_direct_calls(model, "")
     visit(model, "")
     for name, module in _targets(model, is_target).items():
         if name in producers or name in unpaired:

@@ -31,33 +31,7 @@ _BATCH_STATS = {"bn", "syncbn", "brn", "ghostbn", "domainbn", "cbn"}
 _STEPS_THAT_RUN = {"train_b1", "train_b2", "precise_bn", "fold", "state_dict", "back_to_bn"}
 _ONE_VALUE = r"value per channel|single value per sample"
 
-_TF_EFFICIENTNET = (
-    "a module whose forward torch.fx cannot trace hides all of its own norms from the producer "
-    "search, also those fed by plain convs it calls directly (timm's tf_efficientnet_b0: the "
-    "Conv2dSame inside each stride-2 block pads by the input's shape, so the block's trace "
-    "fails and its conv_pw->bn1 and conv_pwl->bn3 pairs are lost)"
-)
-
-KNOWN: list[tuple[Pattern, Pattern, Pattern, str]] = [
-    (
-        {"timm_tf_efficientnet_b0"},
-        {"cbn"},
-        {"convert"},
-        f"{_TF_EFFICIENTNET}: CBN pairs 35 of the 44 norms with a producer",
-    ),
-    (
-        {"timm_tf_efficientnet_b0"},
-        {"mabn"},
-        {"convert"},
-        f"{_TF_EFFICIENTNET}: MABN centres 35 of the 44 convs that feed a norm alone",
-    ),
-    (
-        {"timm_tf_efficientnet_b0"},
-        {"bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "mabn", "cbn"},
-        {"fold"},
-        f"{_TF_EFFICIENTNET}: fold folds 35 of the 44 foldable norms",
-    ),
-]
+KNOWN: list[tuple[Pattern, Pattern, Pattern, str]] = []
 
 REFUSED: list[tuple[Pattern, Pattern, Pattern, type[Exception], str]] = [
     # ASPP pooling (1x1): a batch of one has one value per channel

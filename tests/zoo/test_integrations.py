@@ -152,3 +152,30 @@ def test_lightning_runs_precise_bn_before_validation_and_refuses_sync_batchnorm(
             max_epochs=1, callbacks=[PreciseBN()], accelerator="cpu", sync_batchnorm=True,
             logger=False, enable_progress_bar=False, enable_model_summary=False,
         ).fit(Module(), loader)  # fmt: skip
+
+
+def test_mabn_keeps_a_pretrained_models_function_without_centring():
+    """Weight centring cannot keep a pretrained conv's function: ``conv(x, W)`` is
+    ``conv(x, W - m) + m·Σ_window x``, and the second term depends on the input, so no bias or
+    shift reproduces it.  ``center_producer=False`` keeps the convs; eval is then BN's."""
+    from _architectures import ARCHITECTURES
+
+    model = ARCHITECTURES["tv_resnet18"].build()
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # "pretrained": statistics that are not 0/1
+            module.running_mean.normal_(0.0, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConversionWarning: nothing changes function
+        kept = smallbn.convert(model, "mabn", center_producer=False).eval()
+    assert not any(isinstance(m, smallbn.CenteredConv2d) for m in kept.modules())
+    torch.testing.assert_close(kept(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(smallbn.ConversionWarning, match="centres the weights"):
+        centred = smallbn.convert(model, "mabn").eval()
+    assert (centred(x) - expected).abs().max() > 1e-2
+    back = smallbn.convert(centred, "bn")  # plain convs again, holding the centred weights
+    assert not any(isinstance(m, smallbn.CenteredConv2d) for m in back.modules())

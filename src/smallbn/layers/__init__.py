@@ -1,6 +1,6 @@
 """Normalization layers: one file per method, all on the shared statistics core."""
 
-from smallbn.layers._base import BatchStatsNorm, NormBase, set_finite_check
+from smallbn.layers._base import BatchStatsNorm, NormBase, check_finite, set_finite_check
 from smallbn.layers.batch_renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from smallbn.layers.centered_conv import CenteredConv1d, CenteredConv2d, CenteredConv3d
 from smallbn.layers.cross_iteration import (
@@ -83,6 +83,7 @@ __all__ = [
     "SwitchableNorm2d",
     "SwitchableNorm3d",
     "SyncBatchNorm",
+    "check_finite",
     "set_finite_check",
     "use_domain",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,14 @@ from smallbn.stats import (
     update_running_stats,
 )
 
-__all__ = ["BatchStatsNorm", "NormBase", "set_finite_check"]
+__all__ = ["BatchStatsNorm", "FiniteCheck", "NormBase", "check_finite", "set_finite_check"]
 
-_FINITE_CHECK = True
+#: ``"auto"``: every step on CPU, deferred elsewhere; ``"step"``: every step on every device;
+#: ``"deferred"``: deferred on every device; ``"off"``: never (see :func:`set_finite_check`).
+FiniteCheck = Literal["auto", "step", "deferred", "off"]
+_FINITE_CHECK: FiniteCheck = "auto"
+#: Training calls of a layer between two reads of its deferred flag.
+_DEFERRED_INTERVAL = 100
 
 AffineFn = Callable[[Moments], tuple[Tensor | None, Tensor | None]]
 
@@ -49,20 +54,72 @@ _SYNC_FIX = (
     "group_size / norm_batch_size / num_domains / window) and feed it inputs of one dtype; "
     "batch and spatial sizes may differ."
 )
+#: Synchronized training calls of a layer between two checks that the ranks agree on its
+#: configuration (every rank counts the same calls, so every rank checks at the same call).
+_SIGNATURE_INTERVAL = 100
 
 _SHAPES = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 _RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
 
 
-def set_finite_check(enabled: bool) -> bool:
-    """Turn the per-step check for NaN/Inf batch statistics on or off; returns the old value.
+def set_finite_check(mode: bool | FiniteCheck, *, interval: int | None = None) -> FiniteCheck:
+    """Choose how layers detect NaN/Inf batch statistics; returns the previous mode.
 
-    The check reads one scalar back from the device per layer and step; on CPU that is free,
-    on CUDA it is a synchronization that throughput-critical jobs may want to skip.
+    A non-finite statistic poisons the running statistics and every later output, so layers
+    look for one in every training step.  Reading the answer on the host is free on CPU but a
+    device synchronization on CUDA (one per layer and step: 53 in a ResNet-50), which also
+    breaks CUDA graphs and ``torch.compile`` graphs.  Hence the modes:
+
+    * ``"auto"`` (default, also ``True``): on CPU, outside ``torch.compile``, as ``"step"``;
+      elsewhere as ``"deferred"``.
+    * ``"step"``: every layer reads its flag every step and raises at once, naming the layer,
+      the channels and the cause (a non-finite input, or a finite one whose squares overflow);
+      the rejected step leaves the layer's state unchanged.  Under ``torch.compile`` each
+      read is a graph break: the strict mode, for debugging.
+    * ``"deferred"``: each layer keeps a device-side flag (the first of its training calls
+      whose statistics were not finite) with no host read in the step, and reads it every
+      ``interval`` training calls (default 100), when it is put in eval mode, and in
+      :func:`check_finite`.  The error names the layer and the call; the running statistics
+      of the steps in between may already hold NaN.
+    * ``"off"`` (also ``False``): no check.
     """
-    global _FINITE_CHECK
-    old, _FINITE_CHECK = _FINITE_CHECK, bool(enabled)
+    global _FINITE_CHECK, _DEFERRED_INTERVAL
+    modes: tuple[FiniteCheck, ...] = ("auto", "step", "deferred", "off")
+    chosen: FiniteCheck
+    if isinstance(mode, bool):
+        chosen = "auto" if mode else "off"
+    elif mode in modes:
+        chosen = mode
+    else:
+        raise ValueError(f"set_finite_check: mode must be one of {modes} or a bool, got {mode!r}")
+    if interval is not None:
+        if isinstance(interval, bool) or int(interval) < 1:
+            raise ValueError(f"set_finite_check: interval must be >= 1, got {interval!r}")
+        _DEFERRED_INTERVAL = int(interval)
+    old, _FINITE_CHECK = _FINITE_CHECK, chosen
     return old
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise ``FloatingPointError`` if a layer of ``model`` recorded non-finite batch
+    statistics under the deferred check (:func:`set_finite_check`), naming the first one:
+    the earliest training call, then the first in module order.  One host read per device.
+    Call it where a synchronization costs nothing, e.g. after logging the loss."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, NormBase)]
+    if not layers:
+        return
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, layer) in enumerate(layers):
+        by_device.setdefault(layer._nonfinite_call.device, []).append(i)
+    first: list[int] = [-1] * len(layers)
+    for indices in by_device.values():
+        values = torch.stack([layers[i][1]._nonfinite_call for i in indices]).tolist()
+        for i, value in zip(indices, values, strict=True):
+            first[i] = int(value)
+    found = [(call, i) for i, call in enumerate(first) if call >= 0]
+    if found:
+        call, i = min(found)
+        layers[i][1]._raise_deferred(call)
 
 
 def _affine_from_stats(
@@ -162,6 +219,14 @@ class NormBase(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        # The deferred finite check (set_finite_check): this layer's training calls so far
+        # and the first whose statistics were not finite (-1: none), kept on the device
+        # (never in the state_dict) so that recording costs no host read.
+        long = {"dtype": torch.long, "device": device}
+        self.register_buffer("_training_calls", torch.zeros((), **long), persistent=False)
+        self.register_buffer("_nonfinite_call", torch.full((), -1, **long), persistent=False)
+        self._unchecked_calls = 0  # host-side: calls since the deferred flag was last read
+        self._synchronized_calls = 0  # host-side: for the ranks' agreement check
         self.reset_parameters()
 
     # -- state ---------------------------------------------------------------------------
@@ -240,6 +305,57 @@ class NormBase(nn.Module):
             f"affine={self.affine}, track_running_stats={self.track_running_stats}"
         )
         return text + (", bias=False" if self.affine and self.bias is None else "")
+
+    # -- the finite check (set_finite_check) ---------------------------------------------
+
+    def _finite_check_now(self, value: Tensor) -> bool | None:
+        """How to check ``value`` (a statistic of this step) for NaN/Inf: ``True`` on the host
+        now, ``False`` deferred (:meth:`_record_finite`), ``None`` not at all."""
+        mode = _FINITE_CHECK
+        if mode == "off":
+            return None
+        if mode == "step":
+            return True
+        if mode == "auto":
+            return value.device.type == "cpu" and not torch.compiler.is_compiling()
+        return False
+
+    def _record_finite(self, finite: Tensor) -> None:
+        """Deferred check: remember, on the device, whether ``finite`` (a 0-dim bool tensor)
+        is false at this training call, with no host read; read the flag every
+        ``interval`` eager calls (:func:`set_finite_check`)."""
+        calls, first = self._training_calls, self._nonfinite_call
+        calls.add_(1)
+        first.copy_(torch.where(finite.to(first.device) | (first >= 0), first, calls))
+        if torch.compiler.is_compiling():
+            return  # the compiled graph keeps no host state: check_finite() reads the flag
+        self._unchecked_calls += 1
+        if self._unchecked_calls >= _DEFERRED_INTERVAL:
+            self._read_deferred()
+
+    def _read_deferred(self) -> None:
+        """One host read of the deferred flag; raises if a call recorded non-finite values."""
+        self._unchecked_calls = 0
+        call = int(self._nonfinite_call)
+        if call >= 0:
+            self._raise_deferred(call)
+
+    def _raise_deferred(self, call: int) -> None:
+        raise FloatingPointError(
+            f"{self.describe()}: batch statistics were NaN or Inf in training call {call} of "
+            f"this layer (found by the deferred check, which reads a device-side flag every "
+            f"{_DEFERRED_INTERVAL} calls, in eval() and in smallbn.check_finite(model); the "
+            f"running statistics may hold NaN since). Either the input contains NaN/Inf or "
+            f"its values square past the statistics' dtype (|x| above ~1e19 in float32). "
+            f"Rerun with smallbn.set_finite_check('step') to stop at that step with the "
+            f"channels and the cause; usual fixes are a lower learning rate, gradient "
+            f"clipping, or scaling the input down."
+        )
+
+    def train(self, mode: bool = True) -> NormBase:
+        if not mode and self.training and _FINITE_CHECK != "off" and self._unchecked_calls:
+            self._read_deferred()  # leaving training: the place to surface a deferred NaN
+        return super().train(mode)
 
     def describe(self) -> str:
         """How error messages name this layer: its path in the model when known."""
@@ -438,9 +554,7 @@ class BatchStatsNorm(NormBase):
         if self.training or not self.track_running_stats:
             group = self._sync_group()
             if group is not None:  # before any state changes and any statistics exchange
-                _distributed.check_same_on_all_ranks(
-                    self._sync_signature(x), group, x.device, self.describe(), _SYNC_FIX
-                )
+                self._check_ranks_agree(x, group)
             factor = self._advance_step()
             try:
                 return self._forward_train(x, factor, *args)
@@ -490,6 +604,25 @@ class BatchStatsNorm(NormBase):
         "num_domains",
         "window",
     )
+
+    def _check_ranks_agree(self, x: Tensor, group: _distributed.ProcessGroup) -> None:
+        """The ranks' agreement on this layer's configuration, at its first synchronized
+        training call and every ``_SIGNATURE_INTERVAL`` calls after (one collective and one
+        host read each time): every rank counts the same calls, so all check together.  A
+        configuration that later changes on one rank is caught at the next check."""
+        if torch.compiler.is_compiling():
+            # A compiled step keeps no host counter (dynamo would recompile for each value):
+            # only a layer never checked before checks, once.
+            due = self._synchronized_calls == 0
+            self._synchronized_calls = max(self._synchronized_calls, 1)
+        else:
+            due = self._synchronized_calls % _SIGNATURE_INTERVAL == 0
+            self._synchronized_calls += 1
+        if not due:
+            return
+        _distributed.check_same_on_all_ranks(
+            self._sync_signature(x), group, x.device, self.describe(), _SYNC_FIX
+        )
 
     def _sync_signature(self, x: Tensor) -> dict[str, int | str | None]:
         """What every rank of the sync group must agree on, checked once per synchronized
@@ -670,10 +803,16 @@ class BatchStatsNorm(NormBase):
         """Raise ``FloatingPointError`` naming the layer if ``moments`` hold a NaN/Inf; with
         the layer's input ``x`` the message tells a non-finite input from a finite one whose
         squares overflow the statistics' dtype (|x| above ~1e19 in float32: the variance of
-        a batch of such values is not representable, and neither is a running variance)."""
-        if not _FINITE_CHECK:
+        a batch of such values is not representable, and neither is a running variance).
+        Deferred (:func:`set_finite_check`), only a device-side flag is recorded."""
+        total = moments.mean.sum() + moments.var.sum()
+        now = self._finite_check_now(total)
+        if now is None:
             return
-        if bool(torch.isfinite(moments.mean.sum() + moments.var.sum())):
+        if not now:
+            self._record_finite(torch.isfinite(total))
+            return
+        if bool(torch.isfinite(total)):
             return
         bad = ~(torch.isfinite(moments.mean) & torch.isfinite(moments.var))
         if not bool(bad.any()):

@@ -22,7 +22,6 @@ import math
 import torch
 from torch import Tensor
 
-from smallbn.layers import _base
 from smallbn.layers._base import NormBase
 from smallbn.stats import stats_dtype
 
@@ -111,8 +110,11 @@ class GroupNorm(NormBase):
             )
         weight, bias = self._affine_for(x)
         y, mean, rstd = self._group_norm(x, weight, bias, self.eps)
-        if _base._FINITE_CHECK and not _usable(mean, rstd):  # one host read of (N, G) values
+        now = self._finite_check_now(rstd)
+        if now and not bool(_usable(mean, rstd)):  # one host read of (N, G) values
             y = self._recover(x, weight, bias)
+        elif now is False:  # deferred: a finite overflow is then reported, not recovered
+            self._record_finite(_usable(mean, rstd))
         return y
 
     def _affine_for(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -166,7 +168,7 @@ class GroupNorm(NormBase):
             wide, eps = wide * scale, eps * scale * scale
         wide_params = [None if p is None else p.to(torch.float64) for p in (weight, bias)]
         y, mean, rstd = self._group_norm(wide, *wide_params, eps)
-        if not _usable(mean, rstd):
+        if not bool(_usable(mean, rstd)):
             raise ValueError(
                 f"{self.describe()}: a group of the input has no usable statistics (zero "
                 f"variance with eps={self.eps}, or a variance beyond float64's range; input "
@@ -202,10 +204,10 @@ def _layout(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _usable(mean: Tensor, rstd: Tensor) -> bool:
+def _usable(mean: Tensor, rstd: Tensor) -> Tensor:
     """Whether every group's mean is finite and ``1/sqrt(σ² + eps)`` finite and positive (0
     where σ² overflowed, NaN for a non-finite input, Inf for zero variance with eps = 0)."""
-    return bool(torch.isfinite(mean).all() & torch.isfinite(rstd).all() & (rstd > 0).all())
+    return torch.isfinite(mean).all() & torch.isfinite(rstd).all() & (rstd > 0).all()
 
 
 class LayerNorm(GroupNorm):

@@ -97,7 +97,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
-from smallbn.layers import _base
 from smallbn.layers._base import BatchStatsNorm
 from smallbn.layers.centered_conv import (
     CenteredConv1d,
@@ -796,7 +795,10 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
     def _check_chi2(self, chi2: Tensor, x: Tensor | None = None) -> None:
         # One reduction in the common case (a NaN/Inf anywhere makes the sum non-finite; the
         # values are ≥ 0, so no Inf − Inf); the base's check builds the message otherwise.
-        if _base._FINITE_CHECK and not math.isfinite(float(chi2.sum())):
+        now = self._finite_check_now(chi2)
+        if now is False:
+            self._record_finite(torch.isfinite(chi2.sum()))
+        elif now and not math.isfinite(float(chi2.sum())):
             second = Moments(chi2.new_ones(chi2.shape[0]), chi2, torch.zeros_like(chi2))
             self._check_finite(second, x)
 
@@ -804,9 +806,13 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         """Raise ``FloatingPointError`` if the running variance about to be stored is not
         finite (a finite ``χ²`` can still overflow a float16/bfloat16 ``running_var``, and an
         Inf there turns every later ``r``, hence every output, into NaN)."""
-        if not _base._FINITE_CHECK:
+        now = self._finite_check_now(stored)
+        if now is None:
             return
         # The values are ≥ 0 and summed in float64: the sum is finite iff every value is.
+        if now is False:
+            self._record_finite(torch.isfinite(stored.sum(dtype=torch.float64)))
+            return
         if math.isfinite(float(stored.sum(dtype=torch.float64))):
             return
         bad = (~torch.isfinite(stored)).nonzero().flatten().tolist()
