@@ -80,8 +80,20 @@ def _count_host_reads(monkeypatch: pytest.MonkeyPatch, step) -> list[str]:  # ty
     return found + mode.found
 
 
+#: Methods that still read the host in a step (issue 23, in progress): strict xfails.
+_STILL_READING = {"cbn", "domainbn", "mabn"}
+
+
 @pytest.mark.filterwarnings("ignore::smallbn.ConversionWarning")
-@pytest.mark.parametrize("method", smallbn.available_norms())
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="issue 23"))
+        if m in _STILL_READING
+        else m
+        for m in smallbn.available_norms()
+    ],
+)
 def test_a_training_and_an_eval_step_read_nothing_back(
     method: str, deferred: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
