@@ -119,7 +119,7 @@ def test_a_training_and_an_eval_step_read_nothing_back(
 def test_the_detector_sees_the_strict_checks_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     old = smallbn.set_finite_check("step")
     try:
-        model = _block("bn")
+        model = _block("brn")
         x = torch.randn(2, 3, 6, 6)
         found = _count_host_reads(monkeypatch, lambda: model(x).sum().backward())
     finally:
