@@ -1,4 +1,4 @@
-"""Run a test body in a world of gloo processes on this machine (spawned, loopback only).
+"""Run a test body in a world of gloo (or NCCL) processes on this machine (spawned, loopback only).
 
 ``run_world(body, world, tmp)`` spawns ``world`` processes; each joins a gloo group through a
 file store, calls ``body(rank, world)`` (a module-level function, so that it pickles by name)
@@ -28,11 +28,13 @@ __all__ = ["run_world"]
 Body = Callable[[int, int], Any]
 
 
-def _worker(rank: int, world: int, store: str, out_dir: str, body: Body) -> None:
+def _worker(rank: int, world: int, store: str, out_dir: str, body: Body, backend: str) -> None:
     try:
         torch.set_num_threads(1)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank: cuda:rank
         dist.init_process_group(
-            "gloo",
+            backend,
             store=dist.FileStore(store, world),
             rank=rank,
             world_size=world,
@@ -60,8 +62,11 @@ def _error_files(out_dir: Path) -> str:
     return "".join(f"\n--- {rank} ---\n{trace}" for _, rank, trace in sorted(errors))
 
 
-def run_world(body: Body, world: int, tmp: Path, deadline_s: float = 180.0) -> list[Any]:
-    """``[body(0, world), …, body(world − 1, world)]``, each computed in its own process."""
+def run_world(
+    body: Body, world: int, tmp: Path, deadline_s: float = 180.0, backend: str = "gloo"
+) -> list[Any]:
+    """``[body(0, world), …, body(world − 1, world)]``, each computed in its own process
+    (``backend="nccl"``: rank r on ``cuda:r``)."""
     out_dir = tmp / "out"
     out_dir.mkdir()
     store = tmp / "filestore"
@@ -70,7 +75,7 @@ def run_world(body: Body, world: int, tmp: Path, deadline_s: float = 180.0) -> l
     try:
         context = mp.start_processes(
             _worker,
-            args=(world, str(store), str(out_dir), body),
+            args=(world, str(store), str(out_dir), body, backend),
             nprocs=world,
             join=False,
             start_method="spawn",

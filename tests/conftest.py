@@ -65,3 +65,13 @@ def seed_torch() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.random.set_rng_state(state)
+
+
+#: The devices every device-parametrised test runs on: CPU always, CUDA where torch sees a GPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """A test taking ``device`` runs once per available device (``DEVICES``)."""
+    return torch.device(request.param)

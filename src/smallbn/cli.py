@@ -492,8 +492,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         parser.add_argument(
             "--no-finite-check",
             action="store_true",
-            help="skip smallbn's per-step NaN/Inf check of batch statistics (a device sync per "
-            "layer and step on CUDA; see smallbn.set_finite_check)",
+            help="turn smallbn's NaN/Inf check of batch statistics off (default: its 'auto' "
+            "mode, every step on CPU and deferred, with no host read, on CUDA; see "
+            "smallbn.set_finite_check)",
         )
         parser.add_argument(
             "--output-dir", default="runs/bench", help="where <layers|network>.json/.md go"

@@ -81,8 +81,8 @@ class Settings:
         threads: ``torch.set_num_threads`` during the measurement.
         seed: ``torch.manual_seed`` before the models and inputs are built.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        finite_check: smallbn's per-step NaN/Inf check of batch statistics
-            (:func:`smallbn.set_finite_check`; on CUDA a device sync per layer and step).
+        finite_check: smallbn's NaN/Inf check of batch statistics in its ``"auto"`` mode
+            (:func:`smallbn.set_finite_check`: every step on CPU, deferred on CUDA), or off.
     """
 
     repeats: int = 50
