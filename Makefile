@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: compare demo test test-zoo data clean
+.PHONY: compare demo test test-zoo gpu-check data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ test: $(VENV)/.installed
 # The whole model zoo: every architecture with every method.
 test-zoo: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 -m zoo --zoo=all tests/zoo $(ARGS)
+
+# On a machine with one CUDA GPU and its own torch (no virtual environment: such machines
+# may reach no package registry): the CUDA tests, the benchmarks on CUDA and a ResNet-50
+# training step per method, eager and compiled (benchmarks/gpu_check.py; under 8 minutes
+# on one H100). Results in $(OUT), default runs/gpu_check.
+OUT ?= runs/gpu_check
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
