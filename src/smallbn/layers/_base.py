@@ -119,7 +119,8 @@ def check_finite(model: nn.Module) -> None:
     found = [(call, i) for i, call in enumerate(first) if call >= 0]
     if found:
         call, i = min(found)
-        layers[i][1]._raise_deferred(call)
+        name, layer = layers[i]
+        layer._raise_deferred(call, name)
 
 
 def _affine_from_stats(
@@ -340,9 +341,13 @@ class NormBase(nn.Module):
         if call >= 0:
             self._raise_deferred(call)
 
-    def _raise_deferred(self, call: int) -> None:
+    def _raise_deferred(self, call: int, where: str | None = None) -> None:
+        """The deferred check's error (``where``: the layer's path, if the caller knows it)."""
+        who = self.describe()
+        if where and " at '" not in who:
+            who = f"{who} at '{where}'"
         raise FloatingPointError(
-            f"{self.describe()}: batch statistics were NaN or Inf in training call {call} of "
+            f"{who}: batch statistics were NaN or Inf in training call {call} of "
             f"this layer (found by the deferred check, which reads a device-side flag every "
             f"{_DEFERRED_INTERVAL} calls, in eval() and in smallbn.check_finite(model); the "
             f"running statistics may hold NaN since). Either the input contains NaN/Inf or "
