@@ -10,6 +10,18 @@ running statistics of domain d.  ``running_mean``/``running_var`` have shape
 ``(num_domains, C)`` under BN's names; a BN checkpoint (shape ``(C,)``) loads by copying its
 statistics to every domain.  The domain is chosen per call (``layer(x, domain=1)``), per
 sample (a LongTensor of N domain ids), or for a whole model with :func:`use_domain`.
+
+Structural checks and host reads.  Training needs more than one value per channel in every
+domain present, and ids must lie in ``[0, num_domains)``.  With an ``int`` domain (and no
+synchronization) both are decided on the host from the shapes.  With a tensor of ids they
+depend on the ids' values: on CPU (outside ``torch.compile``) and in the strict finite-check
+mode ``"step"`` they are read at once and raise before any state changes; elsewhere (CUDA,
+compiled graphs) a host read would synchronize every step, so the check is *deferred* like
+the finite check (:func:`smallbn.set_finite_check`): the step runs with out-of-range ids
+clamped into range, the first such training call is recorded on the device together with
+its cause (``_domain_problem``), and the error (naming the layer, the call and the cause) is
+raised when the deferred flag is read: every ``interval`` training calls, in ``eval()`` and
+in :func:`smallbn.check_finite`.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from smallbn import _distributed
+from smallbn.layers import _base
 from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
 from smallbn.stats import (
     Moments,
@@ -33,7 +46,14 @@ from smallbn.stats import (
     normalize_from_sample_moments,
     normalize_with_population,
     sample_moments,
+    update_running_stats,
 )
+
+#: Bits of ``DomainBatchNorm._domain_problem``: what a deferred check found at the recorded call.
+_OUT_OF_RANGE = 1  # a domain id outside [0, num_domains)
+_ONE_VALUE = 2  # a domain present in a training batch with one value per channel
+_NOT_FINITE = 4  # NaN/Inf batch statistics
+_IN_EVAL = 8  # found in an evaluation call (after the recorded number of training calls)
 
 __all__ = [
     "DomainBatchNorm",
@@ -91,6 +111,11 @@ class DomainBatchNorm(BatchStatsNorm):
             process_group=process_group,
         )
         self.active_domain = 0
+        # What the deferred structural check found at the call recorded in _nonfinite_call
+        # (bits _OUT_OF_RANGE, ...; 0: nothing), on the device: recording costs no host read.
+        self.register_buffer(
+            "_domain_problem", torch.zeros((), dtype=torch.long, device=device), persistent=False
+        )
 
     def _stats_shape(self) -> tuple[int, ...]:
         return (self.num_domains, self.num_features)
@@ -208,29 +233,103 @@ class DomainBatchNorm(BatchStatsNorm):
         )
 
     def _domain_index(self, x: Tensor, domain: object) -> Tensor:
-        """Every sample's domain id (``(N,)`` long on ``x``'s device), checked."""
-        domain = self._check_domain(self.active_domain if domain is None else domain)
-        if isinstance(domain, Tensor):
-            index = domain.to(device=x.device, dtype=torch.long)
-            if index.dim() == 0:  # one domain for the whole batch
-                index = index.expand(x.shape[0]).contiguous()
-            elif index.numel() != x.shape[0]:
-                raise ValueError(
-                    f"{self.describe()}: got {index.numel()} domain ids for a batch of "
-                    f"{x.shape[0]} samples; pass one id per sample or a single int"
-                )
-            bad = (
-                bool(((index < 0) | (index >= self.num_domains)).any()) if index.numel() else False
-            )
-        else:
-            bad = not 0 <= domain < self.num_domains
-            index = torch.full((x.shape[0],), domain, dtype=torch.long, device=x.device)
-        if bad:
-            raise ValueError(
-                f"{self.describe()}: domain ids must lie in [0, {self.num_domains}), got "
-                f"{domain}; build the layer with a larger num_domains"
-            )
+        """Every sample's domain id (``(N,)`` long on ``x``'s device), checked on the host now
+        (:meth:`population_moments`, outside any training step)."""
+        index, _ = self._checked_index(x, self._check_domain(domain), on_host=True)
         return index
+
+    def _checked_index(
+        self, x: Tensor, domain: int | Tensor, *, on_host: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Every sample's domain id (``(N,)`` long on ``x``'s device) for a domain already
+        through :meth:`_check_domain`, and whether an id is out of range.
+
+        An ``int`` is checked on the host (no read).  A tensor's values are read now when
+        ``on_host`` (raising the clear error); otherwise the ids are clamped into range, so
+        that the step cannot index out of bounds (a device-side assert on CUDA), and the
+        0-dim bool "an id was out of range" comes back for the deferred check.
+        """
+        if not isinstance(domain, Tensor):
+            if not 0 <= domain < self.num_domains:
+                self._raise_out_of_range(domain)
+            return torch.full((x.shape[0],), domain, dtype=torch.long, device=x.device), None
+        index = domain.to(device=x.device, dtype=torch.long)
+        if index.dim() == 0:  # one domain for the whole batch
+            index = index.expand(x.shape[0]).contiguous()
+        elif index.numel() != x.shape[0]:  # a shape: known on the host
+            raise ValueError(
+                f"{self.describe()}: got {index.numel()} domain ids for a batch of "
+                f"{x.shape[0]} samples; pass one id per sample or a single int"
+            )
+        outside = (index < 0) | (index >= self.num_domains)
+        if on_host:
+            if index.numel() and bool(outside.any()):
+                self._raise_out_of_range(domain)
+            return index, None
+        return index.clamp(0, self.num_domains - 1), outside.any()
+
+    def _raise_out_of_range(self, domain: object) -> None:
+        raise ValueError(
+            f"{self.describe()}: domain ids must lie in [0, {self.num_domains}), got "
+            f"{domain}; build the layer with a larger num_domains"
+        )
+
+    def _checks_on_host(self, x: Tensor) -> bool:
+        """Whether checks that depend on the values of tensor domain ids read them now: on
+        CPU outside ``torch.compile`` (a read is free there), and in the strict finite-check
+        mode ``"step"``; elsewhere they are deferred (module docstring)."""
+        on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        return on_cpu or self._finite_check_now(x) is True
+
+    def _record_problem(self, problem: Tensor, *, training: bool = True) -> None:
+        """Deferred check: record ``problem`` (a 0-dim long of ``_OUT_OF_RANGE``, … bits,
+        0 for none) with no host read.  The cause is kept for the first call with a problem,
+        the call itself by the finite check's flag (one record per training call, so that
+        call numbers count training calls).  An evaluation call records the number of
+        training calls before it, without counting itself."""
+        first = self._nonfinite_call
+        problem = problem.to(first.device)
+        cause = problem if training else torch.where(problem != 0, problem | _IN_EVAL, problem)
+        self._domain_problem.copy_(torch.where(first < 0, cause, self._domain_problem))
+        if training:
+            self._record_finite(problem == 0)
+        else:
+            first.copy_(torch.where((problem == 0) | (first >= 0), first, self._training_calls))
+
+    def _raise_deferred(self, call: int) -> None:
+        """The deferred error: a domain-specific cause when one was recorded (ids out of range,
+        a domain with one value per channel: a ``ValueError``, as the immediate check
+        raises), the base's non-finite-statistics error otherwise."""
+        problem = int(self._domain_problem)
+        causes = []
+        if problem & _OUT_OF_RANGE:
+            causes.append(
+                f"domain ids outside [0, {self.num_domains}) (the step used them clamped into "
+                f"range; build the layer with a larger num_domains)"
+            )
+        if problem & _ONE_VALUE:
+            causes.append(
+                "a domain present in the batch with a single value per channel, whose batch "
+                "variance is undefined (use a larger batch or more samples per domain, or "
+                "put the layer in eval mode)"
+            )
+        if not causes:
+            super()._raise_deferred(call)  # non-finite statistics only
+            return
+        where = (
+            f"an evaluation call after training call {call}"
+            if problem & _IN_EVAL
+            else f"training call {call}"
+        )
+        also = " Its batch statistics were also NaN or Inf." if problem & _NOT_FINITE else ""
+        raise ValueError(
+            f"{self.describe()}: {where} of this layer had {' and '.join(causes)}. Found by "
+            f"the deferred check of per-sample domain ids (on CUDA and in compiled graphs a "
+            f"check of the ids' values would read them back every step); it is read every "
+            f"{_base._DEFERRED_INTERVAL} training calls, in eval() and in "
+            f"smallbn.check_finite(model), and the running statistics may have moved since.{also} "
+            f"Rerun on CPU or with smallbn.set_finite_check('step') to stop at that step."
+        )
 
     def forward(self, x: Tensor, domain: int | Tensor | None = None) -> Tensor:  # type: ignore[override]
         """Normalize ``x`` with the statistics of ``domain``: an int or a 0-dim integer tensor
@@ -241,29 +340,61 @@ class DomainBatchNorm(BatchStatsNorm):
 
     def _forward_eval(self, x: Tensor, *args: Any) -> Tensor:
         domain = self._check_domain(self.active_domain if args[0] is None else args[0])
-        if not isinstance(domain, Tensor) and 0 <= domain < self.num_domains:
+        running_mean, running_var = self.running_stats()
+        if not isinstance(domain, Tensor):
+            if not 0 <= domain < self.num_domains:
+                self._raise_out_of_range(domain)
             # one domain for the whole batch: BN's inference with that domain's statistics
-            running_mean, running_var = self.running_stats()
             return normalize_with_population(
                 x, running_mean[domain], running_var[domain], self.eps, self.weight, self.bias
             )
-        index = self._domain_index(x, args[0])
-        running_mean, running_var = self.running_stats()
+        on_host = self._checks_on_host(x)
+        index, outside = self._checked_index(x, domain, on_host=on_host)
+        if outside is not None:
+            self._record_problem(outside.long() * _OUT_OF_RANGE, training=False)
         return normalize(
             x, running_mean[index], running_var[index], self.eps, self.weight, self.bias
         )
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
-        index = self._domain_index(x, args[0])
+        domain = self._check_domain(self.active_domain if args[0] is None else args[0])
+        if not isinstance(domain, Tensor) and self._sync_group() is None:
+            # One int domain without other processes: its values per channel are known on
+            # the host (no read), and the whole batch is domain d: BN, updating d's running
+            # statistics, through torch's fused kernel (also what inductor compiles: its CPU
+            # code generation fails on an index_add with a constant index, torch 2.13).
+            if not 0 <= domain < self.num_domains:
+                self._raise_out_of_range(domain)
+            values = x.numel() // x.shape[1]
+            if values == 1:
+                self._raise_too_small(x, 1, f"domain {[domain]}")
+            if values > 1:
+                y, moments = self._batch_norm(x)
+                if factor is not None:
+                    running_mean, running_var = self.running_stats()
+                    update_running_stats(
+                        running_mean[domain],
+                        running_var[domain],
+                        moments.mean,
+                        moments.unbiased_var(),
+                        factor,
+                    )
+                return y
+        # Otherwise the domains' values per channel are counted from the ids on the device.
+        on_host = self._checks_on_host(x)
+        index, outside = self._checked_index(x, domain, on_host=on_host)
 
         def statistics(instance: Moments) -> SampleNormalization:
             domains = self._merge_groups(instance, index, self.num_domains, check=False)
             present = domains.count > 0
-            too_small = present & (domains.count <= 1)
-            if bool(too_small.any()):  # before the values' check: the structural error first
-                which = torch.nonzero(too_small).flatten().tolist()
-                self._raise_too_small(x, 1, f"domain {which}")
-            self._check_finite(domains, x)
+            if on_host:
+                too_small = present & (domains.count <= 1)
+                if bool(too_small.any()):  # before the values' check: the structural error first
+                    which = torch.nonzero(too_small).flatten().tolist()
+                    self._raise_too_small(x, 1, f"domain {which}")
+                self._check_finite(domains, x)
+            else:
+                self._record_problem(self._deferred_problem(domains, outside))
             if factor is not None:
                 # Only the domains present in the batch move.
                 running_mean, running_var = self.running_stats()
@@ -273,7 +404,27 @@ class DomainBatchNorm(BatchStatsNorm):
                     running_var.lerp_(domains.unbiased_var().to(running_var), weight)
             return domains.mean[index], domains.var[index], self.weight, self.bias
 
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the fused Function of normalize_from_sample_moments
+            # (its backward differentiates the statistics' graph with torch.autograd.grad):
+            # the same numbers through differentiable ops, which AOTAutograd differentiates.
+            mean, var, weight, bias = statistics(sample_moments(x))
+            return normalize(x, mean, var, self.eps, weight, bias)
         return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
+
+    def _deferred_problem(self, domains: Moments, outside: Tensor | None) -> Tensor:
+        """The problem bits of a training call checked on the device: ids out of range, a
+        present domain with one value per channel, and (unless the finite check is off)
+        non-finite statistics, as one 0-dim long."""
+        detached = domains.detach()
+        one_value = ((detached.count > 0) & (detached.count <= 1)).any()
+        problem = one_value.long() * _ONE_VALUE
+        if outside is not None:
+            problem = problem | outside.long() * _OUT_OF_RANGE
+        total = detached.mean.sum() + detached.var.sum()
+        if self._finite_check_now(total) is not None:  # False here: on_host covers True
+            problem = problem | (~torch.isfinite(total)).long() * _NOT_FINITE
+        return problem
 
 
 class DomainBatchNorm1d(DomainBatchNorm):
