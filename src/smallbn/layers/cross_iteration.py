@@ -251,13 +251,20 @@ def _conv_weight_grad(
 
 
 def _producer_derivatives(
-    producer: Producer, u: Tensor, x: Tensor, mean: Tensor, count: Tensor, dtype: torch.dtype
+    producer: Producer,
+    u: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    count: Tensor | float,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """This process's share of ``(∂μ/∂W, ∂σ²/∂W)`` of the statistics of ``x = producer(u)``
     over a reduction set of ``count`` values (pooled over processes: the shares sum up).
 
     Shapes ``(groups, C_in/groups·K)`` and ``(C_out, C_in/groups·K)``, dtype ``dtype``.
-    ``mean`` is the (pooled) batch mean of x.
+    ``mean`` is the (pooled) batch mean of x.  ``count`` is a host number where the caller
+    knows it (this process's own batch: from the shape), a tensor where it was pooled across
+    processes: reading a tensor's value here would be a host read in every step.
     """
     weight = producer.weight
     channels = weight.shape[0]
@@ -268,8 +275,7 @@ def _producer_derivatives(
             (channels, per_channel), dtype=dtype
         )
     u, xs = u.detach().to(dtype), x.detach().to(dtype)
-    # A host number where reading it costs no device synchronization.
-    total: Tensor | float = float(count) if count.device.type == "cpu" else count.to(dtype)
+    total: Tensor | float = count.to(dtype) if isinstance(count, Tensor) else float(count)
     if isinstance(producer, nn.Linear):
         mean_grad = u.sum(0, keepdim=True) / total
         second_grad = xs.t() @ u  # M/2 · ∂ν/∂W
@@ -1312,8 +1318,9 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         momentum = self.momentum
         if momentum is None:
             # The forward template counted one step already: ``seen`` came before (factor
-            # 1/(seen + g + 1) for group g), so r ← (seen·r + Σ_g s_g) / (seen + G).
-            seen = int(self.num_batches_tracked) - 1
+            # 1/(seen + g + 1) for group g), so r ← (seen·r + Σ_g s_g) / (seen + G).  A
+            # device tensor (an exact integer, promoted as a host int would be): no host read.
+            seen = self.num_batches_tracked - 1
             after = (start * seen + values.sum(0)) / (seen + num)
         else:
             keep = 1.0 - momentum
@@ -1356,7 +1363,9 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         group = self._sync_group()
         with torch.autocast(x.device.type, enabled=False):
             if u is not None:
-                grads = _producer_derivatives(producer, u, x, moments.mean, moments.count, dtype)
+                # Unsynchronized, the count is this batch's, known on the host from the shape.
+                count = moments.count if group is not None else float(x.numel() // x.shape[1])
+                grads = _producer_derivatives(producer, u, x, moments.mean, count, dtype)
             else:
                 grads = (
                     self.window_mean_grad.new_zeros(self.window_mean_grad[:, 0].shape),
