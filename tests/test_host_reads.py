@@ -81,7 +81,7 @@ def _count_host_reads(monkeypatch: pytest.MonkeyPatch, step) -> list[str]:  # ty
 
 
 #: Methods that still read the host in a step (issue 23, in progress): strict xfails.
-_STILL_READING = {"domainbn", "mabn"}
+_STILL_READING: set[str] = set()
 
 
 @pytest.mark.filterwarnings("ignore::smallbn.ConversionWarning")

@@ -109,6 +109,7 @@ from smallbn.layers.frozen import FrozenBatchNorm
 from smallbn.stats import Moments, first_order_only, stats_dtype
 
 __all__ = [
+    "HostCount",
     "MABNPlan",
     "MovingAverageBatchNorm",
     "MovingAverageBatchNorm1d",
@@ -122,31 +123,39 @@ __all__ = [
 RELEASE_CLAMP_START = 1000
 
 
+@dataclass(slots=True)
+class HostCount:
+    """A count kept on the host beside its device copy (a window's valid rows), so that the
+    per-step decisions depending on it are Python control flow instead of a device read per
+    step (a synchronization on CUDA)."""
+
+    value: int
+
+
+#: Per-step switches (warm-up over, clamping started) of ``G`` consecutive SMA steps: Python
+#: bools when the step is known on the host, a ``(G,)`` bool tensor when it lives on the device.
+Flags = list[bool] | Tensor
+
+
 class SlidingWindow:
     """The last ``size`` values of a per-channel statistic, for simple moving averages.
 
     ``values`` is ``(size, C)``; the newest value is the last row and the valid rows are the
     last ``count`` (``count`` a 0-dim long tensor, so that the state lives in a
-    ``state_dict``).  ``frozen`` windows ignore :meth:`push` (for gradcheck, where backward
-    runs several times on one forward).
+    ``state_dict``).  ``host`` is the host copy of ``count`` (kept up to date by
+    :meth:`push`: no device read per step), or ``None``: the valid rows are then selected on
+    the device from ``count``, the same numbers with a few more operations and no host
+    read (what compiled graphs and synchronized layers use).  ``frozen`` windows ignore
+    :meth:`push` (for gradcheck, where backward runs several times on one forward).
     """
 
-    def __init__(self, values: Tensor, count: Tensor, frozen: bool = False) -> None:
+    def __init__(
+        self, values: Tensor, count: Tensor, frozen: bool = False, host: HostCount | None = None
+    ) -> None:
         self.values = values
         self.count = count
         self.frozen = frozen
-        # The host value of ``count``, read once: a window object lives for one step (and
-        # the Ψ window's reads and push happen within one backward call).
-        self._host_count: int | None = None
-
-    def reload(self) -> None:
-        """Forget the cached host count (before a use that other pushes may have preceded)."""
-        self._host_count = None
-
-    def _valid(self) -> int:
-        if self._host_count is None:
-            self._host_count = min(int(self.count), self.size)
-        return self._host_count
+        self.host = host
 
     @property
     def size(self) -> int:
@@ -154,45 +163,113 @@ class SlidingWindow:
 
     def means(self, new: Tensor) -> Tensor:
         """Row ``k`` of the result is the mean of the last ``size`` values once
-        ``new[0], …, new[k]`` have been appended in order (fewer while the window fills).
+        ``new[0], …, new[k]`` have been appended in order (fewer while the window fills)."""
+        return _window_means(self.values, self.count, self.host, new)
 
-        Sums are exact sums of at most ``size`` terms (a running ``cumsum`` difference would
-        cancel in float32): one group adds the stored sum; several sum every window of an
-        ``unfold`` view of the stored values (invalid rows replaced by zeros) and the new ones.
-        All sums are taken in ``new.dtype`` (the compute dtype), never in a narrower stored
-        dtype: ``size`` values that each fit in float16 need not sum to one that does.
-        """
-        size, groups = self.size, new.shape[0]
-        kept = self._valid()
-        counts = [min(kept + k + 1, size) for k in range(groups)]
+    def push(self, new: Tensor, valid: Tensor | None = None) -> None:
+        """Append the rows of ``new`` (oldest first), dropping the oldest values; with
+        ``valid`` (a 0-dim bool tensor) only where it holds, decided on the device."""
+        if not self.frozen:
+            _window_push(self.values, self.count, self.host, new, valid)
+
+
+# The window operations are functions of tensors (not methods): torch.compile traces a
+# custom autograd Function's backward only through plain functions and tensors on its ctx.
+
+
+def _window_means(values: Tensor, count: Tensor, host: HostCount | None, new: Tensor) -> Tensor:
+    """:meth:`SlidingWindow.means` of the window ``(values, count)``.
+
+    Sums are exact sums of at most ``size`` terms (a running ``cumsum`` difference would
+    cancel in float32): one group adds the stored sum; several sum every window of an
+    ``unfold`` view of the stored values (invalid rows replaced by zeros) and the new ones.
+    All sums are taken in ``new.dtype`` (the compute dtype), never in a narrower stored
+    dtype: ``size`` values that each fit in float16 need not sum to one that does.  With
+    ``host`` the valid rows are sliced by the host count; without, masked by the device
+    count (adding exact zeros: the same sums).
+    """
+    size, groups = int(values.shape[0]), new.shape[0]
+    if host is None:
+        kept_t = count.clamp(max=size)
+        rows = torch.arange(size, device=values.device)
+        stored = torch.where((rows >= size - kept_t).unsqueeze(1), _as(values, new.dtype), 0.0)
+        steps = torch.arange(1, groups + 1, device=values.device)
+        divisor = (kept_t + steps).clamp(max=size).to(new.dtype).unsqueeze(1)
         if groups == 1:
-            if counts[0] == 1:
-                return new
-            stored = _as(self.values[size - counts[0] + 1 :], new.dtype).sum(0)
-            return (new + stored).div_(counts[0])
-        parts = [_as(self.values[size - kept :], new.dtype), new]
-        if kept < size:
-            parts.insert(0, new.new_zeros(size - kept, new.shape[1]))
-        sequence = torch.cat(parts)
-        # Windows of ``size`` rows ending at row size + k, k = 0 … groups−1, are the unfold's
-        # rows 1 … (window w covers rows w … w + size − 1).
-        sums = sequence.unfold(0, size, 1)[1:].sum(-1)
-        return sums / torch.tensor(counts, dtype=new.dtype, device=new.device).unsqueeze(1)
+            return (new + stored[1:].sum(0)) / divisor
+        sums = torch.cat([stored, new]).unfold(0, size, 1)[1:].sum(-1)
+        return sums / divisor
+    kept = min(host.value, size)
+    counts = [min(kept + k + 1, size) for k in range(groups)]
+    if groups == 1:
+        if counts[0] == 1:
+            return new
+        stored_rows = _as(values[size - counts[0] + 1 :], new.dtype).sum(0)
+        return (new + stored_rows).div_(counts[0])
+    parts = [_as(values[size - kept :], new.dtype), new]
+    if kept < size:
+        parts.insert(0, new.new_zeros(size - kept, new.shape[1]))
+    sequence = torch.cat(parts)
+    # Windows of ``size`` rows ending at row size + k, k = 0 … groups−1, are the unfold's
+    # rows 1 … (window w covers rows w … w + size − 1).
+    sums = sequence.unfold(0, size, 1)[1:].sum(-1)
+    return sums / torch.tensor(counts, dtype=new.dtype, device=new.device).unsqueeze(1)
 
-    @torch.no_grad()
-    def push(self, new: Tensor) -> None:
-        """Append the rows of ``new`` (oldest first), dropping the oldest values."""
-        if self.frozen or new.shape[0] == 0:
-            return
-        size, groups = self.size, new.shape[0]
-        if groups >= size:
-            self.values.copy_(new[-size:])
-        else:
-            self.values.copy_(torch.cat([self.values[groups:], _as(new, self.values.dtype)]))
-        count = self._valid()
-        if count < size:  # a full window's count stays (no device op in the steady state)
-            self._host_count = min(count + groups, size)
-            self.count.fill_(self._host_count)
+
+@torch.no_grad()
+def _window_push(
+    values: Tensor,
+    count: Tensor,
+    host: HostCount | None,
+    new: Tensor,
+    valid: Tensor | None = None,
+) -> None:
+    """:meth:`SlidingWindow.push` into ``(values, count)``: the host count advances with the
+    device one (written only while the window fills: no device op in the steady state);
+    without a host count the device count advances on the device, and ``valid`` (a 0-dim
+    bool tensor, device mode only) keeps the window as it is where false."""
+    size, groups = int(values.shape[0]), new.shape[0]
+    if groups == 0:
+        return
+    if groups >= size:
+        pushed = _as(new[-size:], values.dtype)
+    else:
+        pushed = torch.cat([values[groups:], _as(new, values.dtype)])
+    values.copy_(pushed if valid is None else torch.where(valid, pushed, values))
+    if host is None:
+        filled = (count + groups).clamp(max=size)
+        count.copy_(filled if valid is None else torch.where(valid, filled, count))
+    elif host.value < size:
+        host.value = min(host.value + groups, size)
+        count.fill_(host.value)
+
+
+def _snapshot(t: Tensor) -> Tensor:
+    """``t`` as it is now.  Under ``torch.compile``, through a ``cat`` with a fresh element:
+    AOTAutograd's min-cut partitioner may recompute cheap pointwise values in the backward
+    from the buffers they were computed from instead of saving them, and this step updates
+    those buffers in place (the running variance, the χ² window, the step count), so the
+    backward silently saw the updated buffers (another ``r``, ``v`` or switch to the SMA;
+    pytorch/pytorch#197039, as for Batch Renorm).  ``cat`` is not in the partitioner's list
+    of recomputable ops, so what is computed from the snapshot is computed from the values
+    this step read.  Eager: ``t`` itself."""
+    if not torch.compiler.is_compiling():
+        return t
+    return torch.cat([t.reshape(-1), t.new_zeros(1)])[:-1].view(t.shape)
+
+
+def _step_flags(step: int | Tensor, groups: int, start: int, enabled: bool = True) -> Flags:
+    """Whether each of the steps ``step, …, step + groups − 1`` is at least ``start``: Python
+    bools for a host step, a ``(groups,)`` bool tensor for a device step, and constant lists
+    wherever the answer does not depend on the step (``start = 0``, not ``enabled``), which
+    then costs no masking."""
+    if not enabled:
+        return [False] * groups
+    if start <= 0:
+        return [True] * groups
+    if isinstance(step, Tensor):
+        return step + torch.arange(groups, device=step.device) >= start
+    return [step + k >= start for k in range(groups)]
 
 
 @dataclass(slots=True)
@@ -202,8 +279,10 @@ class MABNPlan:
     Attributes:
         eps: added to ``v`` inside the square roots.
         group_size: samples per simulated normalization batch (``None``: the whole batch).
-        step: the number of SMA steps taken before this call (a host integer: every per-step
-            decision is then Python control flow on it, not device work).
+        step: the number of SMA steps taken before this call: a host integer (every
+            per-step decision is then Python control flow on it), or a 0-dim long tensor
+            (the decisions are made on the device: no host read, and no value that
+            ``torch.compile`` would specialize a graph on).
         chi2: the χ² window (read, not written: the caller pushes the returned χ²).
         psi: the Ψ window, read and pushed in backward; ``None``: Ψ̄ = Ψ_t, nothing stored.
         use_window: whether steps past ``warmup`` use the SMAs (``False``: each group's own
@@ -214,12 +293,13 @@ class MABNPlan:
         clamp_start: first step with ``r ≠ 1``.
         r_min, r_max: bounds of ``r``.
         process_group: group to pool statistics over, or ``None``.
-        check_finite: raises on non-finite ``χ²`` (``(groups, C)``), or ``None``.
+        check_finite: raises on (or records) non-finite ``χ²`` (``(groups, C)``), or
+            ``None``; called by :func:`mabn_function` before it returns.
     """
 
     eps: float
     group_size: int | None
-    step: int
+    step: int | Tensor
     chi2: SlidingWindow
     psi: SlidingWindow | None
     use_window: bool = True
@@ -284,7 +364,8 @@ def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
 
     On CPU, for contiguous float32/float64 tensors, both come from one fused pass of torch's
     BN backward reduction (with mean 0 and inverse std 1 its "grad_weight" is ``Σ dy·x`` and
-    its "grad_bias" ``Σ dy``), per sample over the free view ``(1, N·C, spatial)``.
+    its "grad_bias" ``Σ dy``), per sample over the free view ``(1, N·C, spatial)``.  Compiled
+    graphs take the plain reductions, which the compiler fuses itself.
     """
     n, c = x.shape[:2]
     if (
@@ -294,6 +375,7 @@ def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
         and x.is_contiguous()
         and dy.is_contiguous()
         and n * c > 0
+        and not torch.compiler.is_compiling()
     ):
         channels = n * c if per_sample else c
         zeros, ones = _zeros_ones(channels, x.dtype, x.device)
@@ -320,29 +402,42 @@ def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
 
 @dataclass(slots=True)
 class _Groups:
-    """How a batch splits into simulated normalization batches."""
+    """How a batch splits into simulated normalization batches: ``count`` groups of
+    ``size`` consecutive samples (``size=None``: one group, the whole batch); ``sizes`` are
+    the local values per channel in each group."""
 
     count: int  # number of groups (pooled across processes)
-    index: Tensor | None  # (N,) group of every local sample; None: one group
-    sizes: list[int]  # local values per channel in each group
+    size: int | None
+    sizes: list[int]
 
-    def dots(self, dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(Σ dy·x, Σ dy)`` per group and channel, ``(count, C)`` each."""
-        if self.index is None:
-            return _dots(dy, x, per_sample=False)
-        dots, sums = _dots(dy, x, per_sample=True)
-        return self.total(dots), self.total(sums)
 
-    def total(self, per_sample: Tensor) -> Tensor:
-        """Sum ``(N, C)`` per-sample values into ``(count, C)`` group values."""
-        if self.index is None:
-            return per_sample.sum(0, keepdim=True)
-        out = per_sample.new_zeros(self.count, per_sample.shape[1])
-        return out.index_add_(0, self.index, per_sample)
+def _group_total(per_sample: Tensor, count: int, size: int | None) -> Tensor:
+    """Sum ``(N, C)`` per-sample values into ``(count, C)`` group values (groups of ``size``
+    consecutive samples; groups without local samples sum to 0).  A reshape of the rows
+    padded to ``count·size``, not an ``index_add`` (inductor's CPU code for an index_add
+    with a constant index fails, torch 2.13)."""
+    if size is None:
+        return per_sample.sum(0, keepdim=True)
+    n, c = per_sample.shape
+    rows = count * size
+    if rows != n:
+        per_sample = torch.cat([per_sample, per_sample.new_zeros(rows - n, c)])
+    return per_sample.reshape(count, size, c).sum(1)
 
-    def spread(self, per_group: Tensor) -> Tensor:
-        """``(count, C)`` → per sample ``(N, C)`` (or ``(1, C)`` for a single group)."""
-        return per_group if self.index is None else per_group[self.index]
+
+def _group_spread(per_group: Tensor, size: int | None, n: int) -> Tensor:
+    """``(count, C)`` → per sample ``(N, C)`` (or ``(1, C)`` for a single group)."""
+    if size is None:
+        return per_group
+    return per_group.repeat_interleave(size, dim=0)[:n]
+
+
+def _group_dots(dy: Tensor, x: Tensor, count: int, size: int | None) -> tuple[Tensor, Tensor]:
+    """``(Σ dy·x, Σ dy)`` per group and channel, ``(count, C)`` each."""
+    if size is None:
+        return _dots(dy, x, per_sample=False)
+    dots, sums = _dots(dy, x, per_sample=True)
+    return _group_total(dots, count, size), _group_total(sums, count, size)
 
 
 def _split(x: Tensor, group_size: int | None, process_group: Any) -> _Groups:
@@ -353,22 +448,22 @@ def _split(x: Tensor, group_size: int | None, process_group: Any) -> _Groups:
     groups = -(-n // group_size)
     if process_group is not None:
         # Ranks may hold different batch sizes: agree on the number of groups (groups a rank
-        # lacks get zero counts there).
+        # lacks get zero counts there).  A shape, hence a host read: the one read of a
+        # synchronized step with simulated groups.
         agreed = torch.tensor([groups], dtype=torch.long, device=x.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
         groups = int(agreed.item())
-    index = torch.div(torch.arange(n, device=x.device), group_size, rounding_mode="floor")
     sizes = [min(group_size, max(n - k * group_size, 0)) * per_sample for k in range(groups)]
-    return _Groups(groups, index, sizes)
+    return _Groups(groups, group_size, sizes)
 
 
 def _ema_sequence(
-    start: Tensor, values: Tensor, step: int, momentum: float | None
+    start: Tensor, values: Tensor, step: int | Tensor, momentum: float | None
 ) -> tuple[Tensor, Tensor]:
     """The running average before each of ``G`` consecutive updates (``(G, C)``, or ``start``
     itself for ``G = 1``) and after the last (``(C,)``); update ``k`` is
     ``a ← (1 − f_k)·a + f_k·values[k]`` with ``f_k = momentum``, or ``1/(step + k + 1)``
-    (cumulative average) for ``None``.
+    (cumulative average) for ``None``; ``step`` is a host int or a 0-dim device tensor.
 
     Closed forms instead of a loop over groups: ``a_k = q^k·a_0 + Σ_{j<k} f·q^{k−1−j}·v_j``
     (``q = 1 − f``) as one small matrix product, and for the cumulative average
@@ -376,14 +471,20 @@ def _ema_sequence(
     """
     groups = values.shape[0]
     if groups == 1:
-        factor = 1.0 / (step + 1) if momentum is None else momentum
-        return start, torch.lerp(start, values[0], factor)
+        if momentum is not None:
+            return start, torch.lerp(start, values[0], momentum)
+        if isinstance(step, Tensor):
+            return start, torch.lerp(start, values[0], (1.0 / (step + 1)).to(values.dtype))
+        return start, torch.lerp(start, values[0], 1.0 / (step + 1))
     k = torch.arange(groups + 1, device=values.device, dtype=values.dtype)
     if momentum is None:
         prefix = torch.cat([values.new_zeros(1, values.shape[1]), values.cumsum(0)])
         seen = (step + k).unsqueeze(1)
         sequence = (step * start + prefix) / seen.clamp_min(1)
-        if step == 0:  # nothing seen before the first update: the start value
+        # nothing seen before the first update (step 0): the start value
+        if isinstance(step, Tensor):
+            sequence = torch.where(seen == 0, start, sequence)
+        elif step == 0:
             sequence = torch.cat([start.unsqueeze(0), sequence[1:]])
     else:
         keep = 1.0 - momentum
@@ -395,11 +496,11 @@ def _ema_sequence(
     return sequence[:-1], sequence[-1]
 
 
-def _select(
-    flags: list[bool], when: Callable[[], Tensor], otherwise: Callable[[], Tensor]
-) -> Tensor:
-    """Row ``k`` of ``when()`` where ``flags[k]``, else of ``otherwise()``; each is evaluated
-    only if needed (the common all-or-nothing cases cost no masking)."""
+def _select(flags: Flags, when: Callable[[], Tensor], otherwise: Callable[[], Tensor]) -> Tensor:
+    """Row ``k`` of ``when()`` where ``flags[k]``, else of ``otherwise()``; with host flags
+    each is evaluated only if needed (the common all-or-nothing cases cost no masking)."""
+    if isinstance(flags, Tensor):
+        return torch.where(flags.unsqueeze(1), when(), otherwise())
     if not any(flags):
         return otherwise()
     chosen = when()
@@ -409,146 +510,245 @@ def _select(
     return torch.where(mask, chosen, otherwise())
 
 
-# -- the autograd Function ---------------------------------------------------------------------
+# -- the forward statistics and the autograd Function -----------------------------------------
+
+
+@dataclass(slots=True)
+class _Statistics:
+    """What the forward computes besides ``y`` (constants for autograd), per group ``(G, C)``:
+    ``χ²``, ``v``, ``r``, ``1/sqrt(v + eps)``; the running variance after the call (``(C,)``,
+    empty if not tracked); the counts (a host float for one unsynchronized group); the
+    switches to the SMA; and ``valid`` (synchronized layers: a 0-dim bool, false where every
+    process had an empty batch, which then changes no state; ``None``: decided on the host)."""
+
+    groups: _Groups
+    chi2: Tensor
+    var: Tensor
+    r: Tensor | None
+    inv_std: Tensor
+    running_after: Tensor
+    counts: Tensor | float
+    use_sma: Flags
+    valid: Tensor | None
+    empty: bool
+
+
+@torch.no_grad()
+def _statistics(x: Tensor, plan: MABNPlan) -> _Statistics:
+    """The forward's per-group statistics (module docstring), without gradient: the
+    backward is written out (:class:`_MABNFunction`).  No state is modified."""
+    compute = stats_dtype(x.dtype)
+    group = plan.process_group
+    groups = _split(x, plan.group_size, group)
+    sums = _group_total(_per_sample_square_sums(x, compute), groups.count, groups.size)
+    counts: Tensor | float
+    valid = None
+    if group is None:
+        # Only an empty batch or no spatial extent has no values.
+        empty = groups.sizes[0] == 0
+        # host counts: a Python divisor for one group, a small tensor for several
+        counts = (
+            float(groups.sizes[0])
+            if groups.count == 1
+            else sums.new_tensor(groups.sizes).unsqueeze(1)
+        )
+    else:
+        packed = torch.cat([sums, sums.new_tensor(groups.sizes).unsqueeze(1)], dim=1)
+        dist.all_reduce(packed, group=group)
+        sums, pooled = packed[:, :-1], packed[:, -1:]
+        # An empty batch on every process: decided on the device (the caller keeps the
+        # state as it is where ``valid`` is false); counts of 1 make its χ² 0, not NaN.
+        empty, valid = False, pooled[0, 0] > 0
+        counts = pooled.clamp_min(1)
+    if empty:  # nothing to normalize or record
+        nothing = x.new_empty(0, dtype=compute)
+        return _Statistics(groups, nothing, nothing, None, nothing, nothing, 1.0, [], None, True)
+    chi2 = sums / counts
+    # The buffers this step updates afterwards, read once (see _snapshot).
+    step = _snapshot(plan.step) if isinstance(plan.step, Tensor) else plan.step
+    use_sma = _step_flags(step, groups.count, plan.warmup, plan.use_window)
+    window = plan.chi2
+    var = _select(
+        use_sma,
+        lambda: _window_means(_snapshot(window.values), _snapshot(window.count), window.host, chi2),
+        lambda: chi2,
+    )
+    var_eps = var + plan.eps
+    inv_std = torch.rsqrt(var_eps)
+    r = None
+    running_after = var.new_empty(0)
+    if plan.running_var is not None:
+        before, running_after = _ema_sequence(
+            _as(_snapshot(plan.running_var), var.dtype), var, step, plan.momentum
+        )
+
+        def clamped() -> Tensor:
+            ratio = torch.div(var_eps, before + plan.eps).sqrt_()
+            return ratio.clamp_(plan.r_min, plan.r_max)
+
+        clamp = _step_flags(step, groups.count, plan.clamp_start)
+        if isinstance(clamp, Tensor) or any(clamp):
+            r = _select(clamp, clamped, lambda: torch.ones_like(var))
+    return _Statistics(
+        groups, chi2, var, r, inv_std, running_after, counts, use_sma, valid, False
+    )
 
 
 class _MABNFunction(torch.autograd.Function):
-    """MABN forward and its moving-average backward (module docstring, formulas).
+    """``y = γ·r·x/sqrt(v + eps) + β`` per group, and MABN's moving-average backward (module
+    docstring, formulas), for statistics computed beforehand (:func:`_statistics`).
 
-    Inputs ``x, weight, bias, plan``; outputs ``y`` and, without gradient, the per-group
-    ``χ²``, ``v``, ``r`` (each ``(G, C)``) and the running variance after the call (``(C,)``,
-    empty if not tracked).  The forward does not modify any state: the caller pushes ``χ²``
-    and stores the running variance; the backward pushes ``Ψ`` into ``plan.psi``.
+    Inputs ``x, weight, bias`` (differentiable), the per-group ``scale = r/sqrt(v + eps)``
+    and ``inv_std``, the counts, the SMA switches, the Ψ window (``None``: Ψ̄ = Ψ_t) and
+    the constants of :class:`_Backward`.  The backward pushes ``Ψ`` into the Ψ window.
 
-    The per-step decisions (warm-up, clamping) are Python control flow on the host step, and
-    the all-or-nothing cases skip their masks: one step costs about twenty small operations
-    on ``(G, C)`` tensors besides the passes over ``x``.
+    The ctx holds only tensors, Python constants and plain functions' inputs, so that
+    ``torch.compile`` traces forward and backward (dynamo cannot trace method calls on
+    objects stored on a ctx); the window push in backward is a mutation of a forward input,
+    which AOTAutograd keeps in the compiled backward.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: MABNPlan
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        scale: Tensor,
+        inv_std: Tensor,
+        counts: Tensor | float,
+        use_sma: Tensor | None,
+        psi_values: Tensor | None,
+        psi_count: Tensor | None,
+        valid: Tensor | None,
+        static: _Backward,
+    ) -> Tensor:
         compute = stats_dtype(x.dtype)
-        group = plan.process_group
-        groups = _split(x, plan.group_size, group)
-        sums = groups.total(_per_sample_square_sums(x, compute))
-        counts: Tensor | float
-        if group is None:
-            # Only an empty batch or no spatial extent has no values.
-            ctx.empty = groups.sizes[0] == 0
-            # host counts: a Python divisor for one group, a small tensor for several
-            counts = (
-                float(groups.sizes[0])
-                if groups.count == 1
-                else sums.new_tensor(groups.sizes).unsqueeze(1)
-            )
-        else:
-            packed = torch.cat([sums, sums.new_tensor(groups.sizes).unsqueeze(1)], dim=1)
-            dist.all_reduce(packed, group=group)
-            sums, pooled = packed[:, :-1], packed[:, -1:]
-            ctx.empty = bool(pooled[0, 0] == 0)  # an empty batch on every process
-            counts = pooled
-        if ctx.empty:  # nothing to normalize or record
-            nothing = tuple(x.new_empty(0, dtype=compute) for _ in range(4))
-            ctx.mark_non_differentiable(*nothing)
-            return (x.clone(), *nothing)  # type: ignore[return-value]
-        chi2 = sums / counts
-        if plan.check_finite is not None:
-            plan.check_finite(chi2)
-
-        steps = range(plan.step, plan.step + groups.count)
-        use_sma = [plan.use_window and t >= plan.warmup for t in steps]
-        var = _select(use_sma, lambda: plan.chi2.means(chi2), lambda: chi2)
-        var_eps = var + plan.eps
-        inv_std = torch.rsqrt(var_eps)
-        r = None
-        running_after = var.new_empty(0)
-        if plan.running_var is not None:
-            before, running_after = _ema_sequence(
-                _as(plan.running_var, var.dtype), var, plan.step, plan.momentum
-            )
-
-            def clamped() -> Tensor:
-                ratio = torch.div(var_eps, before + plan.eps).sqrt_()
-                return ratio.clamp_(plan.r_min, plan.r_max)
-
-            clamp = [t >= plan.clamp_start for t in steps]
-            if any(clamp):
-                r = _select(clamp, clamped, lambda: torch.ones_like(var))
-
-        scale = inv_std if r is None else r * inv_std  # ∂y/∂x / γ with v and r constant
-        slope = scale if weight is None else scale * _as(weight, compute)
+        slope = scale if weight is None else scale * _as(weight, compute)  # ∂y/∂x, v, r fixed
         xs = _as(x, compute)
-        y = xs * _stat_view(groups.spread(slope), x)
+        n = x.shape[0]
+        y = xs * _stat_view(_group_spread(slope, static.group_size, n), x)
         if bias is not None:
             y = y.add_(_stat_view(_as(bias, compute), x))
-        y = _as(y, x.dtype)
-
         ctx.save_for_backward(x)
-        ctx.groups, ctx.counts, ctx.plan, ctx.compute = groups, counts, plan, compute
-        ctx.scale, ctx.slope, ctx.inv_std, ctx.use_sma = scale, slope, inv_std, use_sma
+        ctx.scale, ctx.slope, ctx.inv_std, ctx.counts = scale, slope, inv_std, counts
+        ctx.use_sma, ctx.valid, ctx.static = use_sma, valid, static
+        ctx.psi_values, ctx.psi_count = psi_values, psi_count
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        stats = (chi2, var, torch.ones_like(var) if r is None else r, running_after)
-        ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)
-        return (y, *stats)
+        return _as(y, x.dtype)
 
     @staticmethod
     @first_order_only("Moving Average BN (MABN)")
     def backward(  # type: ignore[override]
-        ctx: Any, grad_y: Tensor | None, *unused: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        ctx: Any, grad_y: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        if ctx.empty:
-            return (None if grad_y is None else grad_y.clone()), None, None, None
-        plan: MABNPlan = ctx.plan
-        groups: _Groups = ctx.groups
-        compute = ctx.compute
+        static: _Backward = ctx.static
+        compute = stats_dtype(x.dtype)
+        n = x.shape[0]
         # An unused output still takes part: a synchronized backward must run the collective
         # on every rank, and Ψ = 0 is what a zero gradient gives.
         dy = torch.zeros_like(x) if grad_y is None else grad_y
         dys, xs = _as(dy, compute), _as(x, compute)
-        local, sums = groups.dots(dys, xs)  # Σ dy·x and Σ dy per group, this process
+        # Σ dy·x and Σ dy per group, this process
+        local, sums = _group_dots(dys, xs, static.group_count, static.group_size)
         pooled = local
-        if plan.process_group is not None:
+        if static.process_group is not None:
             pooled = local.clone()
-            dist.all_reduce(pooled, group=plan.process_group)
+            dist.all_reduce(pooled, group=static.process_group)
 
         psi = ctx.slope * pooled / ctx.counts  # E_R[ĝ z] = γ r inv · E_R[dy x]
         psi_bar = psi
-        if plan.psi is not None:
-            window = plan.psi
-            window.reload()  # other backwards (gradient accumulation) may have pushed since
-            psi_bar = _select(ctx.use_sma, lambda: window.means(psi), lambda: psi)
-            window.push(psi)
+        if ctx.psi_values is not None:
+            values, count, host = ctx.psi_values, ctx.psi_count, static.psi_host
+            flags: Flags = ctx.use_sma if ctx.use_sma is not None else list(static.use_sma)
+            # Read at backward time: with gradient accumulation, other backwards may have
+            # pushed since this forward.
+            psi_bar = _select(flags, lambda: _window_means(values, count, host, psi), lambda: psi)
+            if not static.psi_frozen:
+                _window_push(values, count, host, psi, ctx.valid)
 
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             # (ĝ − z Ψ̄)/sqrt(v + eps) = dy·(γ r inv) − x·(Ψ̄ inv²): one pass after the product
             shift = psi_bar * ctx.inv_std.square().neg_()
-            grad = xs * _stat_view(groups.spread(shift), x)
-            grad = grad.addcmul_(dys, _stat_view(groups.spread(ctx.slope), x))
+            grad = xs * _stat_view(_group_spread(shift, static.group_size, n), x)
+            grad = grad.addcmul_(dys, _stat_view(_group_spread(ctx.slope, static.group_size, n), x))
             grad_x = _as(grad, x.dtype)
         if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
             grad_weight = _as(_sum_groups(ctx.scale * local), ctx.weight_dtype)  # Σ dy·r·z
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = _as(_sum_groups(sums), ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, *([None] * 8)
+
+
+@dataclass(frozen=True, slots=True)
+class _Backward:
+    """The Python constants of one :class:`_MABNFunction` call: the grouping, the host
+    switches to the SMA (when the step is on the host), the Ψ window's host count (eager
+    only) and whether it is frozen, and the process group."""
+
+    group_count: int
+    group_size: int | None
+    use_sma: tuple[bool, ...]
+    psi_host: HostCount | None
+    psi_frozen: bool
+    process_group: _distributed.ProcessGroup | None
+
+
+def _mabn(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: MABNPlan
+) -> tuple[Tensor, _Statistics]:
+    """MABN of ``x`` (training semantics): the output and the forward's statistics; no state
+    is modified (the backward pushes Ψ into ``plan.psi``)."""
+    stats = _statistics(x, plan)
+    if stats.empty:
+        return x.clone(), stats
+    scale = stats.inv_std if stats.r is None else stats.r * stats.inv_std
+    psi = plan.psi
+    host_flags = not isinstance(stats.use_sma, Tensor)
+    static = _Backward(
+        stats.groups.count,
+        stats.groups.size,
+        tuple(stats.use_sma) if host_flags else (),  # type: ignore[arg-type]
+        None if psi is None else psi.host,
+        psi is None or psi.frozen,
+        plan.process_group,
+    )
+    y = _MABNFunction.apply(
+        x,
+        weight,
+        bias,
+        scale,
+        stats.inv_std,
+        stats.counts,
+        None if host_flags else stats.use_sma,
+        None if psi is None else psi.values,
+        None if psi is None else psi.count,
+        stats.valid,
+        static,
+    )
+    return y, stats
 
 
 def mabn_function(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, plan: MABNPlan
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """MABN of ``x`` (training semantics) as one autograd Function; no state is modified.
+    """MABN of ``x`` (training semantics) with its moving-average backward; no state is
+    modified.
 
     Returns ``y`` and ``(χ², v, r, running_var_after)``: the per-group ``(G, C)`` statistics
     (constants) and the running variance after the call (empty when ``plan.running_var`` is
     ``None``).  The backward uses ``plan.psi`` for Ψ̄ and pushes ``Ψ`` into it unless frozen.
+    ``plan.check_finite`` (if any) sees ``χ²`` before this returns.
     """
-    y, chi2, var, r, running = _MABNFunction.apply(x, weight, bias, plan)
-    return y, (chi2, var, r, running)
+    y, stats = _mabn(x, weight, bias, plan)
+    if plan.check_finite is not None and not stats.empty:
+        plan.check_finite(stats.chi2)
+    r = torch.ones_like(stats.var) if stats.r is None else stats.r
+    return y, (stats.chi2, stats.var, r, stats.running_after)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -653,6 +853,24 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         self.register_buffer("chi2_count", torch.tensor(0, dtype=torch.long, **factory))
         self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long, **factory))
         self.register_buffer("sma_steps", torch.tensor(0, dtype=torch.long, **factory))
+        self._init_host_state()
+
+    def _init_host_state(self) -> None:
+        # Host copies of the step count and of the windows' valid rows (the buffers hold the
+        # state): every per-step decision is Python control flow on them, with no device
+        # read per step.  Restored from the buffers when a state_dict loads
+        # (_reload_host_state); stale after steps that keep them on the device (compiled
+        # or synchronized), and then re-read once by the next eager step.
+        self._steps = 0
+        self._chi2_fill = HostCount(0)
+        self._psi_fill = HostCount(0)
+        self._host_stale = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_chi2_fill" not in self.__dict__:  # pickled before the host copies existed
+            self._init_host_state()
+            self._host_stale = True
 
     def extra_repr(self) -> str:
         text = (
@@ -682,6 +900,33 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         """Empty both windows and restart the step count (warm-up starts over)."""
         for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
             getattr(self, name).zero_()
+        self._steps = self._chi2_fill.value = self._psi_fill.value = 0
+        self._host_stale = False
+
+    def _reload_host_state(self) -> None:
+        """Re-read the host copies of ``sma_steps`` and the windows' counts from the buffers
+        (three reads: after a checkpoint loads, after :func:`smallbn.precise_bn` restores the
+        buffers, or once after compiled or synchronized steps)."""
+        self._steps = int(self.sma_steps)
+        # Mutated in place: a pending backward (gradient accumulation) holds the Ψ count.
+        self._chi2_fill.value = min(int(self.chi2_count), self.window)
+        self._psi_fill.value = min(int(self.psi_count), self.window)
+        self._host_stale = False
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._reload_host_state()
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -829,14 +1074,41 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             f"{stored.dtype} can hold. {fix}; the layer's state is unchanged."
         )
 
+    def _advance_step(self) -> float | None:
+        """Count a training call (``num_batches_tracked``, as BN) without reading it back: the
+        running average advances per SMA step, with factors the Function computes (the
+        cumulative average from ``sma_steps``), so the return value only says whether
+        running statistics are tracked (the base reads the count for ``momentum=None``)."""
+        if not (self.training and self.track_running_stats):
+            return None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        return 1.0 if self.momentum is None else self.momentum
+
     def _plan(self, training: bool, tracking: bool, x: Tensor | None = None) -> MABNPlan:
+        """The plan of one call.  Eager and unsynchronized, the step count and the windows'
+        fill come from the host copies (Python decisions, no device read); compiled or
+        synchronized, from the buffers on the device (no host read, and no Python integer
+        that changes every step, on which dynamo would specialize and recompile each step;
+        synchronized, an empty batch on every process is known on the device only)."""
+        group = self._sync_group()
+        on_device = torch.compiler.is_compiling() or group is not None
+        if on_device:
+            if training:
+                self._host_stale = True  # these steps advance the buffers only
+        elif self._host_stale:
+            self._reload_host_state()
         running_var = self.running_var if tracking else None
+        chi2_host = None if on_device else self._chi2_fill
+        psi_host = None if on_device else self._psi_fill
         return MABNPlan(
             eps=self.eps,
             group_size=self.norm_batch_size,
-            step=int(self.sma_steps),  # a host read: free on CPU, one sync on CUDA
-            chi2=SlidingWindow(self.chi2_window, self.chi2_count),
-            psi=SlidingWindow(self.psi_window, self.psi_count) if training else None,
+            step=self.sma_steps if on_device else self._steps,
+            chi2=SlidingWindow(self.chi2_window, self.chi2_count, host=chi2_host),
+            psi=SlidingWindow(self.psi_window, self.psi_count, host=psi_host)
+            if training
+            else None,
             use_window=training,
             warmup=self.warmup,
             running_var=running_var,
@@ -844,7 +1116,7 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             clamp_start=self.clamp_start,
             r_min=self.r_min,
             r_max=self.r_max,
-            process_group=self._sync_group(),
+            process_group=group,
             check_finite=functools.partial(self._check_chi2, x=x),
         )
 
@@ -858,26 +1130,41 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         if x.shape[0] == 0 and plan.process_group is None:
             self._undo_step(factor)
             return x.clone()
-        y, (chi2, _, _, running_after) = mabn_function(x, self.weight, self.bias, plan)
+        y, stats = _mabn(x, self.weight, self.bias, plan)
+        if plan.check_finite is not None and not stats.empty:
+            plan.check_finite(stats.chi2)  # before any state changes
         if not training:
             return y
-        if chi2.shape[0] == 0:  # every process had an empty batch
+        if stats.empty:  # no values (no spatial extent)
             self._undo_step(factor)
             return y
-        stored = running_after
+        stored = stats.running_after
         if factor is not None:
-            stored = _as(running_after, self.running_stats()[1].dtype)
-            if stored.dtype.itemsize < running_after.dtype.itemsize:
+            stored = _as(stored, self.running_stats()[1].dtype)
+            if stored.dtype.itemsize < stats.running_after.dtype.itemsize:
                 # Only a narrower running_var can overflow where the (checked) χ² did not:
                 # no second device read per step for float32 layers.
                 self._check_running_var(stored)  # before any state changes
+        groups, valid = stats.chi2.shape[0], stats.valid
         with torch.no_grad():
-            plan.chi2.push(chi2)  # the Function only reads the χ² window; the step is recorded here
-            self.sma_steps.add_(chi2.shape[0])
+            # The Function only reads the χ² window; the step is recorded here.
+            plan.chi2.push(stats.chi2, valid)
+            if isinstance(plan.step, Tensor):
+                self.sma_steps.add_(groups if valid is None else valid.long() * groups)
+            else:
+                self._steps += groups
+                self.sma_steps.add_(groups)
             if factor is not None:
                 running_mean, running_var = self.running_stats()
-                running_var.copy_(stored)
-                running_mean.zero_()
+                if valid is None:
+                    running_var.copy_(stored)
+                    running_mean.zero_()
+                else:
+                    # Synchronized: an empty batch on every process changes no state and is
+                    # not counted, decided on the device.
+                    running_var.copy_(torch.where(valid, stored, running_var))
+                    running_mean.copy_(torch.where(valid, 0.0, running_mean))
+                    self.num_batches_tracked.sub_((~valid).long())  # type: ignore[union-attr]
         return y
 
 
