@@ -74,7 +74,23 @@ Design decisions where the paper is silent (and where the authors' release diffe
   The per-group sums ``Σx²`` (forward) and ``Σ dL/dy·x`` (backward, for ``Ψ``) and the counts
   are all-reduced, so every rank holds the same windows and running variance.  With groups,
   the number of groups is agreed by one extra all-reduce (ranks may have different batch
-  sizes).  ``∂L/∂γ``, ``∂L/∂β`` stay local (DDP sums them).
+  sizes).  ``∂L/∂γ``, ``∂L/∂β`` stay local (DDP sums them).  An empty batch on every
+  process changes no state (decided on the device).
+
+Host reads and ``torch.compile``.  A step makes no host read (on CUDA each would be a
+synchronization) with the finite check deferred (:func:`smallbn.set_finite_check`):
+
+* Eager and unsynchronized, the per-step decisions (warm-up over, clamping started, how many
+  window rows are valid) are Python control flow on host copies of ``sma_steps`` and of the
+  windows' counts (:class:`HostCount`), kept beside the buffers and re-read from them only
+  when a ``state_dict`` loads or :func:`smallbn.precise_bn` restores them.
+* Compiled (``torch.compile``, ``fullgraph=True`` works) and synchronized, they are made on
+  the device from the buffers themselves: the switches become ``(G,)`` masks, the window
+  means masked sums over the stored rows.  The same numbers; a compiled graph then depends
+  on no Python integer that changes every step, so it is not recompiled as training goes
+  on.  The host copies are re-read once by the next eager step.
+* The one read left is the agreement on the number of groups of a synchronized layer with
+  ``norm_batch_size`` (a shape, the ranks' batch sizes may differ).
 
 Cost: the forward reads ``x`` twice (per-sample ``Σx²``, then ``y = a·x + β``) and the backward
 three times (one fused pass for ``Σ dy·x`` and ``Σ dy`` per sample and channel, then
@@ -186,7 +202,8 @@ def _window_means(values: Tensor, count: Tensor, host: HostCount | None, new: Te
     All sums are taken in ``new.dtype`` (the compute dtype), never in a narrower stored
     dtype: ``size`` values that each fit in float16 need not sum to one that does.  With
     ``host`` the valid rows are sliced by the host count; without, masked by the device
-    count (adding exact zeros: the same sums).
+    count (the invalid rows enter as exact zeros: the same sums, up to the order in which the
+    reduction adds them).
     """
     size, groups = int(values.shape[0]), new.shape[0]
     if host is None:
@@ -228,6 +245,7 @@ def _window_push(
     device one (written only while the window fills: no device op in the steady state);
     without a host count the device count advances on the device, and ``valid`` (a 0-dim
     bool tensor, device mode only) keeps the window as it is where false."""
+    assert valid is None or host is None, "a push decided on the device has no host count"
     size, groups = int(values.shape[0]), new.shape[0]
     if groups == 0:
         return
@@ -244,6 +262,12 @@ def _window_push(
         count.fill_(host.value)
 
 
+def _compiling() -> bool:
+    """Whether this code runs under ``torch.compile`` (one indirection, so that tests run
+    the compiled path's device-side bookkeeping eagerly against the float64 reference)."""
+    return torch.compiler.is_compiling()
+
+
 def _snapshot(t: Tensor) -> Tensor:
     """``t`` as it is now.  Under ``torch.compile``, through a ``cat`` with a fresh element:
     AOTAutograd's min-cut partitioner may recompute cheap pointwise values in the backward
@@ -253,7 +277,7 @@ def _snapshot(t: Tensor) -> Tensor:
     pytorch/pytorch#197039, as for Batch Renorm).  ``cat`` is not in the partitioner's list
     of recomputable ops, so what is computed from the snapshot is computed from the values
     this step read.  Eager: ``t`` itself."""
-    if not torch.compiler.is_compiling():
+    if not _compiling():
         return t
     return torch.cat([t.reshape(-1), t.new_zeros(1)])[:-1].view(t.shape)
 
@@ -375,7 +399,7 @@ def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
         and x.is_contiguous()
         and dy.is_contiguous()
         and n * c > 0
-        and not torch.compiler.is_compiling()
+        and not _compiling()
     ):
         channels = n * c if per_sample else c
         zeros, ones = _zeros_ones(channels, x.dtype, x.device)
@@ -474,7 +498,7 @@ def _ema_sequence(
         if momentum is not None:
             return start, torch.lerp(start, values[0], momentum)
         if isinstance(step, Tensor):
-            return start, torch.lerp(start, values[0], (1.0 / (step + 1)).to(values.dtype))
+            return start, torch.lerp(start, values[0], 1.0 / (step + 1).to(values.dtype))
         return start, torch.lerp(start, values[0], 1.0 / (step + 1))
     k = torch.arange(groups + 1, device=values.device, dtype=values.dtype)
     if momentum is None:
@@ -589,17 +613,15 @@ def _statistics(x: Tensor, plan: MABNPlan) -> _Statistics:
         clamp = _step_flags(step, groups.count, plan.clamp_start)
         if isinstance(clamp, Tensor) or any(clamp):
             r = _select(clamp, clamped, lambda: torch.ones_like(var))
-    return _Statistics(
-        groups, chi2, var, r, inv_std, running_after, counts, use_sma, valid, False
-    )
+    return _Statistics(groups, chi2, var, r, inv_std, running_after, counts, use_sma, valid, False)
 
 
 class _MABNFunction(torch.autograd.Function):
     """``y = γ·r·x/sqrt(v + eps) + β`` per group, and MABN's moving-average backward (module
     docstring, formulas), for statistics computed beforehand (:func:`_statistics`).
 
-    Inputs ``x, weight, bias`` (differentiable), the per-group ``scale = r/sqrt(v + eps)``
-    and ``inv_std``, the counts, the SMA switches, the Ψ window (``None``: Ψ̄ = Ψ_t) and
+    Inputs ``x, weight, bias`` (differentiable), the per-group ``inv_std = 1/sqrt(v + eps)``
+    and ``r`` (``None``: 1), the counts, the SMA switches, the Ψ window (``None``: Ψ̄ = Ψ_t) and
     the constants of :class:`_Backward`.  The backward pushes ``Ψ`` into the Ψ window.
 
     The ctx holds only tensors, Python constants and plain functions' inputs, so that
@@ -614,8 +636,8 @@ class _MABNFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        scale: Tensor,
         inv_std: Tensor,
+        r: Tensor | None,
         counts: Tensor | float,
         use_sma: Tensor | None,
         psi_values: Tensor | None,
@@ -624,7 +646,8 @@ class _MABNFunction(torch.autograd.Function):
         static: _Backward,
     ) -> Tensor:
         compute = stats_dtype(x.dtype)
-        slope = scale if weight is None else scale * _as(weight, compute)  # ∂y/∂x, v, r fixed
+        scale = inv_std if r is None else r * inv_std  # ∂y/∂x / γ with v and r constant
+        slope = scale if weight is None else scale * _as(weight, compute)
         xs = _as(x, compute)
         n = x.shape[0]
         y = xs * _stat_view(_group_spread(slope, static.group_size, n), x)
@@ -706,7 +729,6 @@ def _mabn(
     stats = _statistics(x, plan)
     if stats.empty:
         return x.clone(), stats
-    scale = stats.inv_std if stats.r is None else stats.r * stats.inv_std
     psi = plan.psi
     host_flags = not isinstance(stats.use_sma, Tensor)
     static = _Backward(
@@ -721,8 +743,8 @@ def _mabn(
         x,
         weight,
         bias,
-        scale,
         stats.inv_std,
+        stats.r,
         stats.counts,
         None if host_flags else stats.use_sma,
         None if psi is None else psi.values,
@@ -1092,7 +1114,7 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         that changes every step, on which dynamo would specialize and recompile each step;
         synchronized, an empty batch on every process is known on the device only)."""
         group = self._sync_group()
-        on_device = torch.compiler.is_compiling() or group is not None
+        on_device = _compiling() or group is not None
         if on_device:
             if training:
                 self._host_stale = True  # these steps advance the buffers only
@@ -1106,9 +1128,7 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             group_size=self.norm_batch_size,
             step=self.sma_steps if on_device else self._steps,
             chi2=SlidingWindow(self.chi2_window, self.chi2_count, host=chi2_host),
-            psi=SlidingWindow(self.psi_window, self.psi_count, host=psi_host)
-            if training
-            else None,
+            psi=SlidingWindow(self.psi_window, self.psi_count, host=psi_host) if training else None,
             use_window=training,
             warmup=self.warmup,
             running_var=running_var,
