@@ -905,24 +905,47 @@ ROW_SHAPES = [(1, 3, 4), (2, 3), (3, 2, 4, 3), (2, 2, 3, 2, 2)]
 
 @pytest.mark.parametrize("drop", [False, True], ids=["max", "drop"])
 @pytest.mark.parametrize("inside", [True, False], ids=["eps-inside", "eps-outside"])
-@pytest.mark.parametrize("past", [0, 3])
+@pytest.mark.parametrize("past", [0, 3, "masked"])
 @pytest.mark.parametrize("shape", ROW_SHAPES, ids=str)
-def test_window_norm_gradcheck(shape: tuple[int, ...], past: int, inside: bool, drop: bool):
+def test_window_norm_gradcheck(
+    shape: tuple[int, ...], past: int | str, inside: bool, drop: bool
+) -> None:
     from smallbn.layers.cross_iteration import _WindowNorm
 
-    x, weight, bias = _gradcheck_inputs(shape, seed=len(shape) + past)
-    past_mean, past_var = _past_entries((past,), shape[1], seed=5)
+    # "masked": three entries, the middle one masked out (the compiled step's form).
+    masked = past == "masked"
+    entries = 3 if masked else int(past)
+    valid = torch.tensor([True, False, True]) if masked else None
+    x, weight, bias = _gradcheck_inputs(shape, seed=len(shape) + entries)
+    past_mean, past_var = _past_entries((entries,), shape[1], seed=5)
     dims = [0, *range(2, len(shape))]
 
     def run(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         moments = x.detach()  # given without gradient: the backward accounts for them
         mean, var = moments.mean(dims), moments.var(dims, unbiased=False)
         return _WindowNorm.apply(
-            x, mean, var, weight, bias, past_mean, past_var, 1e-3, inside, drop
+            x, mean, var, weight, bias, past_mean, past_var, valid, 1e-3, inside, drop
         )
 
     assert torch.autograd.gradcheck(run, (x, weight, bias))
     assert torch.autograd.gradcheck(lambda x: run(x, None, None), (x,))
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["max", "drop"])
+def test_masked_pool_equals_the_pool_of_the_valid_entries(drop: bool) -> None:
+    """The compiled step pools every slot with a mask: the same window as the eager step's
+    gather of the valid slots alone (an all-false mask: the current batch alone, BN)."""
+    from smallbn.layers.cross_iteration import _pool
+
+    mean, var = _past_entries((), 5, seed=1)
+    var = var.abs()  # the current batch's own variance is >= 0
+    past_mean, past_var = _past_entries((4,), 5, seed=2)
+    for mask in ([True, False, True, True], [False] * 4, [True] * 4):
+        valid = torch.tensor(mask)
+        masked = _pool(mean, var, past_mean, past_var, drop, valid)
+        chosen = _pool(mean, var, past_mean[valid], past_var[valid], drop)
+        for got, want in zip(masked, chosen, strict=True):
+            torch.testing.assert_close(got, want.expand_as(got), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["max", "drop"])

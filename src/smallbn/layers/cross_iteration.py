@@ -106,7 +106,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -155,6 +155,8 @@ def _plain_forward(producer: nn.Module) -> Any:
     (subclasses that only add state, like smallbn's CenteredConv, override it and are
     refused too: their weight is transformed before the conv)."""
     return _plain_class(producer).forward
+
+
 Producer = _ConvNd | nn.Linear
 _Layer = TypeVar("_Layer", bound="CrossIterationBatchNorm")
 
@@ -217,7 +219,9 @@ def _patch_sums(summed: Tensor, conv: _ConvNd, padding: list[int], dtype: torch.
     patch = summed
     for d in range(dims):
         axis = lead + d
-        selection = _patch_selection(
+        # Compiled, the matrices are built in the graph (dynamo cannot use the host cache).
+        build = _patch_selection.__wrapped__ if torch.compiler.is_compiling() else _patch_selection
+        selection = build(
             patch.shape[axis],
             conv.kernel_size[d],
             conv.stride[d],
@@ -365,7 +369,12 @@ def _as_groups(rows: Tensor, start: int, lead: int, num: int, size: int) -> Tens
 
 
 def _pool(
-    mean: Tensor, var: Tensor, past_mean: Tensor, past_var: Tensor, drop: bool
+    mean: Tensor,
+    var: Tensor,
+    past_mean: Tensor,
+    past_var: Tensor,
+    drop: bool,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(μ̄, σ̄², n)``: the window's mean and variance from the current batch's ``(mean, var)``
     (differentiable) and the compensated stored entries ``(past, C)``, each iteration weighing
@@ -374,7 +383,21 @@ def _pool(
     Max rule: ``ν̄ = mean max(ν, μ²)``, i.e. ``σ̄² = mean max(σ², 0) + mean (μ − μ̄)²`` (the
     current ``σ²`` is >= 0 by construction).  Drop rule: entries with a negative compensated
     ``σ²`` are left out; the current batch always stays, so ``n >= 1``.
+
+    ``valid`` ``(past,)`` (bool, on the device) pools only the entries where it is true: the
+    compiled step gathers every slot and masks those its schedule does not pool, so that
+    its graph does not depend on the window's fill (:func:`_pool_groups` of one group).
     """
+    if valid is not None:
+        pooled, variance, count = _pool_groups(
+            mean.unsqueeze(0),
+            var.unsqueeze(0),
+            past_mean.unsqueeze(0),
+            past_var.unsqueeze(0),
+            valid.unsqueeze(0),
+            drop,
+        )
+        return pooled.squeeze(0), variance.squeeze(0), count.squeeze(0)
     dtype = mean.dtype
     past_mean, past_var = past_mean.to(dtype), past_var.to(dtype)
     means = torch.cat([mean.unsqueeze(0), past_mean])
@@ -452,8 +475,9 @@ def _moment_coefficients(
 
 
 class _WindowNorm(torch.autograd.Function):
-    """``y = γ (x − μ̄)·s(σ̄²) + β`` with ``(μ̄, σ̄², n) = _pool(μ, σ², past)``, where ``(μ, σ²)``
-    are x's own batch moments (given, computed without gradient) and ``past`` constants.
+    """``y = γ (x − μ̄)·s(σ̄²) + β`` with ``(μ̄, σ̄², n) = _pool(μ, σ², past, valid)``, where
+    ``(μ, σ²)`` are x's own batch moments (given, computed without gradient) and ``past``
+    constants (entries where ``valid`` is false, if given, are not pooled).
 
     The backward is written out so that it costs about BN's instead of autograd's separate
     passes for the normalization and the moments.  With ``D = Σ g (x − μ̄)`` and ``S = Σ g``
@@ -482,11 +506,12 @@ class _WindowNorm(torch.autograd.Function):
         bias: Tensor | None,
         past_mean: Tensor,
         past_var: Tensor,
+        valid: Tensor | None,
         eps: float,
         inside: bool,
         drop: bool,
     ) -> Tensor:
-        pooled_mean, pooled_var, count = _pool(mean, var, past_mean, past_var, drop)
+        pooled_mean, pooled_var, count = _pool(mean, var, past_mean, past_var, drop, valid)
         inv_std = _inverse_std(pooled_var, eps, inside)
         scale, shift = affine_from_moments(pooled_mean, inv_std, weight, bias)
         ctx.save_for_backward(x, weight, pooled_mean, pooled_var, count, inv_std, scale)
@@ -518,13 +543,13 @@ class _WindowNorm(torch.autograd.Function):
             0.0,
             [True, weight is not None, True],
         )
-        if ctx.pools:  # n > 1 somewhere (host-side: no device sync)
+        if ctx.pools:  # n > 1 may hold somewhere (host-side: no device sync; 0 where n = 1)
             grad_x.addcmul_(grad, channel_view(scale * (1.0 - 1.0 / count), x))
         grad_weight = None
         if weight is not None:  # ∂L/∂γ = s D, from the kernel's r D
             grad_weight = (kernel_centred * (inv_std / kernel_inv_std)).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.to(ctx.bias_dtype)
-        return grad_x.to(x.dtype), None, None, grad_weight, grad_bias, *([None] * 5)
+        return grad_x.to(x.dtype), None, None, grad_weight, grad_bias, *([None] * 6)
 
 
 class _GroupedWindowNorm(torch.autograd.Function):
@@ -585,6 +610,35 @@ class _GroupedWindowNorm(torch.autograd.Function):
         grad_weight = None if weight is None else (inv_std * centred).sum(0).to(weight.dtype)
         grad_bias = None if ctx.bias_dtype is None else total.sum(0).to(ctx.bias_dtype)
         return grad_x.to(x.dtype), *([None] * 4), grad_weight, grad_bias, *([None] * 6)
+
+
+class _Schedule(NamedTuple):
+    """One training step's use of the window (:meth:`CrossIterationBatchNorm._forward_train`).
+
+    Eager, from the host counters: ``past`` stored entries pooled, in slots ``index``,
+    ``record`` whether this step is stored in ``slot``, ``fill`` the window fill after it
+    (an int).  Compiled, from the device counters: ``past = k − 1`` slots gathered with the
+    mask ``valid``, ``record`` true with ``keep`` (a 0-dim bool, ``None``: always) saying
+    whether the slot is really written, ``fill`` a 0-dim tensor.
+    """
+
+    past: int
+    record: bool
+    slot: Tensor
+    index: Tensor
+    valid: Tensor | None
+    keep: Tensor | None
+    fill: int | Tensor
+
+
+def _put_slot(buffer: Tensor, dim: int, slot: Tensor, rows: Tensor, keep: Tensor | None) -> None:
+    """``buffer``'s entry ``slot`` (a one-element index along ``dim``) ← ``rows`` (size 1
+    along ``dim``), left as it was where ``keep`` is false.  An index tensor, not an int:
+    the compiled step computes the slot on the device (``t mod k``)."""
+    rows = rows.to(buffer.dtype)
+    if keep is not None:
+        rows = torch.where(keep, rows, buffer.index_select(dim, slot))
+    buffer.index_copy_(dim, slot, rows)
 
 
 class _ProducerHook:
@@ -659,6 +713,11 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     #: b of the simulated normalization batches, or ``None`` (a class default too, so that
     #: layers pickled before the option existed still train).
     norm_batch_size: int | None = None
+    #: Whether compiled steps advanced the counters on the device since the host copies
+    #: ``_iteration``/``_fill`` were last read (class default: layers pickled before it).
+    _host_stale: bool = False
+    #: Warnings of compiled steps, given by the next eager call (class default: as above).
+    _pending_warnings: tuple[str, ...] = ()
     iteration: Tensor
     window_fill: Tensor
     window_mean: Tensor | None
@@ -743,6 +802,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         self._fill = 0
         self._auto_window: int | None = None
         self._warned: set[str] = set()
+        self._pending_warnings: tuple[str, ...] = ()
         self._slots: dict[tuple[int, int, int, torch.device], Tensor] = {}
         # Index tensors of the grouped path, by schedule (no host→device copy per step).
         self._group_index: dict[tuple[Any, ...], Tensor] = {}
@@ -782,7 +842,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     def effective_window(self, iteration: int | None = None) -> int:
         """Iterations pooled at training ``iteration`` (0-based; default: the next one),
         burn-in applied; before k is chosen (``window=None``, no batch seen) k counts as 1."""
-        step = self._iteration if iteration is None else int(iteration)
+        step = self._host_counters()[0] if iteration is None else int(iteration)
         return self._window_at(step, self.window_size or 1)
 
     def _window_at(self, step: int, k: int) -> int:
@@ -879,6 +939,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         eval-mode model has no hooks, so :func:`smallbn.fold` can fold its norms)."""
         super().train(mode)
         self._sync_hook()
+        self._flush_warnings()
         return self
 
     def _sync_hook(self, force: bool = False) -> None:
@@ -941,7 +1002,20 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"{self.describe()}: {message}", RuntimeWarning, stacklevel=4)
+            text = f"{self.describe()}: {message}"
+            if torch.compiler.is_compiling():
+                # Dynamo cannot trace warnings.warn (a C builtin: a graph break, an error
+                # under fullgraph=True): the next eager call (train()/eval(), an eager
+                # training step) gives the message.
+                self._pending_warnings = (*self._pending_warnings, text)
+                return
+            warnings.warn(text, RuntimeWarning, stacklevel=4)
+
+    def _flush_warnings(self) -> None:
+        """Give the warnings that compiled steps deferred (:meth:`_warn_once`)."""
+        pending, self._pending_warnings = self._pending_warnings, ()
+        for text in pending:
+            warnings.warn(text, RuntimeWarning, stacklevel=3)
 
     # -- window state --------------------------------------------------------------------
 
@@ -1040,6 +1114,8 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     # -- training ------------------------------------------------------------------------
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        if self._pending_warnings and not torch.compiler.is_compiling():
+            self._flush_warnings()
         captured = self.__dict__["_captured"]
         # The producer's input is not kept past this step (past the last group of it when a
         # GroupedNorm calls this layer on consecutive groups of the producer's output).
@@ -1060,48 +1136,112 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
             if total > size:
                 return self._forward_groups(x, factor, captured, offset, total)
         k = self._resolve_window(x)
-        step = self._iteration
-        past = min(self._window_at(step, k) - 1, self._fill)
-        record = k > 1 and self._needs_record(step, k)
+        compiled = torch.compiler.is_compiling()
+        plan = self._device_schedule(k) if compiled else self._host_schedule(k, x.device)
         local = self._sync_group() is None
         inside, drop = self.eps_placement == "inside", self.aggregation == "drop"
-        fused = past == 0 and inside  # plain BN: torch's fused kernel where unsynchronized
+        fused = plan.past == 0 and inside  # plain BN: torch's fused kernel where unsynchronized
         if fused:
             y, moments = self._batch_norm(x)
         elif local:  # the gradient through them is _WindowNorm's
             moments = self._batch_moments(x, differentiable=False)
         else:
             moments = self._batch_moments(x)  # pooled across processes, with gradient
-        slot = step % k
-        if record:
-            self._record(x, moments.detach(), captured, slot)
+        if plan.record:
+            self._record(x, moments.detach(), captured, plan.slot, plan.keep)
         dots = None
-        if self._compensating() and (record or past > 0):
+        if self._compensating() and (plan.record or plan.past > 0):
             dots = self._inner_products()
-            if record:  # the scalars ⟨∂, θ⟩ at record time, from the same batched product
+            if plan.record:  # the scalars ⟨∂, θ⟩ at record time, from the same batched product
                 assert self.window_mean_dot is not None and self.window_var_dot is not None
-                self.window_mean_dot[slot] = dots[0][slot]
-                self.window_var_dot[slot] = dots[1][slot]
+                mean_dot, var_dot = (dot.index_select(0, plan.slot) for dot in dots)
+                _put_slot(self.window_mean_dot, 0, plan.slot, mean_dot, plan.keep)
+                _put_slot(self.window_var_dot, 0, plan.slot, var_dot, plan.keep)
         if not fused:
-            if past > 0:
-                past_mean, past_var = self._past(self._slot_index(step, k, past, x.device), dots)
+            if plan.past > 0:
+                past_mean, past_var = self._past(plan.index, dots)
             else:  # eps outside the square root: not BN even without stored iterations
                 past_mean = past_var = moments.mean.detach().new_zeros((0, self.num_features))
             if local:
                 y = _WindowNorm.apply(
                     x, moments.mean, moments.var, self.weight, self.bias,
-                    past_mean, past_var, self.eps, inside, drop,
+                    past_mean, past_var, plan.valid, self.eps, inside, drop,
                 )  # fmt: skip
             else:  # moments pooled across processes: autograd through the all-gather
-                mean, var, _ = _pool(moments.mean, moments.var, past_mean, past_var, drop)
+                mean, var, _ = _pool(
+                    moments.mean, moments.var, past_mean, past_var, drop, plan.valid
+                )
                 inv_std = _inverse_std(var, self.eps, inside)
                 scale, shift = affine_from_moments(mean, inv_std, self.weight, self.bias)
                 y = apply_affine(x, scale, shift)
         self._update_running(moments.mean, moments.unbiased_var(), factor)
-        self._iteration += 1
-        self.iteration.fill_(self._iteration)
-        self._set_fill(min(self._fill + 1, k) if record else 0)
+        if compiled:
+            # The counters advance on the device only: a host int read by the compiled
+            # step would be a guard on its value, so a recompilation at every step.  The
+            # host copies are re-read once, by the next eager step that needs them.
+            self.iteration.add_(1)
+            assert isinstance(plan.fill, Tensor)
+            self.window_fill.copy_(plan.fill)
+            self._host_stale = True
+        else:
+            assert isinstance(plan.fill, int)
+            self._iteration += 1
+            self.iteration.fill_(self._iteration)
+            self._set_fill(plan.fill)
         return y
+
+    def _host_schedule(self, k: int, device: torch.device) -> _Schedule:
+        """This step's schedule from the host-side counters (eager: no device work, the index
+        tensors are cached per position in the window)."""
+        step, fill = self._host_counters()
+        past = min(self._window_at(step, k) - 1, fill)
+        record = k > 1 and self._needs_record(step, k)
+        slot = self._cached_index(("slot", step % k, device), lambda: [step % k], device)
+        index = self._slot_index(step, k, past, device) if past > 0 else slot[:0]
+        fill = min(fill + 1, k) if record else 0
+        return _Schedule(past, record, slot, index, None, None, fill)
+
+    def _device_schedule(self, k: int) -> _Schedule:
+        """This step's schedule computed on the device from the ``iteration`` and
+        ``window_fill`` buffers, for a compiled step: one graph for every step.
+
+        Every stored slot is gathered (``past = k − 1``) and ``valid`` masks the entries
+        the eager schedule would not pool, ``τ <= min(k_t − 1, fill)`` with ``k_t`` the
+        burn-in window at iteration t; the slot ``t mod k`` is written where some iteration
+        of the next ``k − 1`` pools it (``keep``; always after burn-in), and left as it was
+        elsewhere, as the eager step leaves it.
+        """
+        step, fill = self.iteration, self.window_fill
+        if k == 1:  # plain BN: no window, nothing stored
+            empty = torch.zeros(0, dtype=torch.long, device=step.device)
+            return _Schedule(0, False, empty, empty, None, None, fill)
+        taus = torch.arange(1, k, device=step.device)  # τ = 1 … k − 1
+        slot = step.remainder(k).view(1)
+        index = (step - taus).remainder(k)
+        keep: Tensor | None = None
+        if self.burnin == 0:  # the full window from the start (host-known)
+            limit = fill.clamp_max(k - 1)
+        else:
+            limit = torch.minimum(self._window_on_device(step, k) - 1, fill)
+            keep = (self._window_on_device(step + taus, k) - 1 >= taus).any()
+        grown = (fill + 1).clamp_max(k)
+        after = grown if keep is None else torch.where(keep, grown, 0)
+        return _Schedule(k - 1, True, slot, index, taus <= limit, keep, after)
+
+    def _window_on_device(self, step: Tensor, k: int) -> Tensor:
+        """:meth:`_window_at` of iteration tensors (``burnin > 0``)."""
+        if self.burnin_mode == "linear":
+            during = 1 + (k - 1) * step // self.burnin
+        else:
+            during = torch.ones_like(step)
+        return torch.where(step >= self.burnin, k, during)
+
+    def _host_counters(self) -> tuple[int, int]:
+        """``(iteration, fill)`` on the host; re-read from the buffers (one host read) after
+        compiled steps, which advance the buffers only."""
+        if self._host_stale:
+            self._reload_host_state()
+        return self._iteration, self._fill
 
     # -- simulated normalization batches ----------------------------------------------------
 
@@ -1144,8 +1284,8 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
             groups = self._grouped_moments(x, index, num)  # pooled across processes
         current = groups.detach()
         k = self._resolve_window(x, batch=size)
-        step = self._iteration
-        pasts, records, fill = self._group_schedule(step, self._fill, num, k)
+        step, fill = self._host_counters()
+        pasts, records, fill = self._group_schedule(step, fill, num, k)
         # The timeline: the groups' own moments at positions 0 … G − 1, then the stored
         # iterations t − 1, t − 2, … (compensated) at G, G + 1, …
         stored = max(max(past - g for g, past in enumerate(pasts)), 0)
@@ -1337,12 +1477,18 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
 
     @torch.no_grad()
     def _record(
-        self, x: Tensor, moments: Moments, captured: tuple[Any, Any] | None, slot: int
+        self,
+        x: Tensor,
+        moments: Moments,
+        captured: tuple[Any, Any] | None,
+        slot: Tensor,
+        keep: Tensor | None = None,
     ) -> None:
-        """Store this iteration's statistics and derivatives in ``slot``."""
+        """Store this iteration's statistics and derivatives in ``slot`` (a one-element
+        index), where ``keep`` (a 0-dim bool on the device, if given) is true."""
         assert self.window_mean is not None and self.window_var is not None
-        self.window_mean[slot] = moments.mean
-        self.window_var[slot] = moments.var
+        _put_slot(self.window_mean, 0, slot, moments.mean.unsqueeze(0), keep)
+        _put_slot(self.window_var, 0, slot, moments.var.unsqueeze(0), keep)
         producer = self.producer
         if producer is None:
             # Entries stored from now on have no derivatives: drop stale ones (e.g. loaded
@@ -1380,8 +1526,8 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
                 flat[: mean_grad.numel()].view_as(mean_grad),
                 flat[mean_grad.numel() :].view_as(var_grad),
             )
-        self.window_mean_grad[:, slot] = grads[0]
-        self.window_var_grad[:, slot] = grads[1]
+        _put_slot(self.window_mean_grad, 1, slot, grads[0].unsqueeze(1), keep)
+        _put_slot(self.window_var_grad, 1, slot, grads[1].unsqueeze(1), keep)
 
     def _compensating(self) -> bool:
         return (
@@ -1463,6 +1609,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     def _reload_host_state(self) -> None:
         self._iteration = int(self.iteration)
         self._fill = min(int(self.window_fill), self.window_size or 1)
+        self._host_stale = False
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Make the window buffers fit the checkpoint: create those it has (their shapes
