@@ -86,11 +86,15 @@ def _batch(step: int, n: int, tail, seed: int = 0, dtype=torch.float64) -> tuple
 
 
 def _train_step(layer: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward and backward of ``Σ y·g``; returns ``(y, ∂x, ∂γ, ∂β)`` and clears the grads."""
+    """Forward and backward of ``Σ y·g``; returns ``(y, ∂x, ∂γ, ∂β)`` and clears the grads
+    (zeros where an empty batch left no gradient)."""
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     (y.double() * g).sum().backward()
-    grads = (x.grad, layer.weight.grad.clone(), layer.bias.grad.clone())
+    grads = tuple(
+        torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for p in (x, layer.weight, layer.bias)
+    )
     layer.weight.grad = layer.bias.grad = None
     return (y.detach(), *grads)
 
@@ -663,8 +667,9 @@ def test_center_producer_false_leaves_the_conv():
 # -- two processes --------------------------------------------------------------------------------
 
 WORLD = 2
-# Local batch sizes per step and rank: unequal, empty, 1; and norm_batch_size per scenario.
-DIST_SIZES = [[3, 5], [0, 2], [1, 1], [4, 3], [2, 0], [5, 4]]
+# Local batch sizes per step and rank: unequal, empty, 1, empty on every rank (no state
+# changes, decided on the device); and norm_batch_size per scenario.
+DIST_SIZES = [[3, 5], [0, 2], [1, 1], [0, 0], [4, 3], [2, 0], [5, 4]]
 DIST_SCENARIOS = {"whole_batch": None, "groups_of_2": 2}
 DIST_KW = dict(window=3, warmup=1, clamp_start=2, momentum=0.1, dtype=torch.float64)
 
@@ -707,9 +712,11 @@ def test_sync_over_two_processes_equals_one_process(tmp_path):
         ref = MovingAverageBatchNorm2d(C, **DIST_KW)
         for step, sizes in enumerate(DIST_SIZES):
             batches = [_dist_batch(step, r, sizes[r]) for r in range(WORLD)]
-            size = b or max(sizes)
-            pieces: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(WORLD)]
-            grad_w = grad_b = 0
+            size = b or max(*sizes, 1)
+            # an empty batch everywhere: no call on the reference, empty outputs, zero grads
+            empty = torch.empty(0, C, 2, 3, dtype=torch.float64)
+            pieces: list[list[tuple[Tensor, Tensor]]] = [[(empty, empty)] for _ in range(WORLD)]
+            grad_w = grad_b = torch.zeros(C, dtype=torch.float64)
             for start in range(0, max(sizes), size):
                 x = torch.cat([bx[start : start + size] for bx, _ in batches])
                 g = torch.cat([bg[start : start + size] for _, bg in batches])
@@ -723,6 +730,9 @@ def test_sync_over_two_processes_equals_one_process(tmp_path):
             for r in range(WORLD):
                 y, gx, _, _, state = ranks[r][name][step]
                 what = f"{name}, step {step}, rank {r}"
+                if max(sizes) == 0:  # nothing anywhere: the whole state as before, uncounted
+                    before = ranks[r][name][step - 1][4]
+                    assert all(torch.equal(v, before[k]) for k, v in state.items()), what
                 torch.testing.assert_close(y, torch.cat([p[0] for p in pieces[r]]), **TOL, msg=what)
                 torch.testing.assert_close(
                     gx, torch.cat([p[1] for p in pieces[r]]), **TOL, msg=what

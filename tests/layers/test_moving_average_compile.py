@@ -175,7 +175,7 @@ def test_centered_conv_compiles_with_its_projection_backward() -> None:
     conv = _block()[0]
     compiled = torch.compile(copy.deepcopy(conv), fullgraph=True, backend="aot_eager")
     x = _batches(1)[0]
-    for forward, module in ((compiled, compiled), (conv, conv)):
+    for forward in (compiled, conv):
         forward(x).square().sum().backward()
     torch.testing.assert_close(compiled.weight.grad, conv.weight.grad, **COMPILED_TOL)
     centred = compiled.weight.grad.flatten(1)

@@ -567,9 +567,10 @@ def _statistics(x: Tensor, plan: MABNPlan) -> _Statistics:
     sums = _group_total(_per_sample_square_sums(x, compute), groups.count, groups.size)
     counts: Tensor | float
     valid = None
-    if group is None:
-        # Only an empty batch or no spatial extent has no values.
-        empty = groups.sizes[0] == 0
+    if group is None or groups.count == 0:
+        # Only an empty batch or no spatial extent has no values (synchronized: no groups
+        # on any process, from the agreed number of groups).
+        empty = groups.count == 0 or groups.sizes[0] == 0
         # host counts: a Python divisor for one group, a small tensor for several
         counts = (
             float(groups.sizes[0])
