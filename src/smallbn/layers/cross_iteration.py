@@ -92,6 +92,19 @@ an eval-mode model has no hook (so :func:`smallbn.fold` folds it).  Supported pr
 or a step whose input is not the producer's output) the layer pools uncompensated
 statistics ("naive CBN"), with a one-time warning.
 
+**No host reads; torch.compile.**  Eager, the schedule (slot ``t mod k``, entries pooled,
+burn-in) comes from host copies of the counters, so a step reads nothing back from the device
+(with the deferred finite check, :func:`smallbn.set_finite_check`).  Under ``torch.compile``
+(``fullgraph=True`` holds) a host int read by the compiled code is a guard on its value, a
+recompilation per step; so there the schedule is computed on the device from the
+``iteration`` and ``window_fill`` buffers, which the step advances: every stored slot is
+gathered and the entries the eager step would not pool are masked (they weigh exactly
+zero), and the slot is written where the eager step would write it.  One graph serves every
+training step; the host copies are re-read (one host read) by the next eager use, and
+warnings of compiled steps are given by the next eager call (``train()``/``eval()``): dynamo
+cannot trace ``warnings.warn``.  Simulated normalization batches (``norm_batch_size``) still
+schedule on the host: compiled, they recompile at each step, up to dynamo's limit.
+
 Limitations: every training forward is an iteration, so activation checkpointing (which runs
 the forward twice) and ``nn.DataParallel`` replicas (which share the hook) are not supported;
 with DDP, keep ``broadcast_buffers=False`` or ``sync=True`` (rank 0's window would otherwise
