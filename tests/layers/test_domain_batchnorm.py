@@ -1,7 +1,11 @@
 """Domain-specific BN: BN per domain against the float64 reference (an int domain, per-sample
-domain ids, absent domains), BN checkpoints broadcast to every domain, use_domain, errors."""
+domain ids, absent domains), BN checkpoints broadcast to every domain, use_domain, errors, and
+the checks of tensor ids deferred where reading them would synchronize (CUDA, compiled
+graphs)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -9,7 +13,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import smallbn
 from _layer_checks import (
     BN_STATE_KEYS,
     SHAPES,
@@ -425,3 +431,103 @@ def test_rejects_bad_constructor_args():
         DomainBatchNorm2d(4, momentum=None)
     with pytest.raises(ValueError, match=r"DomainBatchNorm2d: momentum .* must lie in \[0, 1\]"):
         DomainBatchNorm2d(4, momentum=1.5)
+
+
+# -- deferred checks of tensor ids (CUDA, compiled graphs) --------------------------------------
+
+_HOST_READS = {
+    "aten._local_scalar_dense.default",
+    "aten.nonzero.default",
+    "aten.is_nonzero.default",
+    "aten.equal.default",
+}
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if str(func) in _HOST_READS:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def off_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The layer behaves as on CUDA: checks of tensor ids' values are deferred (the finite
+    check too)."""
+    monkeypatch.setattr(DomainBatchNorm, "_checks_on_host", lambda self, x: False)
+    old = smallbn.set_finite_check("deferred")
+    yield
+    smallbn.set_finite_check(old)
+
+
+def test_deferred_steps_with_tensor_ids_read_nothing_back(off_cpu: None) -> None:
+    layer = DomainBatchNorm2d(3, num_domains=3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    ids = torch.tensor([0, 2, 2, 0])
+    with _HostReads() as training:
+        layer(x, ids).square().sum().backward()
+        layer(x, torch.tensor(1)).sum().backward()
+    layer.eval()  # reads the deferred flag: between the steps
+    with _HostReads() as evaluation:
+        with torch.no_grad():
+            layer(x, ids)
+    assert training.found == [] and evaluation.found == []
+
+
+def test_deferred_one_value_domain_raises_on_eval_naming_the_call(off_cpu: None) -> None:
+    """Where the ids are not read per step, a domain with one value per channel is recorded
+    (the step normalizes it to β, as a zero variance gives) and raised when the deferred
+    flag is read: here by eval(), with the same ValueError as the immediate check."""
+    layer = DomainBatchNorm1d(2, num_domains=2)
+    layer(torch.randn(4, 2), domain=torch.tensor([0, 0, 1, 1]))
+    layer(torch.randn(4, 2), domain=torch.tensor([0, 0, 0, 1]))  # domain 1 has one value
+    layer(torch.randn(4, 2), domain=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm1d\(2\): training call 2 of this layer had a domain present in "
+        r"the batch with a single value per channel.*deferred check",
+    ):
+        layer.eval()
+
+
+def test_deferred_out_of_range_ids_are_clamped_and_reported(off_cpu: None) -> None:
+    """An id outside [0, num_domains) cannot index out of bounds (a device-side assert on
+    CUDA): the step uses it clamped into range, and check_finite reports it."""
+    layer, clamped = DomainBatchNorm1d(2, num_domains=3), DomainBatchNorm1d(2, num_domains=3)
+    x = torch.randn(4, 2, 3)
+    y = layer(x, domain=torch.tensor([0, 5, -1, 2]))
+    torch.testing.assert_close(y, clamped(x, domain=torch.tensor([0, 2, 0, 2])))
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm1d\(2\): training call 1 of this layer had domain ids outside "
+        r"\[0, 3\)",
+    ):
+        smallbn.check_finite(layer)
+
+
+def test_deferred_out_of_range_ids_in_eval_are_reported(off_cpu: None) -> None:
+    layer = DomainBatchNorm1d(2, num_domains=3)
+    layer(torch.randn(4, 2, 3), domain=torch.tensor([0, 1, 1, 0]))
+    layer.eval()
+    layer(torch.randn(4, 2, 3), domain=torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(
+        ValueError, match=r"an evaluation call after training call 1 of this layer had domain ids"
+    ):
+        smallbn.check_finite(layer)
+
+
+def test_deferred_non_finite_statistics_with_tensor_ids(off_cpu: None) -> None:
+    layer = DomainBatchNorm1d(2, num_domains=2)
+    x = torch.randn(4, 2, 3)
+    x[3, 0, 0] = float("nan")
+    layer(x, domain=torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"DomainBatchNorm1d\(2\): batch statistics were NaN or Inf in "
+        r"training call 1",
+    ):
+        smallbn.check_finite(layer)

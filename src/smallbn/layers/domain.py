@@ -296,10 +296,11 @@ class DomainBatchNorm(BatchStatsNorm):
         else:
             first.copy_(torch.where((problem == 0) | (first >= 0), first, self._training_calls))
 
-    def _raise_deferred(self, call: int) -> None:
+    def _raise_deferred(self, call: int, where: str | None = None) -> None:
         """The deferred error: a domain-specific cause when one was recorded (ids out of range,
         a domain with one value per channel: a ``ValueError``, as the immediate check
-        raises), the base's non-finite-statistics error otherwise."""
+        raises), the base's non-finite-statistics error otherwise (``where``: the layer's
+        path, if the caller knows it)."""
         problem = int(self._domain_problem)
         causes = []
         if problem & _OUT_OF_RANGE:
@@ -314,16 +315,19 @@ class DomainBatchNorm(BatchStatsNorm):
                 "put the layer in eval mode)"
             )
         if not causes:
-            super()._raise_deferred(call)  # non-finite statistics only
+            super()._raise_deferred(call, where)  # non-finite statistics only
             return
-        where = (
+        who = self.describe()
+        if where and " at '" not in who:
+            who = f"{who} at '{where}'"
+        when = (
             f"an evaluation call after training call {call}"
             if problem & _IN_EVAL
             else f"training call {call}"
         )
         also = " Its batch statistics were also NaN or Inf." if problem & _NOT_FINITE else ""
         raise ValueError(
-            f"{self.describe()}: {where} of this layer had {' and '.join(causes)}. Found by "
+            f"{who}: {when} of this layer had {' and '.join(causes)}. Found by "
             f"the deferred check of per-sample domain ids (on CUDA and in compiled graphs a "
             f"check of the ids' values would read them back every step); it is read every "
             f"{_base._DEFERRED_INTERVAL} training calls, in eval() and in "
