@@ -1227,7 +1227,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         step, fill = self.iteration, self.window_fill
         if k == 1:  # plain BN: no window, nothing stored
             empty = torch.zeros(0, dtype=torch.long, device=step.device)
-            return _Schedule(0, False, empty, empty, None, None, fill)
+            return _Schedule(0, False, empty, empty, None, None, torch.zeros_like(fill))
         taus = torch.arange(1, k, device=step.device)  # τ = 1 … k − 1
         slot = step.remainder(k).view(1)
         index = (step - taus).remainder(k)
