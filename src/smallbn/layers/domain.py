@@ -233,9 +233,11 @@ class DomainBatchNorm(BatchStatsNorm):
         )
 
     def _domain_index(self, x: Tensor, domain: object) -> Tensor:
-        """Every sample's domain id (``(N,)`` long on ``x``'s device), checked on the host now
-        (:meth:`population_moments`, outside any training step)."""
-        index, _ = self._checked_index(x, self._check_domain(domain), on_host=True)
+        """Every sample's domain id (``(N,)`` long on ``x``'s device; ``None``:
+        ``active_domain``), checked on the host now (:meth:`population_moments`, outside any
+        training step)."""
+        checked = self._check_domain(self.active_domain if domain is None else domain)
+        index, _ = self._checked_index(x, checked, on_host=True)
         return index
 
     def _checked_index(
@@ -362,36 +364,26 @@ class DomainBatchNorm(BatchStatsNorm):
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
         domain = self._check_domain(self.active_domain if args[0] is None else args[0])
-        if not isinstance(domain, Tensor) and self._sync_group() is None:
-            # One int domain without other processes: its values per channel are known on
-            # the host (no read), and the whole batch is domain d: BN, updating d's running
-            # statistics, through torch's fused kernel (also what inductor compiles: its CPU
-            # code generation fails on an index_add with a constant index, torch 2.13).
+        # One int domain without other processes: its values per channel are known on the
+        # host (no read); otherwise they are counted from the ids on the device.
+        single = not isinstance(domain, Tensor) and self._sync_group() is None
+        if single:
             if not 0 <= domain < self.num_domains:
                 self._raise_out_of_range(domain)
             values = x.numel() // x.shape[1]
             if values == 1:
                 self._raise_too_small(x, 1, f"domain {[domain]}")
-            if values > 1:
-                y, moments = self._batch_norm(x)
-                if factor is not None:
-                    running_mean, running_var = self.running_stats()
-                    update_running_stats(
-                        running_mean[domain],
-                        running_var[domain],
-                        moments.mean,
-                        moments.unbiased_var(),
-                        factor,
-                    )
-                return y
-        # Otherwise the domains' values per channel are counted from the ids on the device.
+            if values > 1 and torch.compiler.is_compiling():
+                return self._compiled_one_domain(x, int(domain), factor)
         on_host = self._checks_on_host(x)
         index, outside = self._checked_index(x, domain, on_host=on_host)
 
         def statistics(instance: Moments) -> SampleNormalization:
             domains = self._merge_groups(instance, index, self.num_domains, check=False)
             present = domains.count > 0
-            if on_host:
+            if single:  # the sizes were checked on the host
+                self._check_finite(domains, x)
+            elif on_host:
                 too_small = present & (domains.count <= 1)
                 if bool(too_small.any()):  # before the values' check: the structural error first
                     which = torch.nonzero(too_small).flatten().tolist()
@@ -415,6 +407,23 @@ class DomainBatchNorm(BatchStatsNorm):
             mean, var, weight, bias = statistics(sample_moments(x))
             return normalize(x, mean, var, self.eps, weight, bias)
         return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
+
+    def _compiled_one_domain(self, x: Tensor, domain: int, factor: float | None) -> Tensor:
+        """A compiled training step on one int domain ``d``: BN of the whole batch through
+        torch's fused kernel, moving only ``d``'s running statistics (the same numbers as the
+        per-sample path, whose ``index_add`` over a constant index inductor's CPU code
+        generation fails on, torch 2.13)."""
+        y, moments = self._batch_norm(x)
+        if factor is not None:
+            running_mean, running_var = self.running_stats()
+            update_running_stats(
+                running_mean[domain],
+                running_var[domain],
+                moments.mean,
+                moments.unbiased_var(),
+                factor,
+            )
+        return y
 
     def _deferred_problem(self, domains: Moments, outside: Tensor | None) -> Tensor:
         """The problem bits of a training call checked on the device: ids out of range, a
