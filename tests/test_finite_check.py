@@ -97,3 +97,17 @@ def test_the_flags_are_not_saved_and_follow_the_module(restore_mode: None):
     layer = smallbn.BatchRenorm2d(3)
     assert not any("nonfinite" in k or "training_calls" in k for k in layer.state_dict())
     assert layer.to(torch.float64)._nonfinite_call.dtype == torch.long
+
+
+def test_a_layer_checking_twice_per_call_counts_one_call(restore_mode: None):
+    # half-precision MABN checks χ² and then the narrower running variance in one call
+    smallbn.set_finite_check("deferred")
+    layer = smallbn.MovingAverageBatchNorm2d(3, window=2, warmup=0).to(torch.bfloat16)
+    for step in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16)
+        if step == 2:
+            x[0, 1] = float("nan")
+        layer(x)
+    assert int(layer._training_calls) == 3
+    with pytest.raises(FloatingPointError, match="training call 3"):
+        smallbn.check_finite(layer)

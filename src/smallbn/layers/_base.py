@@ -321,14 +321,16 @@ class NormBase(nn.Module):
             return value.device.type == "cpu" and not torch.compiler.is_compiling()
         return False
 
-    def _record_finite(self, finite: Tensor) -> None:
+    def _record_finite(self, finite: Tensor, *, new_call: bool = True) -> None:
         """Deferred check: remember, on the device, whether ``finite`` (a 0-dim bool tensor)
         is false at this training call, with no host read; read the flag every
-        ``interval`` eager calls (:func:`set_finite_check`)."""
+        ``interval`` eager calls (:func:`set_finite_check`).  ``new_call=False``: a second
+        check within the same call (which must not count as another call)."""
         calls, first = self._training_calls, self._nonfinite_call
-        calls.add_(1)
+        if new_call:
+            calls.add_(1)
         first.copy_(torch.where(finite.to(first.device) | (first >= 0), first, calls))
-        if torch.compiler.is_compiling():
+        if not new_call or torch.compiler.is_compiling():
             return  # the compiled graph keeps no host state: check_finite() reads the flag
         self._unchecked_calls += 1
         if self._unchecked_calls >= _DEFERRED_INTERVAL:

@@ -1079,7 +1079,8 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             return
         # The values are ≥ 0 and summed in float64: the sum is finite iff every value is.
         if now is False:
-            self._record_finite(torch.isfinite(stored.sum(dtype=torch.float64)))
+            # the second check of this call (after χ²'s): the same call number
+            self._record_finite(torch.isfinite(stored.sum(dtype=torch.float64)), new_call=False)
             return
         if math.isfinite(float(stored.sum(dtype=torch.float64))):
             return
