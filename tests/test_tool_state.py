@@ -62,7 +62,16 @@ def _train(model: nn.Module, steps: int = 4, batch: int = 2) -> None:
         opt.step()
 
 
-_HOST_STATE = ("_iteration", "_fill", "_auto_window", "window_size", "active_domain")
+_HOST_STATE = (
+    "_iteration",
+    "_fill",
+    "_auto_window",
+    "window_size",
+    "active_domain",
+    "_steps",
+    "_chi2_fill",
+    "_psi_fill",
+)
 
 
 def _snapshot(model: nn.Module) -> dict[str, Any]:
@@ -76,7 +85,7 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
         state[f"{name}:training"] = module.training
         for attr in _HOST_STATE:
             if hasattr(module, attr):
-                state[f"{name}:{attr}"] = getattr(module, attr)
+                state[f"{name}:{attr}"] = copy.copy(getattr(module, attr))  # not a live object
     return state
 
 
