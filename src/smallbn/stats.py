@@ -394,108 +394,88 @@ def sample_grad_sums(grad: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Ten
     return (grad * x).sum(dim=dims) - mean * total, total
 
 
-class _SampleStatsNormalize(torch.autograd.Function):
-    """``y = γ (x − μ)/sqrt(σ² + eps) + β`` where ``(μ, σ², γ, β) = statistics(μ_in, σ²_in)``
-    is any differentiable function of x's instance moments (per sample and channel, over
-    ``*spatial``) and of the tensors ``params`` — Ghost BN's group merge, Batch Renorm's
-    per-group affine, Switchable Norm's mixture.
+class _NormalizeWithStatistics(torch.autograd.Function):
+    """``y = γ (x − μ)·s + β`` with ``s = 1/sqrt(σ² + eps)`` for statistics ``μ, σ²`` and affine
+    ``γ, β`` given as inputs: ``(N, C)`` (one set per sample), ``(C,)`` or, for γ/β, absent.
 
-    Autograd would keep the product ``g·x`` and sum two gradients of x's size; here the
-    backward makes one reduction pass and one fused multiply-add pass over x.  Per sample
-    and channel, with ``s = 1/sqrt(σ² + eps)``, ``S = Σ g`` and ``D = Σ g (x − μ)`` over the
-    M spatial values:
+    The normalization step of :func:`normalize_from_sample_moments`.  Its backward treats the
+    statistics as the independent inputs they are here; how they depend on x (through x's
+    instance moments and whatever the caller computed from them) reaches x through their own
+    autograd graph.  Per sample and channel, with ``S = Σ g`` and ``D = Σ g (x − μ)`` over
+    the M spatial values (one reduction pass over x and g, :func:`sample_grad_sums`),
 
-        ∂L/∂μ = −γ s S,  ∂L/∂σ² = −½ γ s³ D,  ∂L/∂γ = s D,  ∂L/∂β = S,
+        ∂L/∂x|direct = γ s g,   ∂L/∂μ = −γ s S,   ∂L/∂σ² = −½ γ s³ D,
+        ∂L/∂γ = s D,            ∂L/∂β = S.
 
-    which ``statistics``' own small graph (rebuilt in forward under autograd on detached
-    instance moments, so side effects such as running-statistic updates happen once) turns
-    into ``∂L/∂μ_in``, ``∂L/∂σ²_in`` and the parameter gradients; then
-
-        ∂L/∂x = γ s g + ∂L/∂μ_in / M + 2 ∂L/∂σ²_in (x − μ_in) / M.
+    Why not autograd of :func:`normalize`: that differentiates ``y = a·x + b`` and forms
+    ``∂L/∂a = Σ g x``, from which ``∂L/∂σ²`` needs ``Σ g x − μ Σ g``, a difference that cancels
+    catastrophically once ``|μ| ≫ σ``; ``D`` here is summed centred.  The backward calls no
+    ``torch.autograd.grad`` (the formulas are closed), so dynamo and AOTAutograd trace it:
+    the reason this replaced a Function that differentiated the statistics' graph inside its
+    own backward.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, statistics: SampleStatistics, eps: float, *params: Tensor
+        ctx: Any,
+        compute: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
     ) -> Tensor:
-        compute = x.to(stats_dtype(x.dtype))
-        detached = sample_moments(compute)  # forward runs without grad: plain tensors
-        inst_mean, per_sample = detached.mean, x[0, 0].numel()
-        with torch.enable_grad():
-            # detach(): for (N, C) inputs the instance mean is x itself, which must not
-            # become a leaf that requires grad
-            leaves = (inst_mean.detach().requires_grad_(), detached.var.detach().requires_grad_())
-            instance = Moments(detached.count, *leaves)
-            mean, var, weight, bias = statistics(instance)
-        ctx.graph = leaves, (mean, var, weight, bias), [p for p in params if p.requires_grad]
-        ctx.param_needs = [p.requires_grad for p in params]
-        ctx.per_sample = per_sample
-        # The affine map needs no graph: backward differentiates (mean, var, weight, bias).
         # In the compute dtype: statistics may arrive in the running buffers' dtype (SN in
         # eval: float16 buffers, or float32 ones for a float64 input).
-        mean, var = mean.detach().to(compute.dtype), var.detach().to(compute.dtype)
-        inv_std = torch.rsqrt(var + eps)
-        gamma = inv_std.new_ones(()) if weight is None else weight.detach().to(inv_std.dtype)
-        scale, shift = affine_from_moments(mean, inv_std, gamma, bias)
-        ctx.save_for_backward(compute, inst_mean.detach())
-        ctx.stat = (mean, inv_std, gamma, scale)
-        return apply_affine(compute, scale, shift).to(x.dtype)
+        mean_c, var_c = mean.to(compute.dtype), var.to(compute.dtype)
+        inv_std = torch.rsqrt(var_c + eps)
+        gamma = inv_std.new_ones(()) if weight is None else weight.to(inv_std.dtype)
+        scale, shift = affine_from_moments(mean_c, inv_std, gamma, bias)
+        ctx.save_for_backward(compute, mean_c, inv_std, gamma, scale)
+        # Shapes to return each gradient in (a (C,) statistic or affine gets the sum over N).
+        ctx.shapes = (mean.shape, var.shape, _shape_or_none(weight), _shape_or_none(bias))
+        ctx.dtypes = (mean.dtype, var.dtype, _dtype_or_none(weight), _dtype_or_none(bias))
+        return apply_affine(compute, scale, shift)
 
     @staticmethod
     @first_order_only("Per-sample-statistics normalization (Ghost BN, grouped BRN, SN, DomainBN)")
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        compute, inst_mean = ctx.saved_tensors
-        mean, inv_std, gamma, scale = ctx.stat
-        (leaf_mean, leaf_var), (out_mean, out_var, weight, bias), params = ctx.graph
+        compute, mean, inv_std, gamma, scale = ctx.saved_tensors
+        mean_shape, var_shape, weight_shape, bias_shape = ctx.shapes
+        mean_dtype, var_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        needs = ctx.needs_input_grad
         grad = grad_y.to(compute.dtype)
         n, c = compute.shape[:2]
-        mean = mean.expand(n, c)
-        centred, total = sample_grad_sums(grad, compute, mean)
-        grad_mean = -scale * total
-        # -½ γ s³ D, multiplied in an order that keeps every factor in range: s³ alone
-        # underflows float32 once σ exceeds ~1e13 (a silently zero variance gradient).
-        grad_var = (centred * inv_std) * inv_std * (inv_std * (-0.5 * gamma))
-        outputs, grads = [out_mean, out_var], [grad_mean, grad_var]
-        for out, g in ((weight, inv_std * centred), (bias, total)):
-            if out is not None and out.requires_grad:
-                outputs.append(out)
-                grads.append(g if out.dim() == 2 else g.sum(0))
-        inputs = [leaf_mean, leaf_var, *params]
-        # Statistics that are constants (eval-mode running statistics with a frozen mixture)
-        # have no graph: they pass no gradient on, and autograd.grad refuses them.
-        live = [
-            (out, g.to(out.dtype))
-            for out, g in zip(outputs, grads, strict=True)
-            if out.requires_grad
-        ]
-        found: tuple[Tensor | None, ...] = (None,) * len(inputs)
-        if live:
-            # retain_graph: a second backward through the outer graph (retain_graph=True
-            # there) needs this small one again; it is freed with ctx.
-            found = torch.autograd.grad(
-                [out for out, _ in live],
-                inputs,
-                [g for _, g in live],
-                retain_graph=True,
-                allow_unused=True,
-            )
-        grad_inst_mean, grad_inst_var = (
-            torch.zeros_like(inst_mean) if g is None else g for g in found[:2]
-        )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            a = grad_inst_var * (2.0 / ctx.per_sample)
-            b = grad_inst_mean / ctx.per_sample - a * inst_mean
-            grad_x = scale_shift(compute, channel_view(a, compute), channel_view(b, compute))
-            grad_x.addcmul_(grad, channel_view(scale.expand(n, c), compute))
-            grad_x = grad_x.to(grad_y.dtype)
-        param_grads = iter(found[2:])
-        return (
-            grad_x,
-            None,
-            None,
-            *(next(param_grads) if needs else None for needs in ctx.param_needs),
-        )
+        centred, total = sample_grad_sums(grad, compute, mean.expand(n, c))
+        grad_x = grad_mean = grad_var = grad_weight = grad_bias = None
+        if needs[0]:
+            grad_x = grad * channel_view(scale.expand(n, c), compute)
+        if needs[1]:
+            grad_mean = _sum_to(-scale * total, mean_shape).to(mean_dtype)
+        if needs[2]:
+            # -½ γ s³ D, multiplied in an order that keeps every factor in range: s³ alone
+            # underflows float32 once σ exceeds ~1e13 (a silently zero variance gradient).
+            grad_var = (centred * inv_std) * inv_std * (inv_std * (-0.5 * gamma))
+            grad_var = _sum_to(grad_var, var_shape).to(var_dtype)
+        if needs[3]:
+            grad_weight = _sum_to(inv_std * centred, weight_shape).to(weight_dtype)
+        if needs[4]:
+            grad_bias = _sum_to(total, bias_shape).to(bias_dtype)
+        return grad_x, grad_mean, grad_var, grad_weight, grad_bias, None
+
+
+def _shape_or_none(t: Tensor | None) -> torch.Size | None:
+    return None if t is None else t.shape
+
+
+def _dtype_or_none(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """``grad`` (``(N, C)``) summed to the shape of the input it belongs to (a ``(C,)`` or
+    ``(1, C)`` statistic broadcast over the samples gets the sum over them)."""
+    return grad if grad.shape == shape else grad.sum_to_size(shape)
 
 
 def normalize_from_sample_moments(
@@ -506,19 +486,30 @@ def normalize_from_sample_moments(
 
     ``statistics`` must build its result from ``instance`` and the tensors in ``params``
     (the parameters it reads, e.g. γ, β, mixture logits) with differentiable torch ops; it
-    is called once.  With gradients, inputs with spatial dims go through one custom
-    autograd function whose backward costs one reduction and one multiply-add pass over x
-    (see :class:`_SampleStatsNormalize`); otherwise through :func:`sample_moments` and
-    :func:`normalize`, with the same numbers.
+    is called once, in the forward (side effects such as running-statistic updates happen
+    once).  With gradients, the normalization is one custom autograd function
+    (:class:`_NormalizeWithStatistics`) whose backward makes one reduction pass over x and
+    sums the statistics' gradient terms centred; the statistics' dependence on x flows back
+    through ``statistics``' own small graph and the instance moments' backward
+    (:func:`mean_var`), so that in all, per sample and channel over its M spatial values,
+
+        ∂L/∂x = γ s g + ∂L/∂μ_in / M + 2 ∂L/∂σ²_in (x − μ_in) / M.
+
+    Every step is traceable by ``torch.compile`` (fullgraph) and ``torch.export``.  Without
+    gradients, :func:`normalize` with the same statistics: the same numbers.  First order
+    only: a backward with ``create_graph=True`` raises (see :func:`first_order_only`).
     """
     tensors = [p for p in params if p is not None]
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in tensors)
     )
-    if needs_grad and x.numel() > 0:
-        return _SampleStatsNormalize.apply(x, statistics, eps, *tensors)
-    mean, var, weight, bias = statistics(sample_moments(x))
-    return normalize(x, mean, var, eps, weight, bias)
+    if not (needs_grad and x.numel() > 0):
+        mean, var, weight, bias = statistics(sample_moments(x))
+        return normalize(x, mean, var, eps, weight, bias)
+    compute = x.to(stats_dtype(x.dtype))
+    mean, var, weight, bias = statistics(sample_moments(compute))
+    y = _NormalizeWithStatistics.apply(compute, mean, var, weight, bias, eps)
+    return y.to(x.dtype)
 
 
 def normalize_with_population(
