@@ -42,6 +42,7 @@ __all__ = [
     "channel_moments",
     "detached_channel_moments",
     "channel_view",
+    "exporting",
     "first_order_only",
     "fused_batch_norm",
     "mean_var",
@@ -324,6 +325,20 @@ def normalize(
         mean.to(dtype), torch.rsqrt(var.to(dtype) + eps), weight, bias
     )
     return apply_affine(x, scale, shift)
+
+
+def exporting() -> bool:
+    """Whether this forward is being captured into a program for deployment: by
+    ``torch.export`` (strict or not, also inside ``torch.onnx.export(dynamo=True)``) or by the
+    TorchScript tracer of the legacy ``torch.onnx.export``.
+
+    Such a program keeps no host state and cannot read a value back mid-forward, so finite
+    checks of statistics that leave no state behind (GN/LN/IN in any mode, SN in eval) are left
+    out of it: a data-dependent branch fails the export (or is baked into a trace), and a
+    device-side flag would be a buffer mutation nobody reads.  Plain ``torch.compile`` is not
+    exporting.
+    """
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 _Backward = TypeVar("_Backward", bound=Callable[..., Any])

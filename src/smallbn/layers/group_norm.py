@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from smallbn.layers._base import NormBase
-from smallbn.stats import stats_dtype
+from smallbn.stats import exporting, stats_dtype
 
 __all__ = ["GroupNorm", "InstanceNorm", "LayerNorm", "fit_num_groups"]
 
@@ -109,7 +110,13 @@ class GroupNorm(NormBase):
                 f"with spatial dims."
             )
         weight, bias = self._affine_for(x)
+        if torch.jit.is_tracing():
+            # The legacy (TorchScript) ONNX exporter knows torch's group_norm, not the
+            # native_group_norm kernel below that also returns the statistics to check.
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         y, mean, rstd = self._group_norm(x, weight, bias, self.eps)
+        if exporting():
+            return y  # an exported program reads nothing back and keeps no flag (stats.exporting)
         now = self._finite_check_now(rstd)
         if now and not bool(_usable(mean, rstd)):  # one host read of (N, G) values
             y = self._recover(x, weight, bias)

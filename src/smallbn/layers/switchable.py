@@ -34,6 +34,7 @@ from smallbn.stats import (
     Moments,
     SampleNormalization,
     all_gather_moments,
+    exporting,
     merge_equal_moments,
     merge_moments,
     normalize_from_sample_moments,
@@ -230,8 +231,11 @@ class SwitchableNorm(BatchStatsNorm):
         self, x: Tensor, instance: Moments, factor: float | None, training: bool
     ) -> tuple[Tensor, Tensor]:
         """The mixed ``(μ, σ²)``, each ``(N, C)``, from x's instance moments (the one pass
-        over x)."""
-        self._check_finite(instance, x)
+        over x).  In eval mode an exported program (:func:`~smallbn.stats.exporting`) leaves
+        the finite checks out: it can read nothing back."""
+        check = training or not exporting()
+        if check:
+            self._check_finite(instance, x)
         n, c = instance.mean.shape
         per_sample = math.prod(x.shape[2:]) if n else 0  # from the shape: no device sync
         stats: dict[str, tuple[Tensor, Tensor]] = {}
@@ -279,8 +283,8 @@ class SwitchableNorm(BatchStatsNorm):
             # No batch statistics were averaged in: not a step of momentum=None's average.
             self._undo_step(factor)
         mean, var = self._mix(stats, usable)
-        if not training:  # training checked the statistics it computed; here the mixture
-            # of a sample's own moments can still overflow (LN's E[x²] at |x| ~1e20)
+        if not training and check:  # training checked the statistics it computed; here the
+            # mixture of a sample's own moments can still overflow (LN's E[x²] at |x| ~1e20)
             self._check_finite(Moments(mean.new_ones(()), mean, var), x)
         return mean.expand(n, c), var.expand(n, c)
 
