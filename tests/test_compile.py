@@ -122,6 +122,10 @@ def _train_step(model: Callable[[Tensor], Tensor], x: Tensor, g: Tensor) -> tupl
     return y.detach(), x.grad
 
 
+def _assert_close(actual: Tensor, expected: Tensor, label: str) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{label}: {m}")
+
+
 def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
@@ -129,19 +133,19 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 def _compare_state(compiled: nn.Module, eager: nn.Module, what: str) -> float:
     """Parameters, their gradients and the buffers of both equal; the largest difference."""
     worst = 0.0
-    for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters(), strict=True):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}, {what}: {m}")
+    for (name, a), (_, b) in zip(
+        compiled.named_parameters(), eager.named_parameters(), strict=True
+    ):
+        _assert_close(a, b, f"{name}, {what}")
         assert (a.grad is None) == (b.grad is None), f"{name}.grad, {what}"
         if a.grad is not None:
-            torch.testing.assert_close(
-                a.grad, b.grad, **TOL, msg=lambda m: f"{name}.grad, {what}: {m}"
-            )
+            _assert_close(a.grad, b.grad, f"{name}.grad, {what}")
             worst = max(worst, _max_diff(a.grad, b.grad))
     for (name, a), (_, b) in zip(compiled.named_buffers(), eager.named_buffers(), strict=True):
         if name.rpartition(".")[2] in _FINITE_BOOKKEEPING:
             continue
         if a.is_floating_point():
-            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"buffer {name}, {what}: {m}")
+            _assert_close(a, b, f"buffer {name}, {what}")
             worst = max(worst, _max_diff(a, b))
         else:
             assert torch.equal(a, b), f"buffer {name}, {what}: {a} != {b}"
@@ -175,8 +179,8 @@ def test_compiled_training_and_eval_steps_equal_eager(
         y, gx = _train_step(compiled, x, g)
         seconds.setdefault("train", time.perf_counter() - start)
         what = f"training step {step}"
-        torch.testing.assert_close(y, y_eager, **TOL, msg=lambda m: f"output, {what}: {m}")
-        torch.testing.assert_close(gx, gx_eager, **TOL, msg=lambda m: f"input grad, {what}: {m}")
+        _assert_close(y, y_eager, f"output, {what}")
+        _assert_close(gx, gx_eager, f"input grad, {what}")
         worst = max(worst, _max_diff(y, y_eager), _max_diff(gx, gx_eager))
         worst = max(worst, _compare_state(module, eager, what))
         _sgd(eager)
@@ -191,7 +195,7 @@ def test_compiled_training_and_eval_steps_equal_eager(
             start = time.perf_counter()
             y = compiled(x)
             seconds.setdefault("eval", time.perf_counter() - start)
-        torch.testing.assert_close(y, y_eager, **TOL, msg=lambda m: f"output, eval {step}: {m}")
+        _assert_close(y, y_eager, f"output, eval step {step}")
         worst = max(worst, _max_diff(y, y_eager))
         assert counter.frame_count == 2, f"recompiled at eval step {step}"
     _compare_state(module, eager, "after eval")
