@@ -23,6 +23,10 @@ from smallbn import available_norms, build_norm, registry
         ("domainbn", 3, smallbn.DomainBatchNorm3d),
         ("syncbn", 2, smallbn.SyncBatchNorm),
         ("syncbn", None, smallbn.SyncBatchNorm),
+        ("shufflebn", 1, smallbn.ShuffleBatchNorm1d),
+        ("shufflebn", 2, smallbn.ShuffleBatchNorm2d),
+        ("shuffle", 3, smallbn.ShuffleBatchNorm3d),
+        ("shufflebn", None, smallbn.ShuffleBatchNorm),
         ("gn", 2, smallbn.GroupNorm),
         ("ln", 1, smallbn.LayerNorm),
         ("in", 3, smallbn.InstanceNorm),
@@ -133,6 +137,7 @@ def test_bn_family_layers_are_found_by_code_that_checks_for_torch_batch_norm():
         "in": False,
         "ln": False,
         "mabn": True,
+        "shufflebn": True,
         "sn": False,
         "syncbn": True,
     }

@@ -2,8 +2,8 @@
 
 A *spec* is a registered name (``"bn"``, ``"syncbn"``, ``"brn"``, ``"ghostbn"``,
 ``"frozenbn"``, ``"domainbn"``, ``"gn"``, ``"ln"``, ``"in"``, ``"sn"``, ``"mabn"``,
-``"cbn"``), a layer class, or a ``functools.partial`` of one.  Every layer takes the
-channel count first, then BN's ``eps, momentum, affine, track_running_stats`` and
+``"cbn"``, ``"shufflebn"``), a layer class, or a ``functools.partial`` of one.  Every layer
+takes the channel count first, then BN's ``eps, momentum, affine, track_running_stats`` and
 ``device``/``dtype`` keywords.  A name maps to a *family*: a class per input
 dimensionality (1, 2, 3) and, where the method has one, a class for any rank (key ``None``).
 """
@@ -182,6 +182,16 @@ register_norm(
         layers.CrossIterationBatchNorm3d,
     ),
     aliases=("crossiteration", "cross_iteration", "crossiterationbatchnorm"),
+)
+register_norm(
+    "shufflebn",
+    _family(
+        layers.ShuffleBatchNorm,
+        layers.ShuffleBatchNorm1d,
+        layers.ShuffleBatchNorm2d,
+        layers.ShuffleBatchNorm3d,
+    ),
+    aliases=("shuffle", "shuffle_bn", "shufflebatchnorm"),
 )
 register_norm("gn", {None: layers.GroupNorm}, aliases=("groupnorm",))
 register_norm("ln", {None: layers.LayerNorm}, aliases=("layernorm",))

@@ -36,6 +36,12 @@ from smallbn.layers.moving_average import (
     MovingAverageBatchNorm2d,
     MovingAverageBatchNorm3d,
 )
+from smallbn.layers.shuffle import (
+    ShuffleBatchNorm,
+    ShuffleBatchNorm1d,
+    ShuffleBatchNorm2d,
+    ShuffleBatchNorm3d,
+)
 from smallbn.layers.switchable import (
     SwitchableNorm,
     SwitchableNorm1d,
@@ -78,6 +84,10 @@ __all__ = [
     "MovingAverageBatchNorm2d",
     "MovingAverageBatchNorm3d",
     "NormBase",
+    "ShuffleBatchNorm",
+    "ShuffleBatchNorm1d",
+    "ShuffleBatchNorm2d",
+    "ShuffleBatchNorm3d",
     "SwitchableNorm",
     "SwitchableNorm1d",
     "SwitchableNorm2d",
