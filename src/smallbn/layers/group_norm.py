@@ -111,8 +111,9 @@ class GroupNorm(NormBase):
             )
         weight, bias = self._affine_for(x)
         if torch.jit.is_tracing():
-            # The legacy (TorchScript) ONNX exporter knows torch's group_norm, not the
-            # native_group_norm kernel below that also returns the statistics to check.
+            # The TorchScript tracer (torch.jit.trace, the legacy ONNX exporter): the ONNX
+            # exporter knows torch's group_norm, not the native_group_norm kernel below that
+            # also returns the statistics to check; a trace keeps no check anyway.
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
         y, mean, rstd = self._group_norm(x, weight, bias, self.eps)
         if exporting():
