@@ -424,10 +424,10 @@ class _NormalizeWithStatistics(torch.autograd.Function):
 
     Why not autograd of :func:`normalize`: that differentiates ``y = a·x + b`` and forms
     ``∂L/∂a = Σ g x``, from which ``∂L/∂σ²`` needs ``Σ g x − μ Σ g``, a difference that cancels
-    catastrophically once ``|μ| ≫ σ``; ``D`` here is summed centred.  The backward calls no
-    ``torch.autograd.grad`` (the formulas are closed), so dynamo and AOTAutograd trace it:
-    the reason this replaced a Function that differentiated the statistics' graph inside its
-    own backward.
+    catastrophically once ``|μ| ≫ σ``; ``D`` here is summed centred (for contiguous inputs,
+    as :func:`sample_grad_sums` says).  The backward calls no ``torch.autograd.grad`` (the
+    formulas are closed), so dynamo and AOTAutograd trace it: the reason this replaced a
+    Function that differentiated the statistics' graph inside its own backward.
     """
 
     @staticmethod
