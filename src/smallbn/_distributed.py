@@ -430,6 +430,7 @@ class _ExchangeRows(torch.autograd.Function):
         return _ExchangeRows.apply(grad, transposed, ctx.group, ctx.exchange), None, None, None
 
 
+@torch.compiler.disable  # eager under torch.compile: collectives with host-side split sizes
 def all_to_all_rows(
     x: Tensor,
     counts: Sequence[Sequence[int]],

@@ -691,3 +691,30 @@ def test_second_order_gradients_flow_through_the_exchange_function() -> None:
     (gx,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
     gx.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_compiled_groups_equal_eager_without_recompiling() -> None:
+    """Under torch.compile the permutation is drawn eagerly (a graph break, no guard on the
+    host step counter): every step equals the eager layer and none recompiles."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_layer = ShuffleBatchNorm2d(C, norm_batch_size=2, seed=SEED, dtype=torch.float64)
+    eager = copy.deepcopy(compiled_layer)
+    compiled = torch.compile(compiled_layer, backend=counter)
+    gen = torch.Generator().manual_seed(11)
+    frames = []
+    for step in range(4):
+        x = torch.randn(5, C, 3, 3, generator=gen, dtype=torch.float64)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = compiled(xa), eager(xb)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(ya, yb, **TOL)
+        torch.testing.assert_close(xa.grad, xb.grad, **TOL)
+        torch.testing.assert_close(compiled_layer.running_var, eager.running_var, **TOL)
+        assert compiled_layer.shuffle_step == eager.shuffle_step == step + 1
+        frames.append(counter.frame_count)
+    assert frames[1:] == frames[:1] * 3, frames  # compiled once, reused by every later step
+    torch._dynamo.reset()

@@ -86,8 +86,9 @@ every rank must run the backward through the layer (with ``requires_grad`` alike
 ranks), or the others wait in the backward exchange.  A non-finite statistic raises
 (:func:`smallbn.set_finite_check`) on the rank whose part holds it, after both exchanges of the
 forward; the other ranks then wait at their next collective.  Under ``torch.compile`` the
-shuffled path draws its permutation eagerly (a graph break per shuffled step); the plain-BN
-path (one process, no ``norm_batch_size``) compiles whole.
+permutation, the plan and the exchanges run eagerly (graph breaks around them; the host step
+counter is no guard, so steps do not recompile); the plain-BN path (one process, no
+``norm_batch_size``) compiles whole.
 """
 
 from __future__ import annotations
