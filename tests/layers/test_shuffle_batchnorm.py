@@ -628,7 +628,7 @@ def test_one_value_per_channel_is_a_clear_error_naming_the_layer(shape: tuple[in
         r"larger norm_batch_size \(now 2\)",
     ):
         grouped(torch.randn(3, 4))
-    assert int(grouped.num_batches_tracked) == 0 and grouped.shuffle_step == 1
+    assert int(grouped.num_batches_tracked) == 0 and grouped.shuffle_step == 0
 
 
 def test_rejects_bad_constructor_arguments() -> None:

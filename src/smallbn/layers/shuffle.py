@@ -249,6 +249,14 @@ class ShuffleBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type
     # -- training ---------------------------------------------------------------------------
 
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
+        step = self.shuffle_step
+        try:
+            return self._shuffle_and_normalize(x, factor)
+        except Exception:
+            self.shuffle_step = step  # a rejected batch leaves the layer as it was
+            raise
+
+    def _shuffle_and_normalize(self, x: Tensor, factor: float | None) -> Tensor:
         group = self._shuffle_group()
         if group is not None:
             return self._forward_shuffled(x, factor, group)
