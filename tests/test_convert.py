@@ -25,7 +25,7 @@ NAMES = [
     "mabn",
     "cbn",
 ]
-BN_EVAL_NAMES = ["syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "cbn"]
+BN_EVAL_NAMES = ["syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "cbn", "shufflebn"]
 # MABN centres the convs that feed it (a different function); the round trip is exact when
 # that is turned off, and a model trained with MABN keeps its centred convs when converted back.
 OPTIONS = {"mabn": {"center_producer": False}}

@@ -11,7 +11,7 @@ import smallbn
 from smallbn.experiments.models import SmallResNet
 from smallbn.fold import fold, fold_with_report
 
-BN_STYLE = ["bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn"]
+BN_STYLE = ["bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "shufflebn"]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 

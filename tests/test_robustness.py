@@ -311,7 +311,8 @@ def reference(case: Case, layer: nn.Module, x: Tensor, params: dict[str, Tensor]
         if method == "domainbn":
             return ref_domain_population_norm(x, domain_ids(case), *running, eps, weight, bias)
         return ref_population_norm(x, *running, eps, weight, bias)
-    if method in ("bn", "syncbn", "cbn"):  # CBN: its first step pools an empty window
+    if method in ("bn", "syncbn", "cbn", "shufflebn"):  # CBN: its first step pools an empty
+        # window; Shuffle BN without norm_batch_size in one process is BN
         return ref_batch_norm(x, eps, weight, bias)
     if method == "brn":
         return ref_batch_renorm(x, eps, weight, bias, *running, *BRN_LIMITS)

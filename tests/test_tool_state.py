@@ -24,7 +24,19 @@ from torch import nn
 
 import smallbn
 
-METHODS = ["bn", "brn", "ghostbn", "sn", "mabn", "cbn", "domainbn", "syncbn", "gn", "frozenbn"]
+METHODS = [
+    "bn",
+    "brn",
+    "ghostbn",
+    "sn",
+    "mabn",
+    "cbn",
+    "domainbn",
+    "syncbn",
+    "gn",
+    "frozenbn",
+    "shufflebn",
+]
 OPTIONS: dict[str, dict[str, Any]] = {
     "ghostbn": {"group_size": 2},
     "mabn": {"warmup": 1, "clamp_start": 1, "window": 3},

@@ -53,7 +53,7 @@ def test_a_checkpoint_without_the_step_counter_keeps_the_layers_count(layer_clas
     assert int(layer.num_batches_tracked) == int(torch_bn.num_batches_tracked)
 
 
-BATCH_STATS_METHODS = ["syncbn", "brn", "ghostbn", "sn", "mabn", "cbn", "domainbn"]
+BATCH_STATS_METHODS = ["syncbn", "brn", "ghostbn", "sn", "mabn", "cbn", "domainbn", "shufflebn"]
 
 
 def _named(name: str, channels: int) -> nn.Module:

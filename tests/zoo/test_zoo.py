@@ -61,7 +61,17 @@ pytestmark = [
 METHODS = smallbn.available_norms()
 #: Methods whose eval forward is BN's per-channel affine map (foldable, and the same function
 #: after converting back to BN).
-AFFINE_IN_EVAL = {"bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "mabn", "cbn"}
+AFFINE_IN_EVAL = {
+    "bn",
+    "syncbn",
+    "brn",
+    "ghostbn",
+    "frozenbn",
+    "domainbn",
+    "mabn",
+    "cbn",
+    "shufflebn",
+}
 #: Constructor options: Ghost BN normalizes each sample alone (the default group of 32 would
 #: be BN at these batch sizes).
 OPTIONS: dict[str, dict[str, Any]] = {"ghostbn": {"group_size": 1}}

@@ -42,6 +42,7 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "sn",
     "mabn",
     "cbn",
+    "shufflebn",
     "gn",
     "ln",
     "in",
@@ -53,6 +54,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "domainbn": {"num_domains": 2},
     "cbn": {"window": 4},
     "mabn": {"warmup": 0, "clamp_start": 0},
+    "shufflebn": {"norm_batch_size": 2},
 }
 
 #: What is measured for each method, beside the options.
@@ -67,6 +69,8 @@ METHOD_NOTES: dict[str, str] = {
     "sn": "IN, LN and BN statistics mixed with learned weights",
     "mabn": "after a weight-centred conv (CenteredConv2d), past warm-up and clamp start",
     "cbn": "k = 4 iterations pooled, Taylor-compensated through the bound conv",
+    "shufflebn": "one process: the batch permuted, normalized in groups of 2, un-permuted "
+    "(the cross-process exchange is not measured)",
     "gn": "G = 32 groups (fitted to C)",
     "ln": "statistics over C and space per sample",
     "in": "statistics over space per sample and channel",
