@@ -18,7 +18,6 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Make torchvision importable in this process too (tests/zoo/_thirdparty.py says how).
 

@@ -37,10 +37,6 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import smallbn
 
-#: Methods being made traceable by others (issue 23, in progress): non-strict xfails, to be
-#: removed from this set once they compile.
-IN_PROGRESS = {"cbn", "mabn", "domainbn"}
-
 #: Options that make each method do all it does in a step: Ghost BN in groups of two, BRN
 #: past its warm-up with r_max/d_max still ramping (so r and d clip and change per step),
 #: CBN with a full window, MABN past its warm-up.
@@ -66,12 +62,6 @@ STEPS = 3
 LR = 0.1
 
 
-def _marks(method: str) -> Any:
-    if method in IN_PROGRESS:
-        return pytest.mark.xfail(strict=False, reason="issue 23: in progress")
-    return ()
-
-
 def _block(norm: str | Callable[[nn.Module], nn.Module], options: dict[str, Any]) -> nn.Module:
     """Conv2d → BatchNorm2d → ReLU converted to ``norm`` (a method name), or with the norm
     replaced by ``norm(bn)``."""
@@ -90,7 +80,7 @@ def _grouped(bn: nn.Module) -> nn.Module:
 
 
 CASES = [
-    pytest.param(method, method, OPTIONS.get(method, {}), id=method, marks=_marks(method))
+    pytest.param(method, method, OPTIONS.get(method, {}), id=method)
     for method in smallbn.available_norms()
 ] + [
     pytest.param("brn", "brn", {"warmup_steps": 0, "norm_batch_size": 2}, id="brn-groups"),

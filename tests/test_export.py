@@ -45,10 +45,6 @@ pytestmark = [
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) needs it
 
-#: Methods being made traceable by others (issue 23, in progress): non-strict xfails, to be
-#: removed from this set once they export.
-IN_PROGRESS = {"cbn", "mabn", "domainbn"}
-
 #: Options as in tests/test_compile.py (a full window, past warm-ups, Ghost BN in pairs).
 OPTIONS: dict[str, dict[str, Any]] = {
     "ghostbn": {"group_size": 2},
@@ -58,7 +54,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 #: Methods whose eval forward is BN's per-channel affine map: fold leaves none of their norms.
-AFFINE_IN_EVAL = {"bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "mabn", "cbn"}
+AFFINE_IN_EVAL = {
+    "bn",
+    "syncbn",
+    "brn",
+    "ghostbn",
+    "frozenbn",
+    "domainbn",
+    "mabn",
+    "cbn",
+    "shufflebn",
+}
 
 #: The exported program runs the same kernels as eager, up to the decomposition of a few ops.
 EXPORT_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -89,19 +95,12 @@ def _two_blocks() -> nn.Module:
 MODELS = {"block": _block, "two_blocks": _two_blocks}
 
 
-def _marks(method: str) -> Any:
-    if method in IN_PROGRESS:
-        return pytest.mark.xfail(strict=False, reason="issue 23: in progress")
-    return ()
-
-
 CASES = [
     pytest.param(
         method,
         model,
         folded,
         id=f"{method}-{model}-{'folded' if folded else 'unfolded'}",
-        marks=_marks(method),
     )
     for method in smallbn.available_norms()
     for model in MODELS
@@ -186,7 +185,7 @@ def test_eval_model_exports_and_runs_with_eager_outputs(
 
 @pytest.mark.parametrize(
     "method",
-    [pytest.param(m, marks=_marks(m)) for m in smallbn.available_norms()],
+    smallbn.available_norms(),
 )
 def test_eval_model_exports_with_the_strict_finite_check(method: str) -> None:
     """``set_finite_check("step")`` reads the host in eager eval steps of SN and GN/LN/IN;

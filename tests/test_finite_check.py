@@ -50,7 +50,9 @@ def test_deferred_records_on_the_device_and_raises_at_the_interval(restore_mode:
     for x in batches[:3]:
         model(x)  # the NaN of call 2 is only recorded
     assert int(model[0]._nonfinite_call) == 2
-    with pytest.raises(FloatingPointError, match=r"BatchRenorm2d\(3\).*training call 2 .*set_finite_check"):
+    with pytest.raises(
+        FloatingPointError, match=r"BatchRenorm2d\(3\).*training call 2 .*set_finite_check"
+    ):
         model(batches[3])  # the 4th call reads the flag
 
 

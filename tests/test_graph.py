@@ -325,7 +325,7 @@ class _StridedBlock(nn.Module):
 
 def test_a_module_untraceable_only_because_of_a_child_pairs_its_own_norms():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), _StridedBlock())
-    with pytest.raises(Exception):
+    with pytest.raises(torch.fx.proxy.TraceError):
         torch.fx.symbolic_trace(model)  # the premise: the whole model cannot be traced
     search = trace_producers(model, is_norm)
     assert search.method == "submodules"

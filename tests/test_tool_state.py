@@ -92,7 +92,8 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
     state: dict[str, Any] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, module in model.named_modules():
         state[f"{name}:buffers"] = sorted(
-            (k, v is None) for k, v in module._buffers.items()  # noqa: SLF001
+            (k, v is None)
+            for k, v in module._buffers.items()  # noqa: SLF001
         )
         state[f"{name}:training"] = module.training
         for attr in _HOST_STATE:
@@ -109,8 +110,11 @@ def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         same = (
             torch.equal(a, b)
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-            else (a == b if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
-                  else False)
+            else (
+                a == b
+                if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
+                else False
+            )
         )
         if not same:
             changed.append(key)

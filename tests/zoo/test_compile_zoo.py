@@ -34,10 +34,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::smallbn.ConversionWarning"),
 ]
 
-#: Methods being made traceable by others (issue 23, in progress): non-strict xfails, to be
-#: removed from this set once they trace whole.
-IN_PROGRESS = {"cbn", "mabn", "domainbn"}
-
 #: As in test_zoo.py (Ghost BN per sample), with CBN's window and MABN past their warm-ups.
 OPTIONS: dict[str, dict[str, Any]] = {
     "ghostbn": {"group_size": 1},
@@ -57,9 +53,6 @@ CASES = [
         arch,
         method,
         id=f"{arch}-{method}",
-        marks=pytest.mark.xfail(strict=False, reason="issue 23: in progress")
-        if method in IN_PROGRESS
-        else (),
     )
     for arch in EXPLAINED
     for method in smallbn.available_norms()
