@@ -1,5 +1,5 @@
-"""The ``smallbn`` command line: ``smallbn demo``, ``smallbn record``, ``smallbn compare`` and
-``smallbn bench layers|network``."""
+"""The ``smallbn`` command line: ``smallbn demo``, ``smallbn record``, ``smallbn compare``,
+``smallbn rethink`` and ``smallbn bench layers|network``."""
 
 from __future__ import annotations
 
@@ -369,6 +369,271 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     compare.set_defaults(run=_compare, parser=compare)
 
 
+def _rethink(args: argparse.Namespace) -> int:
+    from smallbn.experiments.compare import CheckpointError, bind_data
+    from smallbn.experiments.data import DatasetError, OptionError
+    from smallbn.experiments.rethink import STUDIES, check_data, format_report, plan, run_studies
+
+    torch.set_num_threads(args.threads)
+    studies = STUDIES if args.study == "all" else (args.study,)
+    try:
+        configs = plan(
+            studies,
+            args.preset,
+            seeds=args.seeds,
+            epochs=args.epochs,
+            train_samples=args.train_samples,
+            precise_samples=args.precise_samples,
+            eval_samples=args.eval_samples,
+            dataset=args.dataset,
+            ema_batch=args.ema_batch,
+            ema_lr=args.ema_lr,
+            momenta=args.momenta,
+            sample_sweep=args.sample_sweep,
+            sweep_draws=args.sweep_draws,
+            batch_sizes=args.batch_sizes,
+            frozen_epochs=args.frozen_epochs,
+            lr=args.lr,
+            shifts=args.shifts,
+            domain_shift=args.domain_shift,
+        )
+    except ValueError as error:  # a combination of options that cannot run as labelled
+        args.parser.error(str(error))
+    output = _check_output_dir(args)
+    try:
+        configs = bind_data(configs, args.data_root)  # type: ignore[arg-type,assignment]
+        check_data(configs)
+    except DatasetError as error:
+        print(f"smallbn rethink: error: {error}", file=sys.stderr)
+        return 1
+    except OptionError as error:
+        _usage_error(args, error.option, str(error))
+    try:
+        results = run_studies(
+            configs,
+            output,
+            device=args.device,
+            dataset_root=args.data_root,
+            checkpoint_every=args.checkpoint_every,
+            jobs=args.jobs,
+        )
+    except (DatasetError, CheckpointError) as error:
+        print(f"smallbn rethink: error: {error}", file=sys.stderr)
+        return 1
+    for study, rows in results.items():
+        folder = output / study
+        print()
+        print(format_report(study, rows))
+        print(
+            f"results: {folder / 'results.jsonl'}  table: {folder / 'results.md'}  "
+            f"plot: {folder / f'{study}.png'}"
+        )
+    return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """``"0.01,0.1"`` → ``(0.01, 0.1)``: at least one finite number above 0."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"need a comma-separated list of numbers above 0, got {text!r}"
+        )
+    return tuple(dict.fromkeys(values))
+
+
+def _counts(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: a comma-separated list of distinct integers of at least ``minimum``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(dict.fromkeys(_int_list(text)))
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(
+                f"need a comma-separated list of integers >= {minimum}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from smallbn.experiments.data import DATASETS
+    from smallbn.experiments.rethink import PRESETS, SHIFTS, STUDIES
+
+    default = PRESETS["default"]
+    ema, inconsistency, domain = (default[s] for s in STUDIES)
+
+    def listed(values: Sequence[Any]) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    rethink = commands.add_parser(
+        "rethink",
+        help="reproduce Wu & Johnson 2021 (Rethinking 'Batch' in BatchNorm) on Fashion-MNIST: "
+        "EMA vs PreciseBN, train-test inconsistency, domain shift",
+        description="Each study's runs are resumable and shared safely between concurrent "
+        "invocations; results, a Markdown report (with what the paper found and whether this "
+        "run reproduces it) and a plot go to OUTPUT_DIR/<study>/. Options left out take the "
+        "--preset's values, given below for the default preset.",
+    )
+    rethink.add_argument(
+        "--study",
+        choices=[*STUDIES, "all"],
+        default="all",
+        help="ema: EMA vs PreciseBN; inconsistency: population vs batch statistics vs "
+        "FrozenBN at small normalization batch; domain: domain shift (default: all)",
+    )
+    rethink.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="default: about 15-25 minutes on 2 CPU cores; long: all 60,000 training images, "
+        "more epochs, 3 seeds (hours); smoke: seconds, for tests (default: default)",
+    )
+    rethink.add_argument(
+        "--output-dir",
+        default="runs/rethink",
+        help="folder of the studies' subfolders (default: runs/rethink)",
+    )
+    rethink.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=None,
+        help=f"one run per seed and setting (default: {listed(default['seeds'])})",
+    )
+    rethink.add_argument(
+        "--epochs",
+        type=_count(1),
+        default=None,
+        help=f"training epochs of every study (default: {ema['epochs']} for ema, "
+        f"{inconsistency['epochs']} for inconsistency, {domain['epochs']} for domain)",
+    )
+    rethink.add_argument(
+        "--train-samples",
+        type=_count(1),
+        default=None,
+        help=f"training images (the first ones of the training set) of every study (default: "
+        f"{ema['train_samples']} for ema, {inconsistency['train_samples']} for inconsistency, "
+        f"{domain['train_samples']} for domain)",
+    )
+    rethink.add_argument(
+        "--precise-samples",
+        type=_count(1),
+        default=None,
+        help="samples of every PreciseBN pass (population statistics) except the sample "
+        "sweep's (default: 4096)",
+    )
+    rethink.add_argument(
+        "--eval-samples",
+        type=_count(1),
+        default=None,
+        help="test images the errors are measured on (default: 10000, the whole test set)",
+    )
+    rethink.add_argument(
+        "--ema-batch",
+        type=_count(2),
+        default=None,
+        help=f"ema: SGD batch, over which BN normalizes (default: {ema['sgd_batch']})",
+    )
+    rethink.add_argument(
+        "--ema-lr",
+        type=_positive_float,
+        default=None,
+        help=f"ema: peak learning rate, constant after a warm-up of "
+        f"{ema['warmup'] * 100:g}%% of the steps (default: {ema['lr']:g})",
+    )
+    rethink.add_argument(
+        "--momenta",
+        type=_floats,
+        default=None,
+        help=f"ema: EMA momenta (weight of the new batch, as torch's BN; 0.1, BN's own, is "
+        f"always included) (default: {listed(ema['momenta'])})",
+    )
+    rethink.add_argument(
+        "--sample-sweep",
+        type=_counts(1),
+        default=None,
+        help=f"ema: PreciseBN sample counts whose error on the final weights is measured "
+        f"(default: {listed(ema['sample_sweep'])})",
+    )
+    rethink.add_argument(
+        "--sweep-draws",
+        type=_count(1),
+        default=None,
+        help=f"ema: PreciseBN passes (data orders) per sample count (default: "
+        f"{ema['sweep_draws']})",
+    )
+    rethink.add_argument(
+        "--batch-sizes",
+        type=_counts(2),
+        default=None,
+        help=f"inconsistency: normalization batches b, each dividing the SGD batch of 32 "
+        f"(default: {listed(inconsistency['batch_sizes'])})",
+    )
+    rethink.add_argument(
+        "--frozen-epochs",
+        type=_count(1),
+        default=None,
+        help=f"inconsistency: last epochs trained with FrozenBN, fewer than --epochs "
+        f"(default: {inconsistency['frozen_epochs']})",
+    )
+    rethink.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="inconsistency and domain: peak learning rate (warm-up, cosine decay) of SGD "
+        "batches of 32 (default: 0.2)",
+    )
+    rethink.add_argument(
+        "--shifts",
+        type=_names(SHIFTS, "shift"),
+        default=None,
+        help=f"domain (a): shifted test domains (default: {listed(domain['shifts'])})",
+    )
+    rethink.add_argument(
+        "--domain-shift",
+        choices=list(SHIFTS),
+        default=None,
+        help=f"domain (b): the second training domain (default: {domain['domain_shift']})",
+    )
+    rethink.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=None,
+        help="fashion-mnist falls back to the digits (labelled so) without Debian's "
+        "dataset-fashion-mnist (default: fashion-mnist)",
+    )
+    rethink.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of --dataset (default: none, Debian's /usr/share/datasets/fashion-mnist)",
+    )
+    rethink.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)"
+    )
+    rethink.add_argument(
+        "--jobs",
+        type=_count(1),
+        default=2,
+        help="runs at once on CPU, one thread each; 1 = one run at a time with --threads "
+        "(default: 2)",
+    )
+    rethink.add_argument(
+        "--threads",
+        type=_count(1),
+        default=2,
+        help="torch.set_num_threads with --jobs 1 (default: 2)",
+    )
+    rethink.add_argument(
+        "--checkpoint-every",
+        type=_count(1),
+        default=50,
+        help="steps between a run's checkpoints (also one at every epoch's end) (default: 50)",
+    )
+    rethink.set_defaults(run=_rethink, parser=rethink)
+
+
 def _shape(text: str) -> tuple[int, int, int, int]:
     """``"2x64x56x56"`` → ``(2, 64, 56, 56)`` (argparse type: a bad shape is a usage error)."""
     parts = text.lower().replace("×", "x").split("x")
@@ -533,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo, parser=demo)
     _add_record_parser(commands)
     _add_compare_parser(commands)
+    _add_rethink_parser(commands)
     _add_bench_parser(commands)
     return parser
 

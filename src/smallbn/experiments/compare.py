@@ -582,20 +582,25 @@ class _Damaged:
     problem: str
 
 
-def _check_row(line: str) -> tuple[dict[str, Any] | None, str]:
-    """``(row, "")`` for a usable line, else ``(None, what is wrong with it)``."""
+def _check_row(
+    line: str, fields: dict[str, tuple[type, ...]] | None = None
+) -> tuple[dict[str, Any] | None, str]:
+    """``(row, "")`` for a usable line, else ``(None, what is wrong with it)``; ``fields``:
+    the fields a row needs, with their types (default :data:`_ROW_FIELDS`; other jobs that
+    share this machinery, such as ``smallbn rethink``, pass their own)."""
+    fields = _ROW_FIELDS if fields is None else fields
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
         return None, f"not JSON ({error.msg} at column {error.colno})"
     if not isinstance(row, dict):
         return None, f"a JSON {type(row).__name__}, not an object"
-    missing = [field for field in _ROW_FIELDS if field not in row]
+    missing = [field for field in fields if field not in row]
     if missing:
         return None, f"no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}"
     wrong = [
         f"{field}={row[field]!r}"
-        for field, types in _ROW_FIELDS.items()
+        for field, types in fields.items()
         if isinstance(row[field], bool) or not isinstance(row[field], types)
     ]
     if wrong:
@@ -603,7 +608,9 @@ def _check_row(line: str) -> tuple[dict[str, Any] | None, str]:
     return row, ""
 
 
-def _parse_results(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[_Damaged]]:
+def _parse_results(
+    path: Path, fields: dict[str, tuple[type, ...]] | None = None
+) -> tuple[list[tuple[str, dict[str, Any]]], list[_Damaged]]:
     """The usable rows of ``path`` with their lines verbatim, and the damaged lines: not
     JSON, not an object, without the fields of :data:`_ROW_FIELDS`, or a second row of a
     run already recorded (it would count as one more seed in the tables).  Blank lines hold
@@ -618,7 +625,7 @@ def _parse_results(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[_
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        row, problem = _check_row(line)
+        row, problem = _check_row(line, fields)
         if row is not None and row["key"] in first:
             problem = f"a second row for the run recorded at line {first[row['key']]}"
             row = None
@@ -634,15 +641,17 @@ def _aside(path: Path) -> Path:
     return path.with_name(path.name + ".damaged")
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
+def read_results(
+    path: Path, fields: dict[str, tuple[type, ...]] | None = None
+) -> list[dict[str, Any]]:
     """The finished runs in ``results.jsonl``.
 
     A damaged line (see :func:`_parse_results`) is skipped with a :class:`ResultsWarning`
     naming the file and the line; the job moves it verbatim to ``results.jsonl.damaged`` at
     its next write (:func:`_set_aside_damaged`), so it is never lost and never read as a
-    result.
+    result.  ``fields``: what a row needs (default :data:`_ROW_FIELDS`).
     """
-    rows, damaged = _parse_results(path)
+    rows, damaged = _parse_results(path, fields)
     for line in damaged:
         warnings.warn(
             f"{path}:{line.number}: {line.problem}; skipped (the comparison job moves it "
@@ -657,13 +666,15 @@ def _encode(lines: Iterable[str]) -> bytes:
     return "".join(line + "\n" for line in lines).encode("utf-8", errors="surrogateescape")
 
 
-def _rewrite(path: Path, extra: Sequence[str] = ()) -> None:
+def _rewrite(
+    path: Path, extra: Sequence[str] = (), fields: dict[str, tuple[type, ...]] | None = None
+) -> None:
     """Rewrite ``path`` (the caller holds its lock) with its usable lines verbatim and
     ``extra`` after them, first moving its damaged lines, verbatim, to the end of
     ``<name>.damaged`` with a warning naming each.  Both files are written atomically, the
     damaged lines first: a kill in between leaves them in both files (moved again, so
     twice in the .damaged file, by the next rewrite), never in neither."""
-    rows, damaged = _parse_results(path)
+    rows, damaged = _parse_results(path, fields)
     if damaged:
         aside = _aside(path)
         previous = aside.read_bytes() if aside.exists() else b""
@@ -684,27 +695,29 @@ def _results_lock(path: Path) -> contextlib.AbstractContextManager[None]:
     return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
-def _set_aside_damaged(path: Path) -> None:
+def _set_aside_damaged(path: Path, fields: dict[str, tuple[type, ...]] | None = None) -> None:
     """Move the damaged lines of ``path`` to ``<name>.damaged`` (with a warning each), so
     that what follows reads results only."""
     if path.exists():
         with _results_lock(path):
-            _rewrite(path)
+            _rewrite(path, fields=fields)
 
 
-def _append_result(path: Path, row: dict[str, Any]) -> None:
+def _append_result(
+    path: Path, row: dict[str, Any], fields: dict[str, tuple[type, ...]] | None = None
+) -> None:
     """Append one line atomically: the file is rewritten to a temporary and renamed, so a
     kill at any moment leaves either the old or the new file, never half a line.  The
     read-modify-write holds an exclusive lock on ``<name>.lock`` beside it, so concurrent
     invocations writing the same results never drop each other's rows; damaged lines found
     on the way are moved to ``<name>.damaged``, never dropped."""
     with _results_lock(path):
-        _rewrite(path, [json.dumps(row, sort_keys=True)])
+        _rewrite(path, [json.dumps(row, sort_keys=True)], fields)
 
 
-def _recorded(path: Path, key: str) -> bool:
+def _recorded(path: Path, key: str, fields: dict[str, tuple[type, ...]] | None = None) -> bool:
     """Whether ``path`` holds a row of the run ``key``."""
-    return any(row["key"] == key for row in read_results(path))
+    return any(row["key"] == key for row in read_results(path, fields))
 
 
 # -- claims: one run, one process ---------------------------------------------------------------
@@ -732,6 +745,7 @@ def _attempt(
     *,
     wait: bool,
     device: torch.device,
+    fields: dict[str, tuple[type, ...]] | None = None,
 ) -> bool:
     """Claim ``config``'s run, train it with ``train`` unless ``results.jsonl`` already has
     its row, record the row, and drop its checkpoint; ``False`` if another process holds the
@@ -744,6 +758,9 @@ def _attempt(
     the run over from its checkpoint.  Under torchrun rank 0 claims and writes and every rank
     follows its decision; a wait is then a poll (every :data:`_POLL_SECONDS`), so that the
     other ranks wait in short broadcasts rather than one that would time out.
+
+    ``config`` needs only ``key`` and ``tag``; ``fields`` is what a row of the results needs
+    (default :data:`_ROW_FIELDS`), so other jobs (``smallbn rethink``) claim their runs here too.
     """
     rank, world = _rank()
     results = output_dir / "results.jsonl"
@@ -756,7 +773,7 @@ def _attempt(
                 attempt = contextlib.ExitStack()
                 if attempt.enter_context(claim(lock, wait=wait and world == 1)):
                     held.enter_context(attempt)  # held until the row is recorded
-                    state = _DONE if _recorded(results, config.key) else _RUN
+                    state = _DONE if _recorded(results, config.key, fields) else _RUN
                 else:
                     attempt.close()
             state = _agree(state, device)
@@ -768,7 +785,7 @@ def _attempt(
         if state == _RUN:
             row = train()
             if rank == 0:
-                _append_result(results, row)
+                _append_result(results, row, fields)
         if rank == 0:
             checkpoint.unlink(missing_ok=True)
     return True
@@ -826,14 +843,19 @@ def _run_parallel(
     jobs: int,
     checkpoint_every: int,
     progress: bool,
+    worker: Callable[[Any, Path, int, bool], bool] | None = None,
 ) -> None:
     """Run ``todo`` in ``jobs`` worker processes, each recording its result as it completes.
 
     A run that another process holds is submitted again, to wait for its claim, behind the
     runs submitted first.  When a run fails, the runs not yet started are cancelled, those in
     progress finish and are recorded (their work is not thrown away), and then the first
-    failure is raised.
+    failure is raised.  ``worker(config, output_dir, checkpoint_every, wait)`` (a module-level
+    function, for the spawned processes; default :func:`_worker_run`) claims, trains and
+    records one run and returns ``False`` when another process holds it (``smallbn rethink``
+    passes its own).
     """
+    work = _worker_run if worker is None else worker
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -843,7 +865,7 @@ def _run_parallel(
     bar = tqdm(total=len(todo), desc="runs", disable=not progress)
     try:
         futures: dict[Future[bool], RunConfig] = {
-            pool.submit(_worker_run, c, output_dir, checkpoint_every, False): c for c in todo
+            pool.submit(work, c, output_dir, checkpoint_every, False): c for c in todo
         }
         pending = set(futures)
         while pending:
@@ -856,7 +878,7 @@ def _run_parallel(
                         bar.update(1)
                     elif first_error is None:  # held elsewhere: wait for it after the others
                         _notice_waiting(config)
-                        again = pool.submit(_worker_run, config, output_dir, checkpoint_every, True)
+                        again = pool.submit(work, config, output_dir, checkpoint_every, True)
                         futures[again] = config
                         pending.add(again)
                     continue

@@ -1,0 +1,1893 @@
+"""``smallbn rethink``: the findings of Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021),
+tried again on real data (Fashion-MNIST) with :class:`~smallbn.experiments.models.SmallResNet`.
+
+Three studies, each a set of runs (one per seed and setting) whose rows go to
+``<output-dir>/<study>/results.jsonl``, with a Markdown report (``results.md``) and a plot
+(``<study>.png``) beside them:
+
+* ``ema`` — **EMA vs PreciseBN** (paper §3).  A BN network trained with a large SGD batch and
+  a large, constant learning rate (after a warm-up), the setting in which the paper finds the
+  EMA of batch statistics unstable.  After every epoch the test error is measured with the EMA
+  statistics and with PreciseBN (:func:`smallbn.precise_bn`); the EMA is kept for several
+  momenta at once (the EMA does not influence training in BN's training mode, so one run
+  carries every momentum's EMA, exactly); after training, the error against the number of
+  PreciseBN samples (several draws each).
+* ``inconsistency`` — **train-test inconsistency at small batch** (paper §5).  Ghost BN over
+  i.i.d. groups of b samples inside SGD batches of 32; evaluated with population statistics
+  (PreciseBN), with batch statistics of b (:func:`smallbn.batch_stats_eval`, test images in
+  random groups of b) and, in a branch of the same run that restarts from the weights at the
+  start of the last epochs, trained with FrozenBN for those epochs
+  (:class:`smallbn.FreezeNormsAt`).
+* ``domain`` — **domain shift** (paper §4).  (a) trained on Fashion-MNIST, tested on shifted
+  copies (inverted intensities, lower contrast, pixel noise) with the training domain's
+  population statistics, with statistics recomputed by PreciseBN on unlabelled images of the
+  target domain, and with batch statistics of the target batch.  (b) trained on two domains at
+  once (the original images and a shifted copy of each, as two FPN levels sharing a head, one
+  :class:`~smallbn.DomainBatchNorm` per norm): statistics shared by the domains or specific to
+  each (:func:`smallbn.use_domain`), in training and, by PreciseBN, at test: the four
+  combinations of the paper's Table 5.
+
+Every report states what the paper found and whether the numbers of this run reproduce it,
+decided from the numbers by the rules in :func:`findings` (with the tolerance
+:data:`TOLERANCE`), never written in advance.
+
+Robustness and concurrency are the comparison job's (:mod:`smallbn.experiments.compare`): a
+run is claimed (``checkpoints/<tag>.lock``) before it is trained, checkpointed atomically
+every ``checkpoint_every`` steps, at the end of every epoch (with what it has measured so far)
+and between its stages; a rerun skips finished runs and resumes an interrupted one; damaged
+lines of ``results.jsonl`` are set aside; invocations sharing an output folder train each run
+once.  Single process only (no torchrun).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm.auto import tqdm
+
+from smallbn._io import atomic_write
+from smallbn.experiments import compare
+from smallbn.experiments.compare import CheckpointError
+from smallbn.experiments.data import Dataset, OptionError, load_dataset
+from smallbn.experiments.models import SmallResNet
+from smallbn.experiments.sampling import batch_indices, steps_per_epoch
+from smallbn.experiments.train import evaluate
+from smallbn.layers import GhostBatchNorm
+from smallbn.layers.domain import use_domain
+from smallbn.population import FreezeNormsAt, batch_stats_eval, precise_bn
+from smallbn.registry import build_norm
+
+__all__ = [
+    "PRESETS",
+    "SHIFTS",
+    "STUDIES",
+    "TOLERANCE",
+    "Finding",
+    "StudyConfig",
+    "findings",
+    "format_report",
+    "plan",
+    "plot_study",
+    "read_study",
+    "run_studies",
+    "shift_images",
+]
+
+STUDIES = ("ema", "inconsistency", "domain")
+#: Shifted copies of the test images (domain study): intensities inverted, contrast lowered
+#: (u → 0.3 + 0.4 u on the [0, 1] pixel scale), Gaussian pixel noise (σ = 0.25, clipped).
+SHIFTS = ("invert", "contrast", "noise")
+#: Test-error differences (percentage points) within which two settings count as equal in
+#: the verdicts: about twice the standard error of an error near 10% on 10,000 test images.
+TOLERANCE = 0.5
+
+_CHECKPOINT_VERSION = 1
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything that determines one run of a study (its identity in results.jsonl).
+
+    ``variant``: ``bn`` (ema), ``b<norm_batch>`` (inconsistency), ``shift`` (domain, part a:
+    one source-trained network tested on every shift of ``shifts``) or ``shared`` /
+    ``specific`` (domain, part b: statistics in training; the second domain is
+    ``shifts[0]``)."""
+
+    study: str
+    variant: str
+    seed: int
+    dataset: str = "fashion-mnist"
+    epochs: int = 3
+    train_samples: int = 8_000
+    sgd_batch: int = 32
+    norm_batch: int = 32
+    lr: float = 0.2
+    #: ``cosine``: warm-up then cosine decay (the comparison job's); ``constant``: warm-up then
+    #: the peak learning rate to the end.
+    schedule: str = "cosine"
+    #: Fraction of the steps of linear warm-up.
+    warmup: float = 0.02
+    widths: tuple[int, ...] = (16, 32, 64)
+    blocks: int = 1
+    precise_samples: int = 4096
+    eval_samples: int = 10_000
+    momenta: tuple[float, ...] = ()
+    sample_sweep: tuple[int, ...] = ()
+    sweep_draws: int = 0
+    frozen_epochs: int = 0
+    shifts: tuple[str, ...] = ()
+    #: The data folder the user passed (absolute); None for the dataset's default data.
+    data_root: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        if fields["data_root"] is None:
+            del fields["data_root"]
+        return fields
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.identity(), sort_keys=True)
+
+    @property
+    def tag(self) -> str:
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
+        return f"{self.study}-{self.variant}-s{self.seed}-{digest}"
+
+    @property
+    def part(self) -> str:
+        """The domain study's part: ``a`` (one domain, tested on shifts) or ``b`` (two)."""
+        return "a" if self.variant == "shift" else "b"
+
+    def check(self) -> None:
+        """Raise ValueError, stating the rule, for a run that cannot train as labelled."""
+        if self.study not in STUDIES:
+            raise ValueError(f"unknown study '{self.study}' (one of {', '.join(STUDIES)})")
+        for name in ("epochs", "train_samples", "sgd_batch", "norm_batch", "precise_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number above 0, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule '{self.schedule}' (cosine or constant)")
+        if self.sgd_batch % self.norm_batch:
+            raise ValueError(
+                f"normalization batch b={self.norm_batch} does not divide the SGD batch of "
+                f"{self.sgd_batch}: every SGD batch is split into groups of b (pick --batch-sizes "
+                f"among the divisors of {self.sgd_batch})"
+            )
+        if self.norm_batch < 2:
+            raise ValueError("a normalization batch needs at least 2 samples (b >= 2)")
+        if self.study == "ema":
+            if not self.momenta or any(not 0 < m <= 1 for m in self.momenta):
+                raise ValueError(f"EMA momenta must lie in (0, 1], got {self.momenta}")
+            if 0.1 not in self.momenta:
+                raise ValueError("the EMA momenta must include BN's default 0.1")
+            if not self.sample_sweep or min(self.sample_sweep) < 1 or self.sweep_draws < 1:
+                raise ValueError("the PreciseBN sample sweep needs sizes >= 1 and >= 1 draw")
+        if self.study == "inconsistency" and not 1 <= self.frozen_epochs < self.epochs:
+            raise ValueError(
+                f"FrozenBN trains the last --frozen-epochs of the --epochs: need 1 <= "
+                f"frozen_epochs < epochs, got {self.frozen_epochs} of {self.epochs}"
+            )
+        if self.study == "domain":
+            if self.variant not in ("shift", "shared", "specific"):
+                raise ValueError(f"unknown domain variant '{self.variant}'")
+            if not self.shifts or any(s not in SHIFTS for s in self.shifts):
+                raise ValueError(f"shifts must be among {', '.join(SHIFTS)}, got {self.shifts}")
+
+
+#: Preset → settings.  ``seeds``; per study the StudyConfig fields, and ``batch_sizes``
+#: (inconsistency: one run per normalization batch) and ``domain_shift`` (domain b's second
+#: domain).  Command-line options override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # about 15-25 minutes on 2 CPU cores (docs/rethink.md)
+    "default": {
+        "seeds": (0, 1),
+        "ema": {
+            "epochs": 10,
+            "train_samples": 10_000,
+            "sgd_batch": 256,
+            "norm_batch": 256,
+            "lr": 1.6,
+            "schedule": "constant",
+            "warmup": 0.1,
+            "momenta": (0.01, 0.03, 0.1, 0.3),
+            "sample_sweep": (32, 128, 512, 2048, 8192),
+            "sweep_draws": 3,
+        },
+        "inconsistency": {
+            "epochs": 4,
+            "train_samples": 8_000,
+            "batch_sizes": (2, 4, 8, 32),
+            "frozen_epochs": 1,
+        },
+        "domain": {
+            "epochs": 3,
+            "train_samples": 8_000,
+            "shifts": SHIFTS,
+            "domain_shift": "invert",
+        },
+    },
+    # the same studies longer: all 60,000 training images, 3 seeds (hours on 2 CPU cores)
+    "long": {
+        "seeds": (0, 1, 2),
+        "ema": {
+            "epochs": 30,
+            "train_samples": 60_000,
+            "sgd_batch": 256,
+            "norm_batch": 256,
+            "lr": 1.6,
+            "schedule": "constant",
+            "warmup": 0.05,
+            "momenta": (0.01, 0.03, 0.1, 0.3),
+            "sample_sweep": (32, 128, 512, 2048, 8192, 32768),
+            "sweep_draws": 5,
+        },
+        "inconsistency": {
+            "epochs": 12,
+            "train_samples": 60_000,
+            "batch_sizes": (2, 4, 8, 16, 32),
+            "frozen_epochs": 3,
+        },
+        "domain": {
+            "epochs": 10,
+            "train_samples": 60_000,
+            "shifts": SHIFTS,
+            "domain_shift": "invert",
+        },
+    },
+    # seconds: for tests
+    "smoke": {
+        "seeds": (0,),
+        "ema": {
+            "epochs": 2,
+            "train_samples": 256,
+            "sgd_batch": 64,
+            "norm_batch": 64,
+            "lr": 0.4,
+            "schedule": "constant",
+            "warmup": 0.1,
+            "momenta": (0.1, 0.3),
+            "sample_sweep": (16, 64),
+            "sweep_draws": 2,
+            "precise_samples": 64,
+            "eval_samples": 128,
+        },
+        "inconsistency": {
+            "epochs": 2,
+            "train_samples": 128,
+            "batch_sizes": (2, 32),
+            "frozen_epochs": 1,
+            "precise_samples": 64,
+            "eval_samples": 128,
+        },
+        "domain": {
+            "epochs": 1,
+            "train_samples": 128,
+            "shifts": ("invert", "contrast"),
+            "domain_shift": "invert",
+            "precise_samples": 64,
+            "eval_samples": 128,
+        },
+    },
+}
+
+
+def plan(
+    studies: Sequence[str],
+    preset: str = "default",
+    *,
+    seeds: Sequence[int] | None = None,
+    **overrides: Any,
+) -> list[StudyConfig]:
+    """The runs of ``studies`` under ``preset``.  ``overrides`` (None: the preset's) apply to
+    every study that has the setting: ``epochs``, ``train_samples``, ``precise_samples``,
+    ``eval_samples``, ``dataset``; ``ema_batch``, ``ema_lr``, ``momenta``, ``sample_sweep``,
+    ``sweep_draws`` (ema); ``batch_sizes``, ``frozen_epochs`` (inconsistency); ``lr``
+    (inconsistency and domain); ``shifts``, ``domain_shift`` (domain)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}' (one of {', '.join(PRESETS)})")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {
+        "epochs",
+        "train_samples",
+        "precise_samples",
+        "eval_samples",
+        "dataset",
+        "ema_batch",
+        "ema_lr",
+        "momenta",
+        "sample_sweep",
+        "sweep_draws",
+        "batch_sizes",
+        "frozen_epochs",
+        "lr",
+        "shifts",
+        "domain_shift",
+    }
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    settings = PRESETS[preset]
+    seeds = tuple(dict.fromkeys(seeds if seeds is not None else settings["seeds"]))
+    configs: dict[str, StudyConfig] = {}
+    for study in dict.fromkeys(studies):
+        if study not in STUDIES:
+            raise ValueError(f"unknown study '{study}' (one of {', '.join(STUDIES)})")
+        base = dict(settings[study])
+        for name in ("epochs", "train_samples", "precise_samples", "eval_samples", "dataset"):
+            if name in given:
+                base[name] = given[name]
+        variants: list[tuple[str, dict[str, Any]]]
+        if study == "ema":
+            for name, field in (("ema_batch", "sgd_batch"), ("ema_lr", "lr")):
+                if name in given:
+                    base[field] = given[name]
+            base["norm_batch"] = base["sgd_batch"]  # BN over the whole SGD batch
+            for name in ("momenta", "sample_sweep", "sweep_draws"):
+                if name in given:
+                    base[name] = given[name]
+            base["momenta"] = tuple(sorted({*base["momenta"], 0.1}))  # BN's own EMA, always
+            base["sample_sweep"] = tuple(sorted(set(base["sample_sweep"])))
+            variants = [("bn", {})]
+        elif study == "inconsistency":
+            sizes = tuple(sorted(set(given.get("batch_sizes", base.pop("batch_sizes")))))
+            base.pop("batch_sizes", None)
+            for name in ("frozen_epochs", "lr"):
+                if name in given:
+                    base[name] = given[name]
+            variants = [(f"b{b}", {"norm_batch": b}) for b in sizes]
+        else:
+            shifts = tuple(dict.fromkeys(given.get("shifts", base.pop("shifts"))))
+            base.pop("shifts", None)
+            second = given.get("domain_shift", base.pop("domain_shift"))
+            base.pop("domain_shift", None)
+            if "lr" in given:
+                base["lr"] = given["lr"]
+            variants = [("shift", {"shifts": shifts})] + [
+                (v, {"shifts": (second,)}) for v in ("shared", "specific")
+            ]
+        for variant, extra in variants:
+            for seed in seeds:
+                config = StudyConfig(study, variant, seed, **{**base, **extra})
+                config.check()
+                configs.setdefault(config.key, config)
+    return list(configs.values())
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def _pixel_range(data: Dataset) -> tuple[float, float]:
+    """The standardized values of the darkest and brightest pixel of the training images: the
+    affine map back to the [0, 1] pixel scale on which the shifts are defined."""
+    return float(data.train_x.min()), float(data.train_x.max())
+
+
+def shift_images(x: Tensor, shift: str, bounds: tuple[float, float], seed: int = 0) -> Tensor:
+    """``x`` (standardized images) under ``shift`` (one of :data:`SHIFTS`), standardized as the
+    training images were: ``invert`` maps a pixel u on the [0, 1] scale (``bounds``: the
+    standardized values of 0 and 1) to 1 − u, ``contrast`` to 0.3 + 0.4 u, ``noise`` adds
+    Gaussian noise of σ = 0.25 (drawn from ``seed``, the same for every run) and clips to
+    [0, 1]."""
+    low, high = bounds
+    u = (x - low) / (high - low)
+    if shift == "invert":
+        u = 1 - u
+    elif shift == "contrast":
+        u = 0.3 + 0.4 * u
+    elif shift == "noise":
+        generator = torch.Generator().manual_seed(seed)
+        u = (u + 0.25 * torch.randn(u.shape, generator=generator)).clamp(0, 1)
+    else:
+        raise ValueError(f"unknown shift '{shift}' (one of {', '.join(SHIFTS)})")
+    return low + u * (high - low)
+
+
+@dataclass
+class _Data:
+    """One run's view of the dataset: its training subset and its test subset."""
+
+    dataset: Dataset
+    config: StudyConfig
+    train_x: Tensor = dataclasses.field(init=False)
+    train_y: Tensor = dataclasses.field(init=False)
+    test_x: Tensor = dataclasses.field(init=False)
+    test_y: Tensor = dataclasses.field(init=False)
+    bounds: tuple[float, float] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        n, m = self.config.train_samples, self.config.eval_samples
+        self.train_x, self.train_y = self.dataset.train_x[:n], self.dataset.train_y[:n]
+        self.test_x, self.test_y = self.dataset.test_x[:m], self.dataset.test_y[:m]
+        self.bounds = _pixel_range(self.dataset)
+
+    def unlabelled_target(self, shift: str) -> Tensor:
+        """Unlabelled images of the shifted domain for PreciseBN on the target: shifted
+        training images that the run did not train on where the dataset has enough of them
+        (``precise_samples``), else the training images themselves."""
+        rest = self.dataset.train_x[self.config.train_samples :]
+        pool = rest if len(rest) >= self.config.precise_samples else self.dataset.train_x
+        return shift_images(pool, shift, self.bounds, seed=2)
+
+    def shifted_test(self, shift: str) -> Tensor:
+        return shift_images(self.test_x, shift, self.bounds, seed=1)
+
+    def shifted_train(self, shift: str) -> Tensor:
+        return shift_images(self.train_x, shift, self.bounds, seed=3)
+
+
+def _stream(
+    x: Tensor, y: Tensor | None, batch: int, seed: int, device: torch.device
+) -> Iterator[Tensor]:
+    """Endless i.i.d. batches of ``x`` (on ``device``), in an order drawn from ``seed``."""
+    labels = y if y is not None else torch.zeros(len(x), dtype=torch.long)
+    for index in batch_indices(labels, min(batch, len(x)), 1, "iid", seed):
+        yield x[index].to(device)
+
+
+# -- models, schedule, evaluation ----------------------------------------------------------------
+
+
+def _memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cpu" else torch.preserve_format
+
+
+def _model(config: StudyConfig, data: Dataset, device: torch.device) -> nn.Module:
+    """The study's network: BN over the SGD batch (ema, domain a), Ghost BN over groups of b
+    (inconsistency), two-domain domain BN (domain b)."""
+    options: dict[str, Any] = {}
+    spec = "bn"
+    if config.study == "inconsistency" and config.norm_batch < config.sgd_batch:
+        spec, options = "ghostbn", {"group_size": config.norm_batch}
+    elif config.study == "domain" and config.part == "b":
+        spec, options = "domainbn", {"num_domains": 2}
+
+    def make(channels: int, **kwargs: Any) -> nn.Module:
+        return build_norm(spec, channels, **{**kwargs, **options})
+
+    torch.manual_seed(config.seed)
+    model = SmallResNet(
+        data.num_classes, data.in_channels, config.widths, config.blocks, norm=make
+    ).to(device)
+    model.to(memory_format=_memory_format(device))  # type: ignore[call-overload]
+    return model
+
+
+def _optimizer(model: nn.Module, config: StudyConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
+
+
+def _lr(config: StudyConfig, step: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay or constant."""
+    warmup = max(1, int(config.warmup * total))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+@torch.no_grad()
+def _predictions(model: nn.Module, x: Tensor, batch: int, device: torch.device) -> Tensor:
+    """Class predictions for ``x`` in batches of ``batch``, in the model's current modes."""
+    out = [model(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def _error(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> float:
+    return evaluate(model, x, y, device=device)
+
+
+def _error_batch_stats(
+    model: nn.Module, x: Tensor, y: Tensor, group: int, seed: int, device: torch.device
+) -> float:
+    """Test error when every batch-statistics layer normalizes each test image with the
+    statistics of its random group of ``group`` test images (Ghost BN's groups of b, or the
+    whole batch for BN): :func:`smallbn.batch_stats_eval`.  The images are shuffled (groups
+    are i.i.d., as in training) and the last group is completed with images from the start,
+    which are scored once only."""
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    padded = torch.cat([order, order[: (-n) % group]]) if n % group else order
+    # Ghost BN normalizes groups of b inside any batch; any other layer the whole batch
+    ghost = any(isinstance(m, GhostBatchNorm) for m in model.modules())
+    batch = group * max(1, 128 // group) if ghost else group
+    with batch_stats_eval(model):
+        predictions = _predictions(model, x[padded], batch, device)[:n]
+    return float((predictions != y[order]).float().mean())
+
+
+def _precise(
+    model: nn.Module,
+    batches: Iterable[Any],
+    samples: int,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    size: Callable[[Any], int] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with PreciseBN statistics (``model`` is left as it is)."""
+    clone = copy.deepcopy(model)
+    precise_bn(clone, batches, samples, forward=forward, batch_size=size, progress=False)
+    return clone
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+class _Checkpoint:
+    """A run's checkpoint: its stage, training state and what it has measured so far.  A file
+    that does not fit the run raises :class:`CheckpointError` naming it (never discarded)."""
+
+    def __init__(self, path: Path, config: StudyConfig, total: int) -> None:
+        self.path, self.config, self.total = path, config, total
+
+    def _unusable(self, reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path}: cannot resume {self.config.tag} from this checkpoint ({reason}); "
+            f"delete the file to restart that run from scratch"
+        )
+
+    def load(self, stages: Sequence[str]) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            step, stage = state["step"], state["stage"]
+            key, total, version = state["key"], state["total"], state["version"]
+        except Exception as error:  # any failure to read it: the file is the problem
+            raise self._unusable(f"{type(error).__name__}: {error}") from error
+        if version != _CHECKPOINT_VERSION:
+            raise self._unusable(f"it is of checkpoint version {version!r}")
+        if key != self.config.key:
+            raise self._unusable(
+                f"it was written for another run: {compare._differences(self.config.key, key)}"
+            )
+        if total != self.total:
+            raise self._unusable(
+                f"it was written for a run of {total} steps and this run has {self.total}: "
+                f"the training data or the code changed since"
+            )
+        if stage not in stages:
+            raise self._unusable(f"unknown stage {stage!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.total:
+            raise self._unusable(f"it is at step {step!r}, outside this run's {self.total} steps")
+        return state  # type: ignore[no-any-return]
+
+    def save(self, state: dict[str, Any]) -> None:
+        state = {
+            **state,
+            "key": self.config.key,
+            "total": self.total,
+            "version": _CHECKPOINT_VERSION,
+        }
+        atomic_write(self.path, lambda handle: torch.save(state, handle))
+
+    def restore(
+        self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        except Exception as error:
+            raise self._unusable(f"{type(error).__name__}: {error}") from error
+
+
+@dataclass
+class _Clock:
+    """Wall and CPU seconds of a run's training, summed over resumes."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.wall += now - self._wall
+        self.cpu += cpu - self._cpu
+        self._wall, self._cpu = now, cpu
+        return self.wall, self.cpu
+
+
+@dataclass
+class _Run:
+    """What every study's run shares: config, data, device, checkpoint, progress."""
+
+    config: StudyConfig
+    data: _Data
+    device: torch.device
+    checkpoint: _Checkpoint
+    checkpoint_every: int
+    progress: bool
+
+    def train(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        start: int,
+        end: int,
+        per_epoch: int,
+        loss: Callable[[nn.Module, Tensor], Tensor],
+        state: Callable[[], dict[str, Any]],
+        clock: _Clock,
+        on_epoch: Callable[[int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        """SGD steps ``start`` … ``end − 1`` of the run's ``checkpoint.total`` on i.i.d.
+        batches of ``sgd_batch`` training samples (the order a pure function of the seed and
+        the step, so a resumed run sees the batches it would have seen).  ``loss(model,
+        index)`` computes a batch's loss; ``on_epoch(step)`` runs at the end of every epoch
+        and ``on_step(step)`` after every step, both before the checkpoint of that step;
+        ``state()`` is what the run has to keep beside the weights (its stage, what it has
+        measured), taken at every checkpoint."""
+        config, total = self.config, self.checkpoint.total
+        stream = batch_indices(self.data.train_y, config.sgd_batch, 1, "iid", config.seed, start)
+        bar = tqdm(
+            total=end,
+            initial=start,
+            desc=self.config.tag.rsplit("-", 1)[0],
+            leave=False,
+            disable=not self.progress,
+        )
+        model.train()
+        for step in range(start, end):
+            index = next(stream)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(config, step, total)
+            value = loss(model, index)
+            if not torch.isfinite(value):
+                raise FloatingPointError(
+                    f"{config.tag}: training diverged at step {step} (loss {float(value)}); "
+                    f"lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+            bar.update(1)
+            done = step + 1
+            if on_step is not None:
+                on_step(done)
+            epoch_end = done % per_epoch == 0
+            if epoch_end and on_epoch is not None:
+                on_epoch(done)
+            if epoch_end or done % self.checkpoint_every == 0 or done == end:
+                wall, cpu = clock.lap()
+                self.checkpoint.save(
+                    {
+                        **state(),
+                        "step": done,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "wall": wall,
+                        "cpu": cpu,
+                    }
+                )
+        bar.close()
+
+
+def _cross_entropy(
+    x: Tensor, y: Tensor, device: torch.device
+) -> Callable[[nn.Module, Tensor], Tensor]:
+    def loss(model: nn.Module, index: Tensor) -> Tensor:
+        return F.cross_entropy(model(x[index].to(device)), y[index].to(device))
+
+    return loss
+
+
+def _total(config: StudyConfig, data: _Data) -> tuple[int, int]:
+    """(steps per epoch, steps) of a run."""
+    per_epoch = steps_per_epoch(data.train_y, config.sgd_batch, 1, "iid")
+    return per_epoch, per_epoch * config.epochs
+
+
+def _row(
+    config: StudyConfig, run: _Run, clock: _Clock, steps: int, **measured: Any
+) -> dict[str, Any]:
+    return {
+        **config.identity(),
+        "key": config.key,
+        "train_samples_used": len(run.data.train_y),
+        "steps": steps,
+        "train_seconds": clock.wall,
+        "train_cpu_seconds": clock.cpu,
+        "device": str(run.device),
+        "torch": torch.__version__,
+        **measured,
+    }
+
+
+# -- study 1: EMA vs PreciseBN ------------------------------------------------------------------
+
+
+class _EmaShadows:
+    """The EMA of every BN layer's batch statistics for several momenta, kept beside
+    training: in BN's training mode the running statistics do not change the forward or the
+    gradients, so one training run yields the EMA of every momentum exactly (as torch
+    computes it: ``r ← (1 − m) r + m s`` with the batch mean and the Bessel-corrected batch
+    variance).  Updated in training forwards only (grad enabled, module in training mode):
+    evaluation and PreciseBN passes run under ``no_grad``."""
+
+    def __init__(self, model: nn.Module, momenta: Sequence[float]) -> None:
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+        self.momenta = tuple(momenta)
+        self.stats: dict[float, dict[str, tuple[Tensor, Tensor]]] = {
+            momentum: {
+                name: (
+                    torch.zeros(layer.num_features, device=_device_of(layer)),
+                    torch.ones(layer.num_features, device=_device_of(layer)),
+                )
+                for name, layer in self.layers.items()
+            }
+            for momentum in self.momenta
+        }
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers.items()
+        ]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            x = args[0].detach()
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.float(), dim=dims, correction=1)
+            for momentum in self.momenta:
+                running_mean, running_var = self.stats[momentum][name]
+                running_mean.lerp_(mean, momentum)
+                running_var.lerp_(var, momentum)
+
+        return record
+
+    def state(self) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+        return {
+            f"{m:g}": {k: (a.clone(), b.clone()) for k, (a, b) in s.items()}
+            for m, s in self.stats.items()
+        }
+
+    def load(self, state: dict[str, dict[str, tuple[Tensor, Tensor]]]) -> None:
+        for momentum in self.momenta:
+            for name, (mean, var) in state[f"{momentum:g}"].items():
+                self.stats[momentum][name][0].copy_(mean)
+                self.stats[momentum][name][1].copy_(var)
+
+    def model_with(self, model: nn.Module, momentum: float) -> nn.Module:
+        """A copy of ``model`` whose BN layers hold the EMA of ``momentum``."""
+        clone = copy.deepcopy(model)
+        layers = dict(clone.named_modules())
+        with torch.no_grad():
+            for name, (mean, var) in self.stats[momentum].items():
+                layer = layers[name]
+                assert isinstance(layer, _BatchNorm)
+                assert layer.running_mean is not None and layer.running_var is not None
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+        return clone
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.buffers()).device
+
+
+def _run_ema(run: _Run) -> dict[str, Any]:
+    config, data, device = run.config, run.data, run.device
+    per_epoch, total = _total(config, data)
+    model = _model(config, data.dataset, device)
+    optimizer = _optimizer(model, config)
+    shadows = _EmaShadows(model, config.momenta)
+    own = 0.1  # torch BN's momentum: the model's own running statistics
+    history: list[dict[str, Any]] = []
+    clock, start = _Clock(), 0
+    state = run.checkpoint.load(("train",))
+    if state is not None:
+        run.checkpoint.restore(state, model, optimizer)
+        shadows.load(state["shadows"])
+        history = list(state["history"])
+        clock, start = _Clock(state["wall"], state["cpu"]), state["step"]
+        _say_resuming(run, start, total)
+    record: dict[str, Any] = {"stage": "train", "history": history}
+
+    def on_epoch(step: int) -> None:
+        epoch = step // per_epoch
+        errors = {}
+        for momentum in config.momenta:
+            if momentum == own:  # the model's own EMA, which the shadow of 0.1 equals
+                errors[f"{momentum:g}"] = _error(model, data.test_x, data.test_y, device)
+            else:
+                errors[f"{momentum:g}"] = _error(
+                    shadows.model_with(model, momentum), data.test_x, data.test_y, device
+                )
+        stream = _stream(
+            data.train_x, data.train_y, config.sgd_batch, 7_919 * config.seed + epoch, device
+        )
+        precise = _precise(model, stream, config.precise_samples)
+        history.append(
+            {
+                "epoch": epoch,
+                "ema": errors,
+                "precise": _error(precise, data.test_x, data.test_y, device),
+                "lr": _lr(config, step - 1, total),
+            }
+        )
+        record["history"] = history
+
+    run.train(
+        model,
+        optimizer,
+        start=start,
+        end=total,
+        per_epoch=per_epoch,
+        loss=_cross_entropy(data.train_x, data.train_y, device),
+        state=lambda: {**record, "shadows": shadows.state()},
+        clock=clock,
+        on_epoch=on_epoch,
+    )
+    clock.lap()
+    # error against the number of PreciseBN samples, on the final weights; batches of the
+    # training batch size (of n samples where n is smaller), each draw its own data order
+    sweep: dict[str, list[float]] = {}
+    for samples in config.sample_sweep:
+        errors = []
+        for draw in range(config.sweep_draws):
+            stream = _stream(
+                data.train_x,
+                data.train_y,
+                min(samples, config.sgd_batch),
+                1_000_003 * config.seed + 101 * draw + samples,
+                device,
+            )
+            precise = _precise(model, stream, samples)
+            errors.append(_error(precise, data.test_x, data.test_y, device))
+        sweep[str(samples)] = errors
+    return _row(
+        config,
+        run,
+        clock,
+        total,
+        error_ema=[h["ema"][f"{own:g}"] for h in history],
+        error_precise=[h["precise"] for h in history],
+        error_momentum={f"{m:g}": [h["ema"][f"{m:g}"] for h in history] for m in config.momenta},
+        lr_per_epoch=[h["lr"] for h in history],
+        precise_sample_sweep=sweep,
+    )
+
+
+# -- study 2: train-test inconsistency -----------------------------------------------------------
+
+
+def _run_inconsistency(run: _Run) -> dict[str, Any]:
+    """Stage ``main`` trains all epochs (keeping the weights at the start of the FrozenBN
+    epochs) and measures EMA, PreciseBN and batch statistics; stage ``frozen`` restarts from
+    the kept weights, takes PreciseBN statistics and trains the last epochs with FrozenBN
+    (:class:`smallbn.FreezeNormsAt`) on the same batches."""
+    config, data, device = run.config, run.data, run.device
+    per_epoch, total = _total(config, data)
+    frozen_from = config.epochs - config.frozen_epochs
+    freeze_step = per_epoch * frozen_from
+    model = _model(config, data.dataset, device)
+    optimizer = _optimizer(model, config)
+    clock, start = _Clock(), 0
+    record: dict[str, Any] = {"stage": "main", "branch": None, "main": None, "frozen": False}
+    state = run.checkpoint.load(("main", "frozen"))
+    if state is not None:
+        if state["frozen"]:  # the checkpoint holds the FrozenBN model
+            model = _freeze(model)
+        run.checkpoint.restore(state, model, optimizer)
+        record = {k: state[k] for k in ("stage", "branch", "main", "frozen")}
+        clock, start = _Clock(state["wall"], state["cpu"]), state["step"]
+        _say_resuming(run, start, total, record["stage"])
+    loss = _cross_entropy(data.train_x, data.train_y, device)
+    group = config.norm_batch
+
+    def precise_stream(seed: int) -> Iterator[Tensor]:
+        return _stream(data.train_x, data.train_y, config.sgd_batch, seed, device)
+
+    if record["stage"] == "main":
+
+        def keep_branch(step: int) -> None:
+            if step == freeze_step:
+                record["branch"] = {
+                    "model": copy.deepcopy(model.state_dict()),
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+                }
+
+        run.train(
+            model,
+            optimizer,
+            start=start,
+            end=total,
+            per_epoch=per_epoch,
+            loss=loss,
+            state=lambda: record,
+            clock=clock,
+            on_step=keep_branch,
+        )
+        precise = _precise(model, precise_stream(config.seed + 7), config.precise_samples)
+        record["main"] = {
+            "error_ema": _error(model, data.test_x, data.test_y, device),
+            "error_precise": _error(precise, data.test_x, data.test_y, device),
+            "error_batch_stats": _error_batch_stats(
+                model, data.test_x, data.test_y, group, config.seed, device
+            ),
+        }
+        # stage frozen: back to the weights at the start of the FrozenBN epochs
+        branch = record["branch"]
+        model.load_state_dict(branch["model"])
+        optimizer.load_state_dict(branch["optimizer"])
+        record.update(stage="frozen", branch=None)
+        start = freeze_step
+        wall, cpu = clock.lap()
+        run.checkpoint.save(
+            {
+                **record,
+                "step": start,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "wall": wall,
+                "cpu": cpu,
+            }
+        )
+    if not record["frozen"]:
+        freeze = FreezeNormsAt(
+            frozen_from,
+            precise_data=lambda: precise_stream(config.seed + 11),
+            num_samples=config.precise_samples,
+            progress=False,
+        )
+        model = freeze(model, frozen_from)
+        record["frozen"] = True
+    run.train(
+        model,
+        optimizer,
+        start=start,
+        end=total,
+        per_epoch=per_epoch,
+        loss=loss,
+        state=lambda: record,
+        clock=clock,
+    )
+    clock.lap()
+    error_frozen = _error(model, data.test_x, data.test_y, device)
+    return _row(config, run, clock, total, **record["main"], error_frozen=error_frozen)
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    from smallbn.convert import freeze_norms
+
+    return freeze_norms(model)
+
+
+# -- study 3: domain shift -----------------------------------------------------------------------
+
+
+def _run_domain_shift(run: _Run) -> dict[str, Any]:
+    """Part a: train on the original images; test on each shift with the training domain's
+    population statistics, with statistics recomputed on unlabelled target images, and with
+    the target batch's own statistics."""
+    config, data, device = run.config, run.data, run.device
+    per_epoch, total = _total(config, data)
+    model = _model(config, data.dataset, device)
+    optimizer = _optimizer(model, config)
+    clock, start = _Clock(), 0
+    state = run.checkpoint.load(("train",))
+    if state is not None:
+        run.checkpoint.restore(state, model, optimizer)
+        clock, start = _Clock(state["wall"], state["cpu"]), state["step"]
+        _say_resuming(run, start, total)
+    run.train(
+        model,
+        optimizer,
+        start=start,
+        end=total,
+        per_epoch=per_epoch,
+        loss=_cross_entropy(data.train_x, data.train_y, device),
+        state=lambda: {"stage": "train"},
+        clock=clock,
+    )
+    clock.lap()
+    samples = config.precise_samples
+    source = _precise(
+        model,
+        _stream(data.train_x, data.train_y, config.sgd_batch, config.seed + 7, device),
+        samples,
+    )
+    errors = {"original/source": _error(source, data.test_x, data.test_y, device)}
+    for shift in config.shifts:
+        test_x = data.shifted_test(shift)
+        target = _precise(
+            model,
+            _stream(
+                data.unlabelled_target(shift), None, config.sgd_batch, config.seed + 13, device
+            ),
+            samples,
+        )
+        errors[f"{shift}/source"] = _error(source, test_x, data.test_y, device)
+        errors[f"{shift}/target"] = _error(target, test_x, data.test_y, device)
+        errors[f"{shift}/batch_stats"] = _error_batch_stats(
+            source, test_x, data.test_y, config.sgd_batch, config.seed, device
+        )
+    return _row(config, run, clock, total, errors=errors)
+
+
+def _run_two_domains(run: _Run) -> dict[str, Any]:
+    """Part b: every step trains on a batch of original images and the same images shifted,
+    as two FPN levels through one head: one forward over both with the statistics of both
+    (``shared``), or one forward per domain with its own statistics (``specific``).  At test,
+    PreciseBN statistics shared by the domains (one population of both) or per domain."""
+    config, data, device = run.config, run.data, run.device
+    shift = config.shifts[0]
+    per_epoch, total = _total(config, data)
+    model = _model(config, data.dataset, device)
+    optimizer = _optimizer(model, config)
+    clock, start = _Clock(), 0
+    state = run.checkpoint.load(("train",))
+    if state is not None:
+        run.checkpoint.restore(state, model, optimizer)
+        clock, start = _Clock(state["wall"], state["cpu"]), state["step"]
+        _say_resuming(run, start, total)
+    shifted = data.shifted_train(shift)
+    x, y = data.train_x, data.train_y
+
+    def shared(model: nn.Module, pair: tuple[Tensor, Tensor]) -> Tensor:
+        with use_domain(model, 0):
+            return model(torch.cat(pair))  # type: ignore[no-any-return]
+
+    def specific(model: nn.Module, pair: tuple[Tensor, Tensor]) -> Tensor:
+        outputs = []
+        for domain, images in enumerate(pair):
+            with use_domain(model, domain):
+                outputs.append(model(images))
+        return torch.cat(outputs)
+
+    forward = shared if config.variant == "shared" else specific
+
+    def loss(model: nn.Module, index: Tensor) -> Tensor:
+        pair = (x[index].to(device), shifted[index].to(device))
+        labels = y[index].to(device)
+        return F.cross_entropy(forward(model, pair), torch.cat([labels, labels]))
+
+    run.train(
+        model,
+        optimizer,
+        start=start,
+        end=total,
+        per_epoch=per_epoch,
+        loss=loss,
+        state=lambda: {"stage": "train"},
+        clock=clock,
+    )
+    clock.lap()
+
+    def pairs(seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for index in batch_indices(y, config.sgd_batch, 1, "iid", seed):
+            yield x[index].to(device), shifted[index].to(device)
+
+    tests = {"original": data.test_x, "shifted": data.shifted_test(shift)}
+    errors = {}
+    for population, pass_forward in (("shared", shared), ("specific", specific)):
+        precise = _precise(
+            model,
+            pairs(config.seed + 7),
+            config.precise_samples,
+            forward=pass_forward,
+            size=lambda pair: 2 * len(pair[0]),
+        )
+        for domain, (name, test_x) in enumerate(tests.items()):
+            with use_domain(precise, 0 if population == "shared" else domain):
+                errors[f"{population}/{name}"] = _error(precise, test_x, data.test_y, device)
+    return _row(config, run, clock, total, errors=errors)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+_COMMON_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": (str,),
+    "study": (str,),
+    "variant": (str,),
+    "seed": (int,),
+}
+#: What a row of each study's results.jsonl needs (with the types), as the comparison job's
+#: ``_ROW_FIELDS``: a line without them is set aside as damaged.
+ROW_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "ema": {
+        **_COMMON_FIELDS,
+        "error_ema": (list,),
+        "error_precise": (list,),
+        "error_momentum": (dict,),
+        "precise_sample_sweep": (dict,),
+    },
+    "inconsistency": {
+        **_COMMON_FIELDS,
+        "norm_batch": (int,),
+        "error_ema": (int, float),
+        "error_precise": (int, float),
+        "error_batch_stats": (int, float),
+        "error_frozen": (int, float),
+    },
+    "domain": {**_COMMON_FIELDS, "errors": (dict,)},
+}
+
+
+def _say_resuming(run: _Run, step: int, total: int, stage: str | None = None) -> None:
+    where = f" (stage {stage})" if stage else ""
+    print(
+        f"resuming {run.config.tag} from its checkpoint at step {step} of {total}{where}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_one(
+    config: StudyConfig,
+    dataset: Dataset,
+    checkpoint: Path,
+    *,
+    device: torch.device | str = "cpu",
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and measure one run, resuming from ``checkpoint`` if it exists; its row."""
+    config.check()
+    data = _Data(dataset, config)
+    per_epoch, total = _total(config, data)
+    if per_epoch < 1:
+        raise OptionError(
+            "--train-samples",
+            f"the {len(data.train_y)} training samples of {config.tag} make no SGD batch of "
+            f"{config.sgd_batch}",
+        )
+    run = _Run(
+        config,
+        data,
+        torch.device(device),
+        _Checkpoint(checkpoint, config, total),
+        checkpoint_every,
+        progress,
+    )
+    if config.study == "ema":
+        return _run_ema(run)
+    if config.study == "inconsistency":
+        return _run_inconsistency(run)
+    return _run_domain_shift(run) if config.part == "a" else _run_two_domains(run)
+
+
+def _study_dir(output_dir: Path, study: str) -> Path:
+    return output_dir / study
+
+
+def _worker(config: StudyConfig, output_dir: Path, checkpoint_every: int, wait: bool) -> bool:
+    """One run in a worker process of a parallel invocation (one thread), claimed, trained
+    and recorded by the worker (the comparison job's :func:`~compare._attempt`)."""
+    torch.set_num_threads(1)
+    return _attempt(config, output_dir, torch.device("cpu"), checkpoint_every, False, wait)
+
+
+def _attempt(
+    config: StudyConfig,
+    output_dir: Path,
+    device: torch.device,
+    checkpoint_every: int,
+    progress: bool,
+    wait: bool,
+) -> bool:
+    folder = _study_dir(output_dir, config.study)
+
+    def train() -> dict[str, Any]:
+        dataset = compare._worker_dataset(config.dataset, config.data_root)
+        return run_one(
+            config,
+            dataset,
+            compare._checkpoint_path(folder, config),  # type: ignore[arg-type]
+            device=device,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+        )
+
+    return compare._attempt(
+        config,  # type: ignore[arg-type]
+        folder,
+        train,
+        wait=wait,
+        device=device,
+        fields=ROW_FIELDS[config.study],
+    )
+
+
+def _cost(config: StudyConfig) -> float:
+    """A rough relative cost, to start the longest runs first (two workers finish together)."""
+    images = config.epochs * config.train_samples
+    if config.study == "inconsistency":
+        images *= (1 + config.frozen_epochs / config.epochs) * (1 + 4 / config.norm_batch)
+    if config.study == "domain" and config.part == "b":
+        images *= 2
+    if config.study == "ema":
+        images += config.epochs * config.eval_samples * (len(config.momenta) + 1)
+    return float(images)
+
+
+def read_study(output_dir: Path, study: str) -> list[dict[str, Any]]:
+    """The rows of ``study`` in ``output_dir/<study>/results.jsonl`` (damaged lines warned
+    about and skipped, as the comparison job does)."""
+    return compare.read_results(_study_dir(output_dir, study) / "results.jsonl", ROW_FIELDS[study])
+
+
+def run_studies(
+    configs: Sequence[StudyConfig],
+    output_dir: Path,
+    *,
+    device: torch.device | str = "cpu",
+    dataset_root: str | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    jobs: int = 1,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every config not yet recorded, then write each study's report and plot; returns
+    the rows of ``configs`` by study (including those other invocations trained).
+
+    ``jobs > 1`` runs that many at once in worker processes of one thread each (CPU)."""
+    device = torch.device(device)
+    configs = compare.bind_data(configs, dataset_root)  # type: ignore[arg-type,assignment]
+    unique: dict[str, StudyConfig] = {}
+    for config in configs:
+        config.check()
+        unique.setdefault(config.key, config)
+    studies = list(dict.fromkeys(c.study for c in unique.values()))
+    for study in studies:
+        path = _study_dir(output_dir, study) / "results.jsonl"
+        compare._set_aside_damaged(path, ROW_FIELDS[study])
+    done = {row["key"] for study in studies for row in read_study(output_dir, study)}
+    todo = sorted((c for c in unique.values() if c.key not in done), key=_cost, reverse=True)
+    if jobs > 1 and device.type == "cpu" and len(todo) > 1:
+        compare._run_parallel(
+            todo,  # type: ignore[arg-type]
+            output_dir,
+            jobs,
+            checkpoint_every,
+            progress,
+            worker=_worker,  # type: ignore[arg-type]
+        )
+    else:
+        deferred = []
+        for config in tqdm(todo, desc="runs", disable=not progress):
+            if not _attempt(config, output_dir, device, checkpoint_every, progress, False):
+                deferred.append(config)
+        for config in deferred:
+            compare._notice_waiting(config)  # type: ignore[arg-type]
+            _attempt(config, output_dir, device, checkpoint_every, progress, True)
+    keys = set(unique)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for study in studies:
+        rows = [row for row in read_study(output_dir, study) if row["key"] in keys]
+        results[study] = rows
+        if rows:
+            write_report(study, rows, _study_dir(output_dir, study))
+    return results
+
+
+def write_report(study: str, rows: Sequence[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
+    """``results.md`` and ``<study>.png`` of ``rows`` in ``folder``."""
+    text = format_report(study, rows)
+    report = atomic_write(folder / "results.md", lambda handle: handle.write(f"{text}\n".encode()))
+    return report, plot_study(study, rows, folder / f"{study}.png")
+
+
+# -- verdicts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding of the paper and what this run measured: ``reproduced`` is computed from
+    the numbers (None: the rows cannot decide it, e.g. a setting that was not run)."""
+
+    paper: str
+    measured: str
+    reproduced: bool | None
+
+
+def _pct(values: Iterable[float]) -> list[float]:
+    return [100 * v for v in values]
+
+
+def _last(values: Sequence[float], epochs: int | None = None) -> list[float]:
+    """The last half of the epochs (at least 2), where the spread is measured."""
+    count = max(2, len(values) // 2) if epochs is None else epochs
+    return list(values[-count:])
+
+
+def _ema_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per method (``ema`` = BN's momentum 0.1, ``precise``, ``ema@m``): the mean and std of
+    the error (%) over the last half of the epochs, averaged over seeds."""
+    out: dict[str, Any] = {}
+    series: dict[str, list[list[float]]] = {"ema": [], "precise": []}
+    for row in rows:
+        series["ema"].append(_pct(row["error_ema"]))
+        series["precise"].append(_pct(row["error_precise"]))
+        for m, values in row["error_momentum"].items():
+            series.setdefault(f"ema@{m}", []).append(_pct(values))
+    for name, runs in series.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        out[name] = {
+            "mean": float(np.mean([np.mean(_last(r)) for r in runs])),
+            "std": float(np.mean([np.std(_last(r)) for r in runs])),
+            "epochs": len(_last(runs[0])),
+        }
+    sweep: dict[int, list[float]] = {}
+    for row in rows:
+        for n, values in row["precise_sample_sweep"].items():
+            sweep.setdefault(int(n), []).extend(_pct(values))
+    out["sweep"] = {n: (float(np.mean(v)), float(np.std(v))) for n, v in sorted(sweep.items())}
+    return out
+
+
+def _ema_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
+    s = _ema_summary(rows)
+    if "ema" not in s or "precise" not in s:
+        return []
+    ema, precise, k = s["ema"], s["precise"], s["ema"]["epochs"]
+    found = [
+        Finding(
+            "§3, Fig. 2: with a large batch and learning rate the EMA estimate is unstable: its "
+            "test error jumps from epoch to epoch, PreciseBN's does not",
+            f"std of the per-epoch error over the last {k} epochs: EMA {ema['std']:.2f}, "
+            f"PreciseBN {precise['std']:.2f} points",
+            ema["std"] > precise["std"],
+        ),
+        Finding(
+            "§3: PreciseBN's population statistics give a lower error than the EMA during training",
+            f"mean error over the last {k} epochs: EMA {ema['mean']:.2f}%, PreciseBN "
+            f"{precise['mean']:.2f}%",
+            precise["mean"] < ema["mean"],
+        ),
+    ]
+    sweep = s["sweep"]
+    if sweep:
+        largest = max(sweep)
+        enough = [n for n in sweep if n >= 1000]
+        if enough and min(enough) < largest:
+            n = min(enough)
+            gap = sweep[n][0] - sweep[largest][0]
+            found.append(
+                Finding(
+                    f"§3.2: 10³–10⁴ samples are enough for PreciseBN (the error at {n} samples "
+                    f"is within {TOLERANCE} points of the error at {largest})",
+                    f"{n} samples: {sweep[n][0]:.2f} ± {sweep[n][1]:.2f}%, {largest}: "
+                    f"{sweep[largest][0]:.2f} ± {sweep[largest][1]:.2f}%",
+                    gap <= TOLERANCE,
+                )
+            )
+        smallest = min(sweep)
+        if smallest < 1000 and smallest < largest:
+            found.append(
+                Finding(
+                    f"§3.2: too few samples give a worse estimate (the error at {smallest} "
+                    f"samples is more than {TOLERANCE} points above the error at {largest})",
+                    f"{smallest} samples: {sweep[smallest][0]:.2f} ± {sweep[smallest][1]:.2f}%",
+                    sweep[smallest][0] - sweep[largest][0] > TOLERANCE,
+                )
+            )
+    momenta = {name[4:]: v for name, v in s.items() if name.startswith("ema@")}
+    if len(momenta) > 1:
+        best = min(momenta, key=lambda m: momenta[m]["mean"])
+        found.append(
+            Finding(
+                "§3: the EMA depends on its momentum (slow ones lag behind the weights, fast "
+                f"ones follow the last noisy batches); PreciseBN, which has none, is within "
+                f"{TOLERANCE} points of the best momentum or better",
+                f"best momentum {best}: {momenta[best]['mean']:.2f}% (others: "
+                + ", ".join(f"{m}: {v['mean']:.2f}%" for m, v in momenta.items() if m != best)
+                + f"); PreciseBN {precise['mean']:.2f}%",
+                precise["mean"] <= momenta[best]["mean"] + TOLERANCE,
+            )
+        )
+    return found
+
+
+def _by_batch(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, tuple[float, float]]]:
+    """norm batch → method → (mean, std) of the error (%) over seeds."""
+    cells: dict[int, dict[str, list[float]]] = {}
+    for row in rows:
+        cell = cells.setdefault(row["norm_batch"], {})
+        for method in ("ema", "precise", "batch_stats", "frozen"):
+            cell.setdefault(method, []).append(100 * row[f"error_{method}"])
+    return {
+        b: {m: (float(np.mean(v)), float(np.std(v))) for m, v in cell.items()}
+        for b, cell in sorted(cells.items())
+    }
+
+
+def _inconsistency_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
+    cells = _by_batch(rows)
+    if not cells:
+        return []
+    small, large = min(cells), max(cells)
+    s = {m: v[0] for m, v in cells[small].items()}
+    found = [
+        Finding(
+            f"§5.1, Fig. 7: at a small normalization batch, evaluating with mini-batch "
+            f"statistics (of the same size) beats population statistics (b = {small} here)",
+            f"b = {small}: batch statistics {s['batch_stats']:.2f}%, population "
+            f"(PreciseBN) {s['precise']:.2f}%",
+            s["batch_stats"] < s["precise"],
+        ),
+        Finding(
+            f"§5.2, Fig. 8: training the last epochs with FrozenBN (population statistics) "
+            f"beats population statistics after BN training at a small batch (b = {small})",
+            f"b = {small}: FrozenBN {s['frozen']:.2f}%, population {s['precise']:.2f}%",
+            s["frozen"] < s["precise"],
+        ),
+    ]
+    if large > small:
+        g = {m: v[0] for m, v in cells[large].items()}
+        reference = g["precise"]
+        found.append(
+            Finding(
+                f"§5.1: both remedies narrow the gap to the large-batch error at small b "
+                f"(gap to b = {large} with population statistics, b = {small})",
+                f"gap: population {s['precise'] - reference:+.2f}, batch statistics "
+                f"{s['batch_stats'] - reference:+.2f}, FrozenBN {s['frozen'] - reference:+.2f} "
+                f"points",
+                s["batch_stats"] < s["precise"] and s["frozen"] < s["precise"],
+            )
+        )
+        found.append(
+            Finding(
+                f"§5.1: at a large normalization batch population statistics are as good as "
+                f"mini-batch statistics or better (b = {large}, within {TOLERANCE} points)",
+                f"b = {large}: population {g['precise']:.2f}%, batch statistics "
+                f"{g['batch_stats']:.2f}%",
+                g["precise"] <= g["batch_stats"] + TOLERANCE,
+            )
+        )
+    return found
+
+
+def _domain_cells(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], tuple[float, float]]:
+    """(variant, error name) → (mean, std) of the error (%) over seeds."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        for name, value in row["errors"].items():
+            cells.setdefault((row["variant"], name), []).append(100 * value)
+    return {k: (float(np.mean(v)), float(np.std(v))) for k, v in cells.items()}
+
+
+def _domain_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
+    cells = _domain_cells(rows)
+    found = []
+    shifts = [n.split("/")[0] for (v, n) in cells if v == "shift" and n.endswith("/target")]
+    for shift in shifts:
+        source, target = (
+            cells[("shift", f"{shift}/source")][0],
+            cells[("shift", f"{shift}/target")][0],
+        )
+        found.append(
+            Finding(
+                f"§4.1, Table 2: under a domain shift, population statistics recomputed on "
+                f"the target domain beat those of the training domain ({shift})",
+                f"{shift}: target statistics {target:.2f}%, training-domain statistics "
+                f"{source:.2f}%",
+                target < source,
+            )
+        )
+
+    def mean_error(train: str, population: str) -> float | None:
+        values = [cells.get((train, f"{population}/{d}")) for d in ("original", "shifted")]
+        if any(v is None for v in values):
+            return None
+        return float(np.mean([v[0] for v in values if v is not None]))
+
+    grid = {
+        (t, p): mean_error(t, p) for t in ("shared", "specific") for p in ("shared", "specific")
+    }
+    for train in ("shared", "specific"):
+        other = "specific" if train == "shared" else "shared"
+        same, cross = grid[(train, train)], grid[(train, other)]
+        if same is None or cross is None:
+            continue
+        found.append(
+            Finding(
+                f"§4.2, Table 5: with {train} statistics in training, {train} population "
+                f"statistics at test beat {other} ones (training and test should agree)",
+                f"train {train}: test {train} {same:.2f}%, test {other} {cross:.2f}% (mean of "
+                f"the two domains)",
+                same < cross,
+            )
+        )
+    if all(v is not None for v in grid.values()):
+        best = min(grid, key=lambda k: grid[k])  # type: ignore[arg-type,return-value]
+        found.append(
+            Finding(
+                "§4.2, Table 5: domain-specific statistics in training and at test are the "
+                "best of the four",
+                "best: train " + best[0] + ", test " + best[1] + f" ({grid[best]:.2f}%)",
+                best == ("specific", "specific"),
+            )
+        )
+    return found
+
+
+def findings(study: str, rows: Sequence[dict[str, Any]]) -> list[Finding]:
+    """What the paper found in ``study`` and whether ``rows`` reproduce it (each decided from
+    the numbers: means over seeds, ties within :data:`TOLERANCE` only where stated)."""
+    if study == "ema":
+        return _ema_findings(rows)
+    if study == "inconsistency":
+        return _inconsistency_findings(rows)
+    if study == "domain":
+        return _domain_findings(rows)
+    raise ValueError(f"unknown study '{study}' (one of {', '.join(STUDIES)})")
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+def _verdict(value: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "–"}[value]
+
+
+def _findings_table(study: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    out = ["| the paper found | this run | reproduced |", "|---|---|---|"]
+    for f in findings(study, rows):
+        out.append(f"| {f.paper} | {f.measured} | {_verdict(f.reproduced)} |")
+    return out
+
+
+def _settings(rows: Sequence[dict[str, Any]]) -> str:
+    row = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    return (
+        f"{row['dataset']}, {row['train_samples_used']} training images, {row['epochs']} "
+        f"epochs, SGD batch {row['sgd_batch']}, peak learning rate {row['lr']} "
+        f"({row['schedule']} after {row['warmup']:.0%} warm-up), SmallResNet "
+        f"{'/'.join(map(str, row['widths']))}, PreciseBN over {row['precise_samples']} "
+        f"samples, test error on {row['eval_samples']} test images, seeds "
+        f"{', '.join(map(str, seeds))}"
+    )
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+
+
+def format_report(study: str, rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: the settings, the numbers, and the paper's findings with the verdicts."""
+    if not rows:
+        return f"**{study}**: no results"
+    seeds = len({r["seed"] for r in rows})
+    out = []
+    if study == "ema":
+        out.append(f"**EMA vs PreciseBN** — {_settings(rows)}; EMA momentum 0.1 (BN's default)")
+        out.append("")
+        epochs = max(len(r["error_ema"]) for r in rows)
+        out.append("test error (%) per epoch, mean over seeds:")
+        out.append("")
+        momenta = sorted({m for r in rows for m in r["error_momentum"]}, key=float)
+        header = ["epoch", "lr", "EMA", "PreciseBN"] + [f"EMA m={m}" for m in momenta if m != "0.1"]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|---" * len(header) + "|")
+        for e in range(epochs):
+            got = [r for r in rows if len(r["error_ema"]) > e]
+            line = [str(e + 1), f"{got[0]['lr_per_epoch'][e]:g}"]
+            line.append(f"{np.mean([100 * r['error_ema'][e] for r in got]):.2f}")
+            line.append(f"{np.mean([100 * r['error_precise'][e] for r in got]):.2f}")
+            for m in momenta:
+                if m != "0.1":
+                    line.append(f"{np.mean([100 * r['error_momentum'][m][e] for r in got]):.2f}")
+            out.append("| " + " | ".join(line) + " |")
+        s = _ema_summary(rows)
+        out.append("")
+        out.append(
+            f"over the last {s['ema']['epochs']} epochs (mean over seeds of each run's mean and "
+            f"std across those epochs):"
+        )
+        out.append("")
+        out.append("| statistics | mean error (%) | std across epochs (points) |")
+        out.append("|---|---|---|")
+        out.append(f"| EMA (m=0.1) | {s['ema']['mean']:.2f} | {s['ema']['std']:.2f} |")
+        out.append(f"| PreciseBN | {s['precise']['mean']:.2f} | {s['precise']['std']:.2f} |")
+        for m in momenta:
+            if m == "0.1":  # the EMA row above
+                continue
+            v = s[f"ema@{m}"]
+            out.append(f"| EMA m={m} | {v['mean']:.2f} | {v['std']:.2f} |")
+        out.append("")
+        draws = rows[0]["sweep_draws"]
+        out.append(
+            f"error (%) of the final weights against the number of PreciseBN samples, mean ± "
+            f"std over {draws} draws × {seeds} seed(s):"
+        )
+        out.append("")
+        out.append("| samples | " + " | ".join(str(n) for n in s["sweep"]) + " |")
+        out.append("|---|" + "---|" * len(s["sweep"]))
+        out.append(
+            "| error | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in s["sweep"].values()) + " |"
+        )
+    elif study == "inconsistency":
+        out.append(
+            f"**Train-test inconsistency** — {_settings(rows)}; i.i.d. groups of b inside each "
+            f"SGD batch (Ghost BN; BN at b = {rows[0]['sgd_batch']}), FrozenBN for the last "
+            f"{rows[0]['frozen_epochs']} epoch(s)"
+        )
+        out.append("")
+        out.append(f"test error (%), mean ± std over {seeds} seed(s):")
+        out.append("")
+        cells = _by_batch(rows)
+        names = {
+            "precise": "population (PreciseBN)",
+            "batch_stats": "batch statistics of b",
+            "frozen": "FrozenBN last epochs",
+            "ema": "population (EMA)",
+        }
+        out.append("| evaluation | " + " | ".join(f"b={b}" for b in cells) + " |")
+        out.append("|---|" + "---|" * len(cells))
+        for method, label in names.items():
+            out.append(
+                f"| {label} | " + " | ".join(_cell(*cells[b][method], seeds) for b in cells) + " |"
+            )
+    else:
+        cells = _domain_cells(rows)
+        out.append(f"**Domain shift** — {_settings(rows)}")
+        shifts = sorted(
+            {n.split("/")[0] for (v, n) in cells if v == "shift"} - {"original"},
+            key=lambda s: SHIFTS.index(s),
+        )
+        if shifts:
+            out.append("")
+            out.append(
+                f"(a) trained on the original images; test error (%) on shifted test images, "
+                f"mean ± std over {seeds} seed(s); original test images with training-domain "
+                f"statistics: {_cell(*cells[('shift', 'original/source')], seeds)}"
+            )
+            out.append("")
+            out.append(
+                "| test domain | training-domain statistics | target statistics (PreciseBN "
+                "on unlabelled target images) | target batch statistics |"
+            )
+            out.append("|---|---|---|---|")
+            for shift in shifts:
+                out.append(
+                    f"| {shift} | "
+                    + " | ".join(
+                        _cell(*cells[("shift", f"{shift}/{m}")], seeds)
+                        for m in ("source", "target", "batch_stats")
+                    )
+                    + " |"
+                )
+        trained = [v for v in ("shared", "specific") if any(k[0] == v for k in cells)]
+        if trained:
+            second = next(r for r in rows if r["variant"] in trained)["shifts"][0]
+            out.append("")
+            out.append(
+                f"(b) trained on two domains at once (original and {second}, the same images, "
+                f"as two FPN levels through one head, DomainBatchNorm); test error (%) per "
+                f"test domain, mean ± std over {seeds} seed(s):"
+            )
+            out.append("")
+            out.append(
+                "| training statistics | test statistics | original | " + second + " | mean |"
+            )
+            out.append("|---|---|---|---|---|")
+            for train in trained:
+                for population in ("shared", "specific"):
+                    values = [cells[(train, f"{population}/{d}")] for d in ("original", "shifted")]
+                    mean = float(np.mean([v[0] for v in values]))
+                    out.append(
+                        f"| {train} | {population} | "
+                        + " | ".join(_cell(*v, seeds) for v in values)
+                        + f" | {mean:.2f} |"
+                    )
+    out.append("")
+    out.append(
+        f"What the paper (Wu & Johnson 2021) found, and whether this run reproduces it "
+        f"(decided from the numbers above; ties within {TOLERANCE} points only where stated):"
+    )
+    out.append("")
+    out.extend(_findings_table(study, rows))
+    return "\n".join(out)
+
+
+def plot_study(study: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The study's figure (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if study == "ema":
+        figure, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+        epochs = np.arange(1, max(len(r["error_ema"]) for r in rows) + 1)
+        for row in rows:
+            seed = row["seed"]
+            n = len(row["error_ema"])
+            axes[0].plot(
+                epochs[:n],
+                _pct(row["error_ema"]),
+                "o-",
+                color="C1",
+                alpha=0.7,
+                label=f"EMA (m=0.1), seed {seed}",
+            )
+            axes[0].plot(
+                epochs[:n],
+                _pct(row["error_precise"]),
+                "s-",
+                color="C0",
+                alpha=0.7,
+                label=f"PreciseBN, seed {seed}",
+            )
+        axes[0].set_xlabel("epoch")
+        axes[0].set_ylabel("test error (%)")
+        axes[0].set_title("EMA vs PreciseBN after every epoch")
+        s = _ema_summary(rows)
+        sizes = list(s["sweep"])
+        axes[1].errorbar(
+            sizes,
+            [v[0] for v in s["sweep"].values()],
+            yerr=[v[1] for v in s["sweep"].values()],
+            marker="o",
+            capsize=3,
+        )
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xlabel("PreciseBN samples")
+        axes[1].set_ylabel("test error (%)")
+        axes[1].set_title("final weights: error vs PreciseBN samples")
+        momenta = sorted({m for r in rows for m in r["error_momentum"]}, key=float)
+        for i, m in enumerate(momenta):
+            curves = [r["error_momentum"][m] for r in rows]
+            n = min(len(c) for c in curves)
+            axes[2].plot(
+                epochs[:n],
+                np.mean([_pct(c[:n]) for c in curves], axis=0),
+                "o-",
+                color=f"C{i + 2}",
+                label=f"EMA m={m}",
+            )
+        n = min(len(r["error_precise"]) for r in rows)
+        axes[2].plot(
+            epochs[:n],
+            np.mean([_pct(r["error_precise"][:n]) for r in rows], axis=0),
+            "s-",
+            color="C0",
+            label="PreciseBN",
+        )
+        axes[2].set_xlabel("epoch")
+        axes[2].set_ylabel("test error (%), mean over seeds")
+        axes[2].set_title("EMA momentum sweep")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        axes[2].legend(fontsize=7)
+    elif study == "inconsistency":
+        figure, ax = plt.subplots(figsize=(6.5, 4.2))
+        cells = _by_batch(rows)
+        sizes = list(cells)
+        for method, label, marker in (
+            ("precise", "population (PreciseBN)", "o"),
+            ("batch_stats", "batch statistics of b", "s"),
+            ("frozen", "FrozenBN last epochs", "^"),
+            ("ema", "population (EMA)", "x"),
+        ):
+            ax.errorbar(
+                sizes,
+                [cells[b][method][0] for b in sizes],
+                yerr=[cells[b][method][1] for b in sizes],
+                marker=marker,
+                capsize=3,
+                label=label,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("normalization batch b")
+        ax.set_ylabel("test error (%)")
+        ax.set_title("train-test inconsistency")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    else:
+        cells = _domain_cells(rows)
+        figure, axes = plt.subplots(1, 2, figsize=(13, 4.2), squeeze=False)
+        ax = axes[0][0]
+        shifts = [s for s in SHIFTS if ("shift", f"{s}/source") in cells]
+        width = 0.27
+        for i, (method, label) in enumerate(
+            (
+                ("source", "training-domain statistics"),
+                ("target", "target statistics"),
+                ("batch_stats", "target batch statistics"),
+            )
+        ):
+            values = [cells[("shift", f"{s}/{method}")] for s in shifts]
+            ax.bar(
+                np.arange(len(shifts)) + (i - 1) * width,
+                [v[0] for v in values],
+                width,
+                yerr=[v[1] for v in values],
+                capsize=3,
+                label=label,
+            )
+        if ("shift", "original/source") in cells:
+            ax.axhline(
+                cells[("shift", "original/source")][0],
+                color="k",
+                ls="--",
+                lw=1,
+                label="original test images",
+            )
+        ax.set_xticks(np.arange(len(shifts)), shifts)
+        ax.set_ylabel("test error (%)")
+        ax.set_title("(a) trained on the original domain, tested on shifts")
+        ax.legend(fontsize=8)
+        ax = axes[0][1]
+        combos = [
+            (t, p)
+            for t in ("shared", "specific")
+            for p in ("shared", "specific")
+            if (t, f"{p}/original") in cells
+        ]
+        for i, domain in enumerate(("original", "shifted")):
+            values = [cells[(t, f"{p}/{domain}")] for t, p in combos]
+            ax.bar(
+                np.arange(len(combos)) + (i - 0.5) * 0.4,
+                [v[0] for v in values],
+                0.4,
+                yerr=[v[1] for v in values],
+                capsize=3,
+                label=f"{domain} test images",
+            )
+        ax.set_xticks(np.arange(len(combos)), [f"train {t}\ntest {p}" for t, p in combos])
+        ax.set_ylabel("test error (%)")
+        ax.set_title("(b) two domains: shared vs domain-specific statistics")
+        ax.legend(fontsize=8)
+        for a in axes[0]:
+            a.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
+    plt.close(figure)
+    return path
+
+
+def check_data(configs: Sequence[StudyConfig]) -> None:
+    """Raise :class:`OptionError` naming ``--train-samples`` if a run's training data make no
+    SGD batch (found before any run is trained)."""
+    sources: dict[tuple[str, str | None], list[StudyConfig]] = {}
+    for config in configs:
+        sources.setdefault((config.dataset, config.data_root), []).append(config)
+    for (name, root), group in sources.items():
+        dataset = load_dataset(name, root)
+        for config in group:
+            used = min(config.train_samples, len(dataset.train_y))
+            if used < config.sgd_batch:
+                raise OptionError(
+                    "--train-samples",
+                    f"the {used} training samples of {dataset.name} make no SGD batch of "
+                    f"{config.sgd_batch} (run {config.tag}); pass --train-samples "
+                    f"{config.sgd_batch} or more",
+                )
