@@ -215,7 +215,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "schedule": "constant",
             "warmup": 0.1,
             "momenta": (0.01, 0.03, 0.1, 0.3),
-            "sample_sweep": (32, 128, 512, 2048, 8192),
+            "sample_sweep": (32, 128, 512, 1024, 2048, 8192),
             "sweep_draws": 3,
         },
         "inconsistency": {
@@ -426,9 +426,10 @@ class _Data:
 
     def unlabelled_target(self, shift: str) -> Tensor:
         """Unlabelled images of the shifted domain for PreciseBN on the target: shifted
-        training images that the run did not train on where the dataset has enough of them
-        (``precise_samples``), else the training images themselves."""
-        rest = self.dataset.train_x[self.config.train_samples :]
+        training images that the run did not train on (up to 4 × ``precise_samples`` of them)
+        where the dataset has enough (``precise_samples``), else the training images
+        themselves."""
+        rest = self.dataset.train_x[self.config.train_samples :][: 4 * self.config.precise_samples]
         pool = rest if len(rest) >= self.config.precise_samples else self.dataset.train_x
         return shift_images(pool, shift, self.bounds, seed=2)
 
