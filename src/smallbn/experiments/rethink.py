@@ -5,27 +5,28 @@ Three studies, each a set of runs (one per seed and setting) whose rows go to
 ``<output-dir>/<study>/results.jsonl``, with a Markdown report (``results.md``) and a plot
 (``<study>.png``) beside them:
 
-* ``ema`` — **EMA vs PreciseBN** (paper §3).  A BN network trained with a large SGD batch and
-  a large, constant learning rate (after a warm-up), the setting in which the paper finds the
-  EMA of batch statistics unstable.  After every epoch the test error is measured with the EMA
-  statistics and with PreciseBN (:func:`smallbn.precise_bn`); the EMA is kept for several
-  momenta at once (the EMA does not influence training in BN's training mode, so one run
-  carries every momentum's EMA, exactly); after training, the error against the number of
-  PreciseBN samples (several draws each).
-* ``inconsistency`` — **train-test inconsistency at small batch** (paper §5).  Ghost BN over
-  i.i.d. groups of b samples inside SGD batches of 32; evaluated with population statistics
-  (PreciseBN), with batch statistics of b (:func:`smallbn.batch_stats_eval`, test images in
-  random groups of b) and, in a branch of the same run that restarts from the weights at the
-  start of the last epochs, trained with FrozenBN for those epochs
-  (:class:`smallbn.FreezeNormsAt`).
-* ``domain`` — **domain shift** (paper §4).  (a) trained on Fashion-MNIST, tested on shifted
-  copies (inverted intensities, lower contrast, pixel noise) with the training domain's
-  population statistics, with statistics recomputed by PreciseBN on unlabelled images of the
-  target domain, and with batch statistics of the target batch.  (b) trained on two domains at
-  once (the original images and a shifted copy of each, as two FPN levels sharing a head, one
-  :class:`~smallbn.DomainBatchNorm` per norm): statistics shared by the domains or specific to
-  each (:func:`smallbn.use_domain`), in training and, by PreciseBN, at test: the four
-  combinations of the paper's Table 5.
+* ``ema`` — **EMA vs PreciseBN** (the paper's "whole population as a batch").  A BN
+  network trained with a large SGD batch and a large, constant learning rate (after a
+  warm-up), the setting in which the paper finds the EMA of batch statistics unstable.  After
+  every epoch the test error is measured with the EMA statistics and with PreciseBN
+  (:func:`smallbn.precise_bn`); the EMA is kept for several momenta at once (the EMA does not
+  influence training in BN's training mode, so one run carries every momentum's EMA,
+  exactly); after training, the error against the number of PreciseBN samples (several
+  draws each).
+* ``inconsistency`` — **train-test inconsistency at small batch** (the paper's "batch in
+  training and testing").  Ghost BN over i.i.d. groups of b samples inside SGD batches of
+  32; evaluated with population statistics (PreciseBN), with batch statistics of b
+  (:func:`smallbn.batch_stats_eval`, test images in random groups of b) and, in a branch of
+  the same run that restarts from the weights at the start of the last epochs, trained with
+  FrozenBN for those epochs (:class:`smallbn.FreezeNormsAt`).
+* ``domain`` — **domain shift** (the paper's "batch from different domains").  (a) trained
+  on Fashion-MNIST, tested on shifted copies (inverted intensities, lower contrast, pixel
+  noise) with the training domain's population statistics, with statistics recomputed by
+  PreciseBN on unlabelled images of the target domain, and with batch statistics of the
+  target batch.  (b) trained on two domains at once (the original images and a shifted copy
+  of each, as two FPN levels sharing a head, one :class:`~smallbn.DomainBatchNorm` per
+  norm): statistics shared by the domains or specific to each (:func:`smallbn.use_domain`),
+  in training and, by PreciseBN, at test: the four combinations of the paper's Table 5.
 
 Every report states what the paper found and whether the numbers of this run reproduce it,
 decided from the numbers by the rules in :func:`findings` (with the tolerance
@@ -1357,14 +1358,15 @@ def _ema_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     ema, precise, k = s["ema"], s["precise"], s["ema"]["epochs"]
     found = [
         Finding(
-            "§3, Fig. 2: with a large batch and learning rate the EMA estimate is unstable: its "
-            "test error jumps from epoch to epoch, PreciseBN's does not",
+            "EMA vs PreciseBN: with a large batch and learning rate the EMA estimate is "
+            "unstable: its test error jumps from epoch to epoch, PreciseBN's does not",
             f"std of the per-epoch error over the last {k} epochs: EMA {ema['std']:.2f}, "
             f"PreciseBN {precise['std']:.2f} points",
             ema["std"] > precise["std"],
         ),
         Finding(
-            "§3: PreciseBN's population statistics give a lower error than the EMA during training",
+            "EMA vs PreciseBN: PreciseBN's population statistics give a lower error than the EMA "
+            "during training",
             f"mean error over the last {k} epochs: EMA {ema['mean']:.2f}%, PreciseBN "
             f"{precise['mean']:.2f}%",
             precise["mean"] < ema["mean"],
@@ -1379,8 +1381,8 @@ def _ema_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
             gap = sweep[n][0] - sweep[largest][0]
             found.append(
                 Finding(
-                    f"§3.2: 10³–10⁴ samples are enough for PreciseBN (the error at {n} samples "
-                    f"is within {TOLERANCE} points of the error at {largest})",
+                    f"PreciseBN samples: 10³–10⁴ samples are enough (the error at {n} "
+                    f"samples is within {TOLERANCE} points of the error at {largest})",
                     f"{n} samples: {sweep[n][0]:.2f} ± {sweep[n][1]:.2f}%, {largest}: "
                     f"{sweep[largest][0]:.2f} ± {sweep[largest][1]:.2f}%",
                     gap <= TOLERANCE,
@@ -1390,8 +1392,9 @@ def _ema_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         if smallest < 1000 and smallest < largest:
             found.append(
                 Finding(
-                    f"§3.2: too few samples give a worse estimate (the error at {smallest} "
-                    f"samples is more than {TOLERANCE} points above the error at {largest})",
+                    f"PreciseBN samples: too few samples give a worse estimate (the error at "
+                    f"{smallest} samples is more than {TOLERANCE} points above the error at "
+                    f"{largest})",
                     f"{smallest} samples: {sweep[smallest][0]:.2f} ± {sweep[smallest][1]:.2f}%",
                     sweep[smallest][0] - sweep[largest][0] > TOLERANCE,
                 )
@@ -1401,9 +1404,9 @@ def _ema_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         best = min(momenta, key=lambda m: momenta[m]["mean"])
         found.append(
             Finding(
-                "§3: the EMA depends on its momentum (slow ones lag behind the weights, fast "
-                f"ones follow the last noisy batches); PreciseBN, which has none, is within "
-                f"{TOLERANCE} points of the best momentum or better",
+                "EMA momentum: the EMA depends on its momentum (slow ones lag behind the "
+                "weights, fast ones follow the last noisy batches); PreciseBN, which has none, "
+                f"is within {TOLERANCE} points of the best momentum or better",
                 f"best momentum {best}: {momenta[best]['mean']:.2f}% (others: "
                 + ", ".join(f"{m}: {v['mean']:.2f}%" for m, v in momenta.items() if m != best)
                 + f"); PreciseBN {precise['mean']:.2f}%",
@@ -1434,14 +1437,15 @@ def _inconsistency_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     s = {m: v[0] for m, v in cells[small].items()}
     found = [
         Finding(
-            f"§5.1, Fig. 7: at a small normalization batch, evaluating with mini-batch "
-            f"statistics (of the same size) beats population statistics (b = {small} here)",
+            "Mini-batch statistics at inference: at a small normalization batch, evaluating "
+            "with mini-batch statistics (of the same size) beats population statistics "
+            f"(b = {small} here)",
             f"b = {small}: batch statistics {s['batch_stats']:.2f}%, population "
             f"(PreciseBN) {s['precise']:.2f}%",
             s["batch_stats"] < s["precise"],
         ),
         Finding(
-            f"§5.2, Fig. 8: training the last epochs with FrozenBN (population statistics) "
+            f"FrozenBN: training the last epochs with FrozenBN (population statistics) "
             f"beats population statistics after BN training at a small batch (b = {small})",
             f"b = {small}: FrozenBN {s['frozen']:.2f}%, population {s['precise']:.2f}%",
             s["frozen"] < s["precise"],
@@ -1452,8 +1456,9 @@ def _inconsistency_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         reference = g["precise"]
         found.append(
             Finding(
-                f"§5.1: both remedies narrow the gap to the large-batch error at small b "
-                f"(gap to b = {large} with population statistics, b = {small})",
+                "Train-test inconsistency: both remedies narrow the gap to the large-batch "
+                f"error at small b (gap to b = {large} with population statistics, "
+                f"b = {small})",
                 f"gap: population {s['precise'] - reference:+.2f}, batch statistics "
                 f"{s['batch_stats'] - reference:+.2f}, FrozenBN {s['frozen'] - reference:+.2f} "
                 f"points",
@@ -1462,8 +1467,9 @@ def _inconsistency_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         )
         found.append(
             Finding(
-                f"§5.1: at a large normalization batch population statistics are as good as "
-                f"mini-batch statistics or better (b = {large}, within {TOLERANCE} points)",
+                "Mini-batch statistics at inference: at a large normalization batch, "
+                "population statistics are as good as mini-batch statistics or better "
+                f"(b = {large}, within {TOLERANCE} points)",
                 f"b = {large}: population {g['precise']:.2f}%, batch statistics "
                 f"{g['batch_stats']:.2f}%",
                 g["precise"] <= g["batch_stats"] + TOLERANCE,
@@ -1492,7 +1498,7 @@ def _domain_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         )
         found.append(
             Finding(
-                f"§4.1, Table 2: under a domain shift, population statistics recomputed on "
+                f"Domain shift: under a domain shift, population statistics recomputed on "
                 f"the target domain beat those of the training domain ({shift})",
                 f"{shift}: target statistics {target:.2f}%, training-domain statistics "
                 f"{source:.2f}%",
@@ -1516,8 +1522,9 @@ def _domain_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
             continue
         found.append(
             Finding(
-                f"§4.2, Table 5: with {train} statistics in training, {train} population "
-                f"statistics at test beat {other} ones (training and test should agree)",
+                f"RetinaNet head, Table 5: with {train} statistics in training, {train} "
+                f"population statistics at test beat {other} ones (training and test should "
+                f"agree)",
                 f"train {train}: test {train} {same:.2f}%, test {other} {cross:.2f}% (mean of "
                 f"the two domains)",
                 same < cross,
@@ -1527,8 +1534,8 @@ def _domain_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
         best = min(grid, key=lambda k: grid[k])  # type: ignore[arg-type,return-value]
         found.append(
             Finding(
-                "§4.2, Table 5: domain-specific statistics in training and at test are the "
-                "best of the four",
+                "RetinaNet head, Table 5: domain-specific statistics in training and at test "
+                "are the best of the four",
                 "best: train " + best[0] + ", test " + best[1] + f" ({grid[best]:.2f}%)",
                 best == ("specific", "specific"),
             )
