@@ -17,20 +17,9 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import smallbn
-
-#: Ops whose result the host must wait for.
-_HOST_READS = {
-    "aten._local_scalar_dense.default",
-    "aten.nonzero.default",
-    "aten.masked_select.default",
-    "aten.unique_consecutive.default",
-    "aten._unique2.default",
-    "aten.equal.default",
-    "aten.is_nonzero.default",
-}
+from _host_reads import count_host_reads
 
 #: Options that make each method do all it does in a step (windows full, past warm-up).
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -39,17 +28,6 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "ghostbn": {"group_size": 2},
     "brn": {"warmup_steps": 0},
 }
-
-
-class _HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if str(func) in _HOST_READS:
-            self.found.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
@@ -65,38 +43,9 @@ def _block(method: str) -> nn.Module:
     return smallbn.convert(model, method, **_OPTIONS.get(method, {}))
 
 
-def _count_host_reads(monkeypatch: pytest.MonkeyPatch, step) -> list[str]:  # type: ignore[no-untyped-def]
-    found: list[str] = []
-    tolist = torch.Tensor.tolist
-
-    def counted(self: torch.Tensor) -> Any:
-        found.append("Tensor.tolist")
-        return tolist(self)
-
-    monkeypatch.setattr(torch.Tensor, "tolist", counted)
-    with _HostReads() as mode:
-        step()
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    return found + mode.found
-
-
-#: Methods that still read the host in a step (issue 23, in progress): strict xfails.
-_STILL_READING: set[str] = set()
-
-
 @pytest.mark.filterwarnings("ignore::smallbn.ConversionWarning")
-@pytest.mark.parametrize(
-    "method",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="issue 23"))
-        if m in _STILL_READING
-        else m
-        for m in smallbn.available_norms()
-    ],
-)
-def test_a_training_and_an_eval_step_read_nothing_back(
-    method: str, deferred: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("method", smallbn.available_norms())
+def test_a_training_and_an_eval_step_read_nothing_back(method: str, deferred: None) -> None:
     model = _block(method)
     x = torch.randn(2, 3, 6, 6)
     model.train()
@@ -106,22 +55,22 @@ def test_a_training_and_an_eval_step_read_nothing_back(
     def train_step() -> None:
         model(x).square().mean().backward()
 
-    assert _count_host_reads(monkeypatch, train_step) == [], f"{method}: training step"
+    assert count_host_reads(train_step) == [], f"{method}: training step"
     model.eval()
 
     def eval_step() -> None:
         with torch.no_grad():
             model(x)
 
-    assert _count_host_reads(monkeypatch, eval_step) == [], f"{method}: eval step"
+    assert count_host_reads(eval_step) == [], f"{method}: eval step"
 
 
-def test_the_detector_sees_the_strict_checks_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_detector_sees_the_strict_checks_reads() -> None:
     old = smallbn.set_finite_check("step")
     try:
         model = _block("brn")
         x = torch.randn(2, 3, 6, 6)
-        found = _count_host_reads(monkeypatch, lambda: model(x).sum().backward())
+        found = count_host_reads(lambda: model(x).sum().backward())
     finally:
         smallbn.set_finite_check(old)
     assert found == ["aten._local_scalar_dense.default"]

@@ -25,9 +25,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import smallbn
+from _host_reads import count_host_reads
 from _layer_checks import BN_STATE_KEYS, SHAPES, lockstep_vs_torch_bn, shape_id
 from _spawn import run_world
 from smallbn import ShuffleBatchNorm, ShuffleBatchNorm1d, ShuffleBatchNorm2d
@@ -188,46 +188,6 @@ def _train(layer: nn.Module, name: str, sizes: list[list[int]], rank: int) -> li
     return steps
 
 
-class _HostReads(TorchDispatchMode):
-    """Ops whose result the host waits for (tests/test_host_reads.py's list)."""
-
-    READS = frozenset(
-        {
-            "aten._local_scalar_dense.default",
-            "aten.nonzero.default",
-            "aten.masked_select.default",
-            "aten.equal.default",
-            "aten.is_nonzero.default",
-        }
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if str(func) in self.READS:
-            self.found.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def _count_host_reads(step: Any) -> list[str]:
-    found: list[str] = []
-    tolist = torch.Tensor.tolist
-
-    def counted(self: Tensor) -> Any:
-        found.append("Tensor.tolist")
-        return tolist(self)
-
-    torch.Tensor.tolist = counted  # type: ignore[method-assign]
-    try:
-        with _HostReads() as mode:
-            step()
-    finally:
-        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
-    return found + mode.found
-
-
 def _square_step(layer: nn.Module, x: Tensor) -> None:
     layer(x).square().sum().backward()
 
@@ -241,8 +201,8 @@ def _host_reads(rank: int) -> dict[str, list[str]]:
             x = _data("reads", 0, rank, 3 + rank)[0].requires_grad_()
             step = functools.partial(_square_step, layer, x)
             # the first call also checks that the ranks agree (a read the detector must see)
-            found[f"first {options}"] = _count_host_reads(step)
-            found[str(options)] = _count_host_reads(step)
+            found[f"first {options}"] = count_host_reads(step)
+            found[str(options)] = count_host_reads(step)
         return found
     finally:
         smallbn.set_finite_check(old)
@@ -654,9 +614,9 @@ def test_one_process_step_reads_nothing_back(options: dict[str, Any], deferred: 
     layer = ShuffleBatchNorm2d(C, **options)
     x = torch.randn(5, C, 4, 4, requires_grad=True)
     layer(x).square().sum().backward()
-    assert _count_host_reads(lambda: layer(x).square().sum().backward()) == []
+    assert count_host_reads(lambda: layer(x).square().sum().backward()) == []
     layer.eval()
-    assert _count_host_reads(lambda: layer(x)) == []
+    assert count_host_reads(lambda: layer(x)) == []
 
 
 def test_a_statistics_pass_does_not_advance_the_permutation() -> None:
