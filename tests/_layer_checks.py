@@ -13,6 +13,12 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
+#: Registered methods whose eval forward is BN's per-channel affine map of their state
+#: (foldable, and the same function after converting back to BN).
+AFFINE_IN_EVAL = frozenset(
+    {"bn", "syncbn", "brn", "ghostbn", "frozenbn", "domainbn", "mabn", "cbn", "shufflebn"}
+)
+
 BN_STATE_KEYS = list(nn.BatchNorm2d(3).state_dict().keys())
 
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import smallbn
+from _layer_checks import AFFINE_IN_EVAL  # fold leaves none of their norms
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # the legacy exporter says it is
@@ -53,18 +54,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "mabn": {"window": 2, "warmup": 0},
 }
 
-#: Methods whose eval forward is BN's per-channel affine map: fold leaves none of their norms.
-AFFINE_IN_EVAL = {
-    "bn",
-    "syncbn",
-    "brn",
-    "ghostbn",
-    "frozenbn",
-    "domainbn",
-    "mabn",
-    "cbn",
-    "shufflebn",
-}
 
 #: The exported program runs the same kernels as eager, up to the decomposition of a few ops.
 EXPORT_TOL = dict(rtol=1e-5, atol=1e-6)

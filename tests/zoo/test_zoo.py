@@ -50,6 +50,7 @@ from _known_failures import expected_refusal, known_failure
 from torch import Tensor, nn
 
 import smallbn
+from _layer_checks import AFFINE_IN_EVAL
 from smallbn.layers import CenteredConv1d, CenteredConv2d, CenteredConv3d
 
 pytestmark = [
@@ -59,19 +60,6 @@ pytestmark = [
 ]
 
 METHODS = smallbn.available_norms()
-#: Methods whose eval forward is BN's per-channel affine map (foldable, and the same function
-#: after converting back to BN).
-AFFINE_IN_EVAL = {
-    "bn",
-    "syncbn",
-    "brn",
-    "ghostbn",
-    "frozenbn",
-    "domainbn",
-    "mabn",
-    "cbn",
-    "shufflebn",
-}
 #: Constructor options: Ghost BN normalizes each sample alone (the default group of 32 would
 #: be BN at these batch sizes).
 OPTIONS: dict[str, dict[str, Any]] = {"ghostbn": {"group_size": 1}}
