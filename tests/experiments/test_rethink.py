@@ -229,8 +229,8 @@ def test_ema_verdicts_follow_the_numbers():
         _ema_row([0.1, 0.1, 0.1, 0.1], [0.3, 0.1, 0.3, 0.1], {}, seed=1),
     ]
     first, second = rethink.findings("ema", mixed)[:2]
-    assert first.reproduced is False  # equal spread is not "more unstable"
-    assert second.reproduced is False  # equal means are not "lower"
+    assert first.reproduced is False and first.tie  # equal spread is not "more unstable"
+    assert second.reproduced is False and second.tie  # equal means are not "lower"
 
 
 def _inconsistency_rows(cells):
@@ -257,6 +257,15 @@ def test_inconsistency_verdicts_follow_the_numbers():
     # population within the tolerance of batch statistics at the large batch counts as "as good"
     close = {**paper, 32: {**paper[32], "precise": 0.123, "batch_stats": 0.12}}
     assert _verdicts("inconsistency", _inconsistency_rows(close))[3] is True
+    # a remedy better by less than the tolerance is a tie: no effect, not reproduced
+    tie = {**paper, 2: {**paper[2], "batch_stats": 0.298, "frozen": 0.31}}
+    first, second = rethink.findings("inconsistency", _inconsistency_rows(tie))[:2]
+    assert (first.reproduced, first.tie, second.reproduced, second.tie) == (
+        False,
+        True,
+        False,
+        False,
+    )
 
 
 def test_domain_verdicts_follow_the_numbers():
@@ -307,6 +316,9 @@ def test_the_report_states_the_verdicts_it_computes():
     text = rethink.format_report("inconsistency", rows)
     table = text.split("| the paper found | this run | reproduced |")[1].strip().splitlines()[1:]
     assert [line.rsplit("|", 2)[1].strip() for line in table] == ["yes", "**no**", "**no**", "yes"]
+    rows[0]["error_frozen"] = 0.298  # better than population by less than the tolerance
+    text = rethink.format_report("inconsistency", rows)
+    assert "| **no** (a tie, within 0.5 points) |" in text
 
 
 # -- pieces --------------------------------------------------------------------------------------
