@@ -488,8 +488,9 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="default: about 15-25 minutes on 2 CPU cores; long: all 60,000 training images, "
-        "more epochs, 3 seeds (hours); smoke: seconds, for tests (default: default)",
+        help="default: about 20 minutes on 2 free CPU cores; long: all 60,000 training "
+        "images, more epochs, 3 seeds (about 9 hours on 2 cores); smoke: seconds, for tests "
+        "(default: default)",
     )
     rethink.add_argument(
         "--output-dir",

@@ -204,7 +204,7 @@ class StudyConfig:
 #: (inconsistency: one run per normalization batch) and ``domain_shift`` (domain b's second
 #: domain).  Command-line options override them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # about 15-25 minutes on 2 CPU cores (docs/rethink.md)
+    # about 20 minutes on 2 free CPU cores, 38 with other jobs on them (docs/rethink.md)
     "default": {
         "seeds": (0, 1),
         "ema": {
@@ -232,7 +232,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "domain_shift": "invert",
         },
     },
-    # the same studies longer: all 60,000 training images, 3 seeds (hours on 2 CPU cores)
+    # the same studies longer: all 60,000 training images, 3 seeds (about 9 hours on 2 CPU
+    # cores, estimated: docs/rethink.md)
     "long": {
         "seeds": (0, 1, 2),
         "ema": {
@@ -1500,7 +1501,7 @@ def _domain_cells(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], tuple
 def _domain_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     cells = _domain_cells(rows)
     found = []
-    shifts = [n.split("/")[0] for (v, n) in cells if v == "shift" and n.endswith("/target")]
+    shifts = [s for s in SHIFTS if ("shift", f"{s}/target") in cells]
     for shift in shifts:
         source, target = (
             cells[("shift", f"{shift}/source")][0],
