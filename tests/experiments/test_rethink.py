@@ -441,3 +441,22 @@ def test_cli_runs_a_study_and_prints_its_report(tmp_path, capsys):
     assert "Domain shift" in out and "| the paper found | this run | reproduced |" in out
     assert (tmp_path / "domain" / "domain.png").exists()
     assert Path(tmp_path / "domain" / "results.md").read_text().strip() in out
+
+
+def test_cli_refuses_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["rethink", "--preset", "smoke", "--output-dir", str(blocker / "out")])
+    assert exit_code.value.code == 2
+    assert f"{blocker} is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:  # no SGD batch of 64 in 32 images
+        cli.main(
+            [
+                "rethink", "--study", "ema", "--preset", "smoke", "--dataset", "digits",
+                "--train-samples", "32", "--output-dir", str(tmp_path / "out"),
+            ]
+        )  # fmt: skip
+    assert exit_code.value.code == 2
+    assert "argument --train-samples: the 32 training samples" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
