@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: compare demo test test-zoo gpu-check data clean
+.PHONY: compare demo rethink test test-zoo gpu-check data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ compare: $(VENV)/.installed data
 
 demo: $(VENV)/.installed data
 	$(PY) -m smallbn demo $(ARGS)
+
+# The findings of "Rethinking 'Batch' in BatchNorm" on Fashion-MNIST (docs/rethink.md).
+rethink: $(VENV)/.installed data
+	$(PY) -m smallbn rethink $(ARGS)
 
 # The suite; of the model zoo (tests/zoo: torchvision, timm and smp architectures through
 # every method) it runs one architecture per family.
