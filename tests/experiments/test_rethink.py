@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -194,6 +196,43 @@ def test_two_invocations_started_together_train_each_run_once(tmp_path):
     keys = [json.loads(line)["key"] for line in lines if line.strip()]
     assert len(keys) == len(set(keys)) == 3  # shift, shared, specific: once each
     assert not list((out / "domain" / "checkpoints").iterdir())
+
+
+def _domain_command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "smallbn", "rethink", "--study", "domain", "--preset", "smoke",
+        "--dataset", "digits", "--shifts", "invert", "--eval-samples", "64",
+        "--precise-samples", "32", "--jobs", "1", "--threads", "1", "--output-dir", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_run_and_loses_nothing(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out, extra = tmp_path / "killed", ("--checkpoint-every", "2")
+    process = subprocess.Popen(
+        _domain_command(out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = out / "domain" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob("*.pt")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(checkpoints.glob("*.pt")), "no checkpoint was written before the kill"
+    subprocess.run(_domain_command(out, *extra), env=env, check=True, capture_output=True)
+    lines = (out / "domain" / "results.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    keys = [row["key"] for row in rows]
+    assert len(keys) == len(set(keys)) == 3  # shift, shared, specific: once each
+    fresh = tmp_path / "fresh"
+    subprocess.run(_domain_command(fresh, *extra), env=env, check=True, capture_output=True)
+    uninterrupted = {
+        row["key"]: row
+        for row in map(json.loads, (fresh / "domain" / "results.jsonl").read_text().splitlines())
+    }
+    for row in rows:  # the resumed run measured what an uninterrupted one measures
+        assert row["errors"] == uninterrupted[row["key"]]["errors"]
 
 
 # -- verdicts ------------------------------------------------------------------------------------
