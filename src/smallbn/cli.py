@@ -379,7 +379,7 @@ def _rethink(args: argparse.Namespace) -> int:
     try:
         configs = plan(
             studies,
-            args.preset,
+            "long" if args.full else args.preset,
             seeds=args.seeds,
             epochs=args.epochs,
             train_samples=args.train_samples,
@@ -489,8 +489,11 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         choices=sorted(PRESETS),
         default="default",
         help="default: about 20 minutes on 2 free CPU cores; long: all 60,000 training "
-        "images, more epochs, 3 seeds (about 9 hours on 2 cores); smoke: seconds, for tests "
-        "(default: default)",
+        "images, more epochs, 3 seeds (about 9 hours on 2 cores, estimated); smoke: seconds, "
+        "for tests (default: default)",
+    )
+    rethink.add_argument(
+        "--full", action="store_true", help="the long version: --preset long (default: off)"
     )
     rethink.add_argument(
         "--output-dir",

@@ -20,7 +20,7 @@ import torch
 
 from smallbn import cli
 from smallbn.experiments import compare, rethink
-from smallbn.experiments.data import load_digits
+from smallbn.experiments.data import OptionError, load_digits
 
 #: The smoke preset on the digits, smaller still where it costs.
 TINY = {"dataset": "digits", "eval_samples": 96}
@@ -499,3 +499,16 @@ def test_cli_refuses_before_any_work(tmp_path, capsys):
     assert exit_code.value.code == 2
     assert "argument --train-samples: the 32 training samples" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_full_is_the_long_preset(tmp_path, monkeypatch):
+    asked: list[str] = []
+
+    def plan(studies, preset, **options):  # type: ignore[no-untyped-def]
+        asked.append(preset)
+        raise OptionError("--preset", "stop here")  # a usage error: no work is done
+
+    monkeypatch.setattr(rethink, "plan", plan)
+    with pytest.raises(SystemExit):
+        cli.main(["rethink", "--full", "--output-dir", str(tmp_path / "out")])
+    assert asked == ["long"]
