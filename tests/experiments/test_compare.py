@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import smallbn
 from smallbn import cli
 from smallbn.experiments import compare, data
 
@@ -587,3 +588,11 @@ def test_a_run_stopped_after_training_resumes_without_training_and_gives_the_sam
 def test_a_run_that_would_train_nothing_is_rejected(field, value):
     with pytest.raises(ValueError, match=f"{field} must be a finite number above 0"):
         compare.RunConfig("bn", 2, "iid", 0, **{field: value}).check()
+
+
+def test_shuffle_bn_normalizes_groups_of_b_drawn_from_the_shuffled_batch():
+    config = compare.RunConfig("shufflebn", 2, "correlated", 0)
+    layer = compare._norm_factory(config, sgd_steps=10)(8)
+    assert isinstance(layer, smallbn.ShuffleBatchNorm) and layer.norm_batch_size == 2
+    whole = compare._norm_factory(compare.RunConfig("shufflebn", 32, "correlated", 0), 10)(8)
+    assert whole.norm_batch_size is None  # one group of the whole batch: BN

@@ -91,7 +91,7 @@ __all__ = [
 ]
 
 #: Job method name → registry name.  In ``groups`` mode BN is Ghost BN with groups of b and
-#: BRN/SN/MABN/CBN group natively (``norm_batch_size``; for CBN and MABN the groups are
+#: BRN/SN/MABN/CBN/Shuffle BN group natively (``norm_batch_size``; for CBN and MABN the groups are
 #: consecutive iterations, exactly as calling the layer on each group in turn would be).
 METHODS: dict[str, str] = {
     "bn": "bn",
@@ -103,8 +103,10 @@ METHODS: dict[str, str] = {
     "naive": "cbn",  # cross-iteration pooling without compensation
     "cbn": "cbn",
     "mabn": "mabn",
+    # groups of b drawn from the shuffled SGD batch (the simulated devices exchange samples)
+    "shufflebn": "shufflebn",
 }
-_NATIVE_GROUPS = {"brn", "sn", "mabn", "cbn", "naive"}
+_NATIVE_GROUPS = {"brn", "sn", "mabn", "cbn", "naive", "shufflebn"}
 #: Methods that normalize each sample alone: the batch they see does not matter.
 _SAMPLE_WISE = {"gn", "ln", "in"}
 MODES = ("groups", "sgd")
