@@ -121,8 +121,35 @@ class ResultsWarning(UserWarning):
     """A line of ``results.jsonl`` cannot be used as a result and was set aside."""
 
 
+class RunIdentity:
+    """The identity of a job's run config (a dataclass with a ``data_root`` field), shared by
+    the comparison job and ``smallbn rethink``: ``key`` names its row in results.jsonl, ``tag``
+    its checkpoint and claim files."""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that make up :attr:`key`: every field, but ``data_root`` only when one
+        was given, so the keys (and checkpoint tags) of runs on the default data stay those
+        of the results recorded before the field existed."""
+        fields = dataclasses.asdict(self)  # type: ignore[call-overload]
+        if fields["data_root"] is None:
+            del fields["data_root"]
+        return fields
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.identity(), sort_keys=True)
+
+    def tag_prefix(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def tag(self) -> str:
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
+        return f"{self.tag_prefix()}-{digest}"
+
+
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(RunIdentity):
     """Everything that determines one training run (its identity in results.jsonl)."""
 
     method: str
@@ -144,23 +171,8 @@ class RunConfig:
     #: The data folder the user passed (absolute); None for the dataset's default data.
     data_root: str | None = None
 
-    def identity(self) -> dict[str, Any]:
-        """The fields that make up :attr:`key`: every field, but ``data_root`` only when one
-        was given, so the keys (and checkpoint tags) of runs on the default data stay those
-        of the results recorded before the field existed."""
-        fields = dataclasses.asdict(self)
-        if fields["data_root"] is None:
-            del fields["data_root"]
-        return fields
-
-    @property
-    def key(self) -> str:
-        return json.dumps(self.identity(), sort_keys=True)
-
-    @property
-    def tag(self) -> str:
-        digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
-        return f"{self.method}-b{self.norm_batch}-{self.composition}-s{self.seed}-{digest}"
+    def tag_prefix(self) -> str:
+        return f"{self.method}-b{self.norm_batch}-{self.composition}-s{self.seed}"
 
     @property
     def batch(self) -> int:

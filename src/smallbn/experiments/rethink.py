@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import sys
 import time
@@ -104,7 +102,7 @@ _CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(compare.RunIdentity):
     """Everything that determines one run of a study (its identity in results.jsonl).
 
     ``variant``: ``bn`` (ema), ``b<norm_batch>`` (inconsistency), ``shift`` (domain, part a:
@@ -138,20 +136,8 @@ class StudyConfig:
     #: The data folder the user passed (absolute); None for the dataset's default data.
     data_root: str | None = None
 
-    def identity(self) -> dict[str, Any]:
-        fields = dataclasses.asdict(self)
-        if fields["data_root"] is None:
-            del fields["data_root"]
-        return fields
-
-    @property
-    def key(self) -> str:
-        return json.dumps(self.identity(), sort_keys=True)
-
-    @property
-    def tag(self) -> str:
-        digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
-        return f"{self.study}-{self.variant}-s{self.seed}-{digest}"
+    def tag_prefix(self) -> str:
+        return f"{self.study}-{self.variant}-s{self.seed}"
 
     @property
     def part(self) -> str:
