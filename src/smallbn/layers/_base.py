@@ -100,6 +100,16 @@ def set_finite_check(mode: bool | FiniteCheck, *, interval: int | None = None) -
     return old
 
 
+def checked_norm_batch_size(owner: str, value: int | None) -> int | None:
+    """``norm_batch_size`` as an int (``None`` kept), or ``ValueError`` naming ``owner`` (the
+    layer's class) for a value that is not a sample count >= 1 (``True`` included)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{owner}: norm_batch_size must be >= 1 or None, got {value}")
+    return int(value)
+
+
 def check_finite(model: nn.Module) -> None:
     """Raise ``FloatingPointError`` if a layer of ``model`` recorded non-finite batch
     statistics under the deferred check (:func:`set_finite_check`), naming the first one:

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
-from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers._base import BatchStatsNorm, checked_norm_batch_size
 from smallbn.stats import Moments, SampleNormalization, normalize_from_sample_moments
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -91,11 +91,7 @@ class BatchRenorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (Nor
                 f"r_max={r_max}, d_max={d_max} (r_max=1, d_max=0 is plain BN; for clipping "
                 f"that never binds pass large finite limits, e.g. r_max=1e6, d_max=1e6)"
             )
-        if norm_batch_size is not None and int(norm_batch_size) < 1:
-            raise ValueError(
-                f"{type(self).__name__}: norm_batch_size must be >= 1 or None, got "
-                f"{norm_batch_size}"
-            )
+        checked_norm_batch_size(type(self).__name__, norm_batch_size)
         super().__init__(
             num_features,
             eps,

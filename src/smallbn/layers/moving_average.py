@@ -113,7 +113,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
-from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers._base import BatchStatsNorm, checked_norm_batch_size
 from smallbn.layers.centered_conv import (
     CenteredConv1d,
     CenteredConv2d,
@@ -843,8 +843,7 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             raise ValueError(
                 f"{name}: need 0 < r_min <= 1 <= r_max, got r_min={r_min}, r_max={r_max}"
             )
-        if norm_batch_size is not None and int(norm_batch_size) < 1:
-            raise ValueError(f"{name}: norm_batch_size must be >= 1 or None, got {norm_batch_size}")
+        checked_norm_batch_size(name, norm_batch_size)
         super().__init__(
             num_features,
             eps,

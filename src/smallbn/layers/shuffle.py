@@ -102,7 +102,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn import _distributed
-from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers._base import BatchStatsNorm, checked_norm_batch_size
 from smallbn.stats import (
     Moments,
     SampleNormalization,
@@ -181,10 +181,7 @@ class ShuffleBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type
         exchange: _distributed.Exchange = "auto",
     ) -> None:
         name = type(self).__name__
-        if norm_batch_size is not None and (
-            isinstance(norm_batch_size, bool) or int(norm_batch_size) < 1
-        ):
-            raise ValueError(f"{name}: norm_batch_size must be >= 1 or None, got {norm_batch_size}")
+        checked_norm_batch_size(name, norm_batch_size)
         if seed is not None and (isinstance(seed, bool) or not 0 <= int(seed) <= _SEED_MASK):
             raise ValueError(f"{name}: seed must be an int in [0, 2**63), got {seed!r}")
         if exchange not in ("auto", "all_to_all", "all_gather"):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from smallbn import _distributed
-from smallbn.layers._base import BatchStatsNorm
+from smallbn.layers._base import BatchStatsNorm, checked_norm_batch_size
 from smallbn.stats import (
     Moments,
     SampleNormalization,
@@ -94,12 +94,7 @@ class SwitchableNorm(BatchStatsNorm):
             )
         self.branches = tuple(b for b in BRANCHES if b in chosen)
         self.last_gamma = last_gamma
-        if norm_batch_size is not None and int(norm_batch_size) < 1:
-            raise ValueError(
-                f"{type(self).__name__}: norm_batch_size must be >= 1 or None, got "
-                f"{norm_batch_size}"
-            )
-        self.norm_batch_size = None if norm_batch_size is None else int(norm_batch_size)
+        self.norm_batch_size = checked_norm_batch_size(type(self).__name__, norm_batch_size)
         super().__init__(
             num_features,
             eps,
