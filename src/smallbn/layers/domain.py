@@ -400,12 +400,6 @@ class DomainBatchNorm(BatchStatsNorm):
                     running_var.lerp_(domains.unbiased_var().to(running_var), weight)
             return domains.mean[index], domains.var[index], self.weight, self.bias
 
-        if torch.compiler.is_compiling():
-            # torch.compile cannot trace the fused Function of normalize_from_sample_moments
-            # (its backward differentiates the statistics' graph with torch.autograd.grad):
-            # the same numbers through differentiable ops, which AOTAutograd differentiates.
-            mean, var, weight, bias = statistics(sample_moments(x))
-            return normalize(x, mean, var, self.eps, weight, bias)
         return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
 
     def _compiled_one_domain(self, x: Tensor, domain: int, factor: float | None) -> Tensor:
