@@ -44,7 +44,7 @@ test-zoo: $(VENV)/.installed
 
 # On a machine with one CUDA GPU and its own torch (no virtual environment: such machines
 # may reach no package registry): the CUDA tests, the benchmarks on CUDA and a ResNet-50
-# training step per method, eager and compiled (benchmarks/gpu_check.py; under 8 minutes
+# training step per method, eager and compiled (benchmarks/gpu_check.py; under 7 minutes
 # on one H100). Results in $(OUT), default runs/gpu_check.
 OUT ?= runs/gpu_check
 gpu-check:

@@ -6,13 +6,15 @@
 2. ``smallbn bench layers --device cuda`` and ``smallbn bench network --device cuda``.
 3. A torchvision ResNet-50 training step at batch 2 for every method, eager and compiled:
    images per second and peak memory, each as a ratio to BN measured in the same run.
+4. ``smallbn rethink --preset smoke --device cuda``: every study of the rethink job, end to
+   end, on CUDA (the digits where the machine has no Fashion-MNIST, labelled so).
 
 Run on the GPU machine from the repository root, with the machine's own torch (it reaches no
 package registry, so nothing is installed)::
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py --out "$OUT"
 
-Each part runs under its own deadline (the whole check is sized for under 8 minutes on one
+Each part runs under its own deadline (the whole check is sized for under 7 minutes on one
 H100); a part that runs out of time is reported as such, never silently dropped.  Results go
 to ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``.
 """
@@ -152,9 +154,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     parser.add_argument("--tests-s", type=float, default=150.0, help="deadline of the tests")
-    parser.add_argument("--bench-s", type=float, default=60.0, help="deadline of each bench")
-    parser.add_argument("--network-s", type=float, default=180.0, help="ResNet-50 deadline")
+    parser.add_argument("--bench-s", type=float, default=45.0, help="deadline of each bench")
+    parser.add_argument("--network-s", type=float, default=120.0, help="ResNet-50 deadline")
     parser.add_argument("--steps", type=int, default=20, help="timed ResNet-50 steps")
+    parser.add_argument("--rethink-s", type=float, default=45.0, help="rethink smoke deadline")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check: torch sees no CUDA device")
@@ -200,6 +203,24 @@ def main() -> None:
             ],
             args.bench_s,
             out / "bench_network.log",
+        ),
+        "rethink smoke": _run(
+            [
+                python,
+                "-m",
+                "smallbn",
+                "rethink",
+                "--preset",
+                "smoke",
+                "--device",
+                "cuda",
+                "--jobs",
+                "1",
+                "--output-dir",
+                str(out / "rethink"),
+            ],
+            args.rethink_s,
+            out / "rethink.log",
         ),
     }
     report = {

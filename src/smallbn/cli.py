@@ -370,17 +370,24 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _rethink(args: argparse.Namespace) -> int:
-    from smallbn.experiments.compare import CheckpointError, bind_data
+    from smallbn.experiments.compare import CheckpointError, bind_data, setup_distributed
     from smallbn.experiments.data import DatasetError, OptionError
     from smallbn.experiments.rethink import STUDIES, check_data, format_report, plan, run_studies
 
     torch.set_num_threads(args.threads)
     studies = STUDIES if args.study == "all" else (args.study,)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun
+    if world > 1 and studies != ("leakage",):
+        args.parser.error(
+            f"under torchrun ({world} processes) only --study leakage runs: the other "
+            f"studies are single-process"
+        )
     try:
         configs = plan(
             studies,
             "long" if args.full else args.preset,
             seeds=args.seeds,
+            world_size=world,
             epochs=args.epochs,
             train_samples=args.train_samples,
             precise_samples=args.precise_samples,
@@ -396,10 +403,13 @@ def _rethink(args: argparse.Namespace) -> int:
             lr=args.lr,
             shifts=args.shifts,
             domain_shift=args.domain_shift,
+            device_batch=args.device_batch,
         )
     except ValueError as error:  # a combination of options that cannot run as labelled
         args.parser.error(str(error))
     output = _check_output_dir(args)
+    device = setup_distributed(args.device)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     try:
         configs = bind_data(configs, args.data_root)  # type: ignore[arg-type,assignment]
         check_data(configs)
@@ -412,7 +422,7 @@ def _rethink(args: argparse.Namespace) -> int:
         results = run_studies(
             configs,
             output,
-            device=args.device,
+            device=device,
             dataset_root=args.data_root,
             checkpoint_every=args.checkpoint_every,
             jobs=args.jobs,
@@ -421,6 +431,8 @@ def _rethink(args: argparse.Namespace) -> int:
         print(f"smallbn rethink: error: {error}", file=sys.stderr)
         return 1
     for study, rows in results.items():
+        if rank != 0:
+            continue
         folder = output / study
         print()
         print(format_report(study, rows))
@@ -463,7 +475,7 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     from smallbn.experiments.rethink import PRESETS, SHIFTS, STUDIES
 
     default = PRESETS["default"]
-    ema, inconsistency, domain = (default[s] for s in STUDIES)
+    ema, inconsistency, domain, leakage = (default[s] for s in STUDIES)
 
     def listed(values: Sequence[Any]) -> str:
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
@@ -471,7 +483,7 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     rethink = commands.add_parser(
         "rethink",
         help="reproduce Wu & Johnson 2021 (Rethinking 'Batch' in BatchNorm) on Fashion-MNIST: "
-        "EMA vs PreciseBN, train-test inconsistency, domain shift",
+        "EMA vs PreciseBN, train-test inconsistency, domain shift, information leakage",
         description="Each study's runs are resumable and shared safely between concurrent "
         "invocations; results, a Markdown report (with what the paper found and whether this "
         "run reproduces it) and a plot go to OUTPUT_DIR/<study>/. Options left out take the "
@@ -482,7 +494,9 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         choices=[*STUDIES, "all"],
         default="all",
         help="ema: EMA vs PreciseBN; inconsistency: population vs batch statistics vs "
-        "FrozenBN at small normalization batch; domain: domain shift (default: all)",
+        "FrozenBN at small normalization batch; domain: domain shift; leakage: per-device BN "
+        "vs Ghost BN vs Shuffle BN vs SyncBN on correlated per-device batches, the only study "
+        "that also runs under torchrun (default: all)",
     )
     rethink.add_argument(
         "--preset",
@@ -511,7 +525,8 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         type=_count(1),
         default=None,
         help=f"training epochs of every study (default: {ema['epochs']} for ema, "
-        f"{inconsistency['epochs']} for inconsistency, {domain['epochs']} for domain)",
+        f"{inconsistency['epochs']} for inconsistency, {domain['epochs']} for domain, "
+        f"{leakage['epochs']} for leakage)",
     )
     rethink.add_argument(
         "--train-samples",
@@ -519,7 +534,7 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         default=None,
         help=f"training images (the first ones of the training set) of every study (default: "
         f"{ema['train_samples']} for ema, {inconsistency['train_samples']} for inconsistency, "
-        f"{domain['train_samples']} for domain)",
+        f"{domain['train_samples']} for domain, {leakage['train_samples']} for leakage)",
     )
     rethink.add_argument(
         "--precise-samples",
@@ -586,8 +601,15 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--lr",
         type=_positive_float,
         default=None,
-        help="inconsistency and domain: peak learning rate (warm-up, cosine decay) of SGD "
-        "batches of 32 (default: 0.2)",
+        help="inconsistency, domain and leakage: peak learning rate (warm-up, cosine decay) "
+        "of SGD batches of 32 (default: 0.2)",
+    )
+    rethink.add_argument(
+        "--device-batch",
+        type=_count(2),
+        default=None,
+        help=f"leakage: samples of one simulated device, all of one class; it divides the SGD "
+        f"batch of 32 (default: {leakage['device_batch']})",
     )
     rethink.add_argument(
         "--shifts",

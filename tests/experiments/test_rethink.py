@@ -5,6 +5,7 @@ verdicts follow the numbers; the command line documents every option's default."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -72,15 +73,27 @@ def test_every_study_records_rows_with_its_fields(finished):
     for row in inconsistency.values():
         for name in ("error_ema", "error_precise", "error_batch_stats", "error_frozen"):
             assert 0 <= row[name] <= 1
-    domain = {row["variant"]: row for row in results["domain"]}
-    assert set(domain) == {"shift", "shared", "specific"}
+    domain = {rethink._domain_variant(row): row for row in results["domain"]}
+    assert set(domain) == {"shift", "shared", "specific", "shared+affine", "specific+affine"}
     assert set(domain["shift"]["errors"]) == {"original/source"} | {
         f"{s}/{m}" for s in ("invert", "contrast") for m in ("source", "target", "batch_stats")
     }
-    for variant in ("shared", "specific"):
+    for variant in ("shared", "specific", "shared+affine", "specific+affine"):
         assert set(domain[variant]["errors"]) == {
             f"{p}/{d}" for p in ("shared", "specific") for d in ("original", "shifted")
         }
+    leakage = {row["variant"]: row for row in results["leakage"]}
+    assert set(leakage) == set(rethink.LEAKAGE_VARIANTS)
+    assert {v: row["norm_batch"] for v, row in leakage.items()} == {
+        "per-device": 2,
+        "ghost": 2 * rethink.GHOST_DEVICES,
+        "shuffle": 2,
+        "sync": 32,
+    }
+    assert leakage["shuffle"]["method"] == "shufflebn" and leakage["sync"]["method"] == "bn"
+    for row in leakage.values():
+        assert row["world_size"] == 1 and row["device_batch"] == 2 and not row["sync"]
+        assert 0 <= row["error_ema"] <= 1 and 0 <= row["error_precise"] <= 1
 
 
 def test_reports_and_plots_are_written(finished):
@@ -153,6 +166,52 @@ def test_an_interrupted_run_resumes_to_the_row_of_an_uninterrupted_one(
     assert _same(row, expected)
 
 
+@pytest.mark.parametrize("variant", ["shuffle", "per-device"])
+def test_an_interrupted_leakage_run_resumes_to_the_row_of_an_uninterrupted_one(
+    finished, tmp_path, monkeypatch, capsys, variant
+):
+    # Shuffle BN's permutations resume where they were (its step counter is checkpointed)
+    out, results = finished
+    (config,) = [c for c in _tiny(("leakage",)) if c.variant == variant]
+    (expected,) = [row for row in results["leakage"] if row["key"] == config.key]
+    checkpoint = tmp_path / "run.pt"
+    saves = []
+    save = compare._save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        saves.append(state["step"])
+        if len(saves) == 3:
+            raise _Killed
+
+    monkeypatch.setattr(compare, "_save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=2, progress=False)
+    monkeypatch.setattr(compare, "_save_checkpoint", save)
+    row = rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=2, progress=False)
+    assert f"from its checkpoint at step {saves[-1]} of" in capsys.readouterr().err
+    assert _same(row, expected)
+
+
+def test_leakage_rules():
+    (config,) = [c for c in _tiny(("leakage",)) if c.variant == "ghost"]
+    with pytest.raises(ValueError, match="normalizes 8 samples, not norm_batch=4"):
+        dataclasses.replace(config, norm_batch=4).check()
+    with pytest.raises(ValueError, match="must divide the SGD batch"):
+        dataclasses.replace(config, device_batch=3).check()
+    with pytest.raises(ValueError, match="only the leakage study runs"):
+        rethink.plan(["domain"], "smoke", world_size=2)
+    two = {c.variant: c for c in rethink.plan(["leakage"], "smoke", world_size=2)}
+    run = rethink._leakage_run_config
+    assert run(two["sync"]).sync and not run(two["shuffle"]).sync
+    assert {c.world_size for c in two.values()} == {2} and "-w2-" in two["sync"].tag
+    # a single process's keys leave out the settings added after results were recorded
+    (domain, *_) = rethink.plan(["domain"], "smoke")
+    assert not {"world_size", "device_batch", "domain_affine"} & set(json.loads(domain.key))
+    with pytest.raises(ValueError, match="planned for 2 process"):
+        rethink.run_studies(list(two.values()), Path("unused"), progress=False)
+
+
 def test_a_checkpoint_of_another_run_is_an_error(tmp_path):
     first, second = _tiny(("domain",))[:2]
     checkpoint = tmp_path / "run.pt"
@@ -194,7 +253,7 @@ def test_two_invocations_started_together_train_each_run_once(tmp_path):
     assert [process.returncode for process in processes] == [0, 0], errors
     lines = (out / "domain" / "results.jsonl").read_text().splitlines()
     keys = [json.loads(line)["key"] for line in lines if line.strip()]
-    assert len(keys) == len(set(keys)) == 3  # shift, shared, specific: once each
+    assert len(keys) == len(set(keys)) == 5  # shift, shared/specific × two affines: once each
     assert not list((out / "domain" / "checkpoints").iterdir())
 
 
@@ -224,7 +283,7 @@ def test_sigkill_mid_run_then_rerun_gives_exactly_one_row_per_run_and_loses_noth
     lines = (out / "domain" / "results.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     keys = [row["key"] for row in rows]
-    assert len(keys) == len(set(keys)) == 3  # shift, shared, specific: once each
+    assert len(keys) == len(set(keys)) == 5  # shift, shared/specific × two affines: once each
     fresh = tmp_path / "fresh"
     subprocess.run(_domain_command(fresh, *extra), env=env, check=True, capture_output=True)
     uninterrupted = {
@@ -338,6 +397,40 @@ def test_domain_verdicts_follow_the_numbers():
     rows = [trained("shared", 0.3, 0.2), trained("specific", 0.25, 0.4)]
     assert _verdicts("domain", rows) == [False, True, False]  # best: train shared, test specific
 
+    def own_affine(variant, same, cross):
+        return {**trained(variant, same, cross), "domain_affine": True}
+
+    shared_affine = [trained("shared", 0.2, 0.3), trained("specific", 0.15, 0.4)]
+    close = [own_affine("shared", 0.203, 0.6), own_affine("specific", 0.153, 0.2)]
+    found = rethink.findings("domain", shared_affine + close)
+    (claim,) = [f for f in found if "affine" in f.paper]
+    assert claim.reproduced and "per-domain affine 15.30%, shared 15.00%" in claim.measured
+    # the affine rows are not mixed into the shared-affine grid
+    assert [f.reproduced for f in found if "affine" not in f.paper] == [True, True, True]
+    apart = [own_affine("shared", 0.203, 0.6), own_affine("specific", 0.16, 0.2)]
+    (claim,) = [f for f in rethink.findings("domain", shared_affine + apart) if "affine" in f.paper]
+    assert claim.reproduced is False  # 1 point apart
+
+
+def _leakage_rows(errors, world=1):
+    return [
+        {"variant": v, "seed": seed, "world_size": world, "error_precise": e, "error_ema": e}
+        for v, values in errors.items()
+        for seed, e in enumerate(values)
+    ]
+
+
+def test_leakage_verdicts_follow_the_numbers():
+    rows = _leakage_rows(
+        {"per-device": [0.6, 0.7], "ghost": [0.3], "shuffle": [0.16, 0.17], "sync": [0.16]}
+    )
+    assert _verdicts("leakage", rows) == [True, True, True]  # shuffle within 0.5 of sync
+    (_, _, gap) = rethink.findings("leakage", rows)
+    assert "99% of the gap" in gap.measured
+    rows = _leakage_rows({"per-device": [0.6], "shuffle": [0.597], "sync": [0.2]}, world=2)
+    assert _verdicts("leakage", rows) == [True, False, False]  # shuffling did nothing
+    assert "2 processes" in rethink.findings("leakage", rows)[0].paper
+
 
 def test_the_report_states_the_verdicts_it_computes():
     rows = _inconsistency_rows(
@@ -413,7 +506,8 @@ def test_ema_shadows_match_bn_running_statistics():
 
 def test_plan_settings_and_rules():
     configs = rethink.plan(rethink.STUDIES, "default")
-    assert len(configs) == 2 * (1 + 4 + 3)  # seeds 0, 1: ema, 4 batch sizes, 3 domain runs
+    # seeds 0, 1: ema, 4 batch sizes, 5 domain runs, 4 leakage variants
+    assert len(configs) == 2 * (1 + 4 + 5 + 4)
     ema = [c for c in configs if c.study == "ema"][0]
     assert ema.sgd_batch == ema.norm_batch == 256 and ema.schedule == "constant"
     (ema,) = rethink.plan(["ema"], seeds=[3, 3], momenta=(0.5,), epochs=2)

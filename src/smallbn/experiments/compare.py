@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,7 @@ from smallbn.experiments.sampling import (
     steps_per_epoch,
 )
 from smallbn.experiments.train import evaluate
+from smallbn.layers import ShuffleBatchNorm
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
 
@@ -126,13 +127,19 @@ class RunIdentity:
     the comparison job and ``smallbn rethink``: ``key`` names its row in results.jsonl, ``tag``
     its checkpoint and claim files."""
 
+    #: Fields added after results were recorded: left out of :attr:`key` while they hold
+    #: their default, so that the keys (and checkpoint tags) of the runs recorded before
+    #: they existed stay the same (``data_root``: only when a folder was given).
+    KEY_OMITS_DEFAULT: ClassVar[tuple[str, ...]] = ("data_root",)
+
     def identity(self) -> dict[str, Any]:
-        """The fields that make up :attr:`key`: every field, but ``data_root`` only when one
-        was given, so the keys (and checkpoint tags) of runs on the default data stay those
-        of the results recorded before the field existed."""
+        """The fields that make up :attr:`key`: every field, but those of
+        :attr:`KEY_OMITS_DEFAULT` only when they differ from their default."""
         fields = dataclasses.asdict(self)  # type: ignore[call-overload]
-        if fields["data_root"] is None:
-            del fields["data_root"]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self.KEY_OMITS_DEFAULT:
+            if fields[name] == defaults[name]:
+                del fields[name]
         return fields
 
     @property
@@ -422,9 +429,25 @@ def _resume(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        _load_host_state(model, state.get("host_state", {}))
         return step, float(state["elapsed"]), float(state["loss"])
     except Exception as error:  # any failure to resume: the file is the problem
         raise unusable(f"{type(error).__name__}: {error}") from error
+
+
+def _host_state(model: nn.Module) -> dict[str, int]:
+    """What the checkpoint needs beside the ``state_dict`` to resume exactly: each Shuffle
+    BN's step counter, which picks its next permutation (host state, kept out of the
+    ``state_dict`` so that it stays BN's)."""
+    return {
+        name: m.shuffle_step for name, m in model.named_modules() if isinstance(m, ShuffleBatchNorm)
+    }
+
+
+def _load_host_state(model: nn.Module, state: dict[str, int]) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, ShuffleBatchNorm) and name in state:
+            module.shuffle_step = int(state[name])
 
 
 def _rank() -> tuple[int, int]:
@@ -494,7 +517,12 @@ def run_one(
             )
     trained: nn.Module = model
     if world > 1:
-        trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which (its own
+            # warning says) still syncs buffers at init: rank-local running statistics (Shuffle
+            # BN's) need broadcast_buffers=False until init_sync_buffers exists
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            trained = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     stream = batch_indices(
         train_y, config.batch, class_group, config.composition, config.seed, start
     )
@@ -532,6 +560,7 @@ def run_one(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "host_state": _host_state(model),
                     "step": done,
                     "elapsed": elapsed + time.perf_counter() - began,
                     "loss": loss_value,

@@ -43,7 +43,9 @@ random numbers).  ``step`` (:attr:`ShuffleBatchNorm.shuffle_step`) counts this l
 shuffled training calls; it is host state, not in the ``state_dict`` (which is BN's), and a
 statistics pass (:func:`smallbn.batch_stats_eval`) does not advance it.  Layers sharing a
 seed draw the same permutation at the same step (as MoCo shuffles once for the whole
-encoder); give them different seeds for independent ones.  The last permutation used is
+encoder); give them different seeds for independent ones.  A training resumed from a
+checkpoint draws the permutations an uninterrupted one would only if the checkpoint kept
+``shuffle_step`` beside the ``state_dict`` (the comparison job's checkpoints do).  The last permutation used is
 :attr:`ShuffleBatchNorm.last_permutation`.
 
 **Running statistics** are, on each rank, BN's exponential moving average of the statistics
