@@ -203,7 +203,9 @@ class RefGhostBatchNorm(RefBatchNorm):
 
 
 class RefDomainBatchNorm:
-    """Domain-specific BN: one :class:`RefBatchNorm`'s statistics per domain, shared affine.
+    """Domain-specific BN: one :class:`RefBatchNorm`'s statistics per domain, and a shared
+    affine (``weight``/``bias`` of shape ``(C,)``) or one per domain (``(D, C)``: sample n
+    gets ``γ_{d(n)}``, ``β_{d(n)}``).
 
     ``domains`` is an int (whole batch) or a list of per-sample domain ids.  A domain absent
     from the batch keeps its running statistics.
@@ -232,6 +234,12 @@ class RefDomainBatchNorm:
     def _ids(x: Tensor, domains: int | list[int]) -> list[int]:
         return [domains] * x.shape[0] if isinstance(domains, int) else [int(d) for d in domains]
 
+    def _affine(self, domain: int) -> tuple[Tensor, Tensor]:
+        """``(γ, β)`` of ``domain``: its rows of a per-domain affine, else the shared one."""
+        if self.weight.dim() == 2:
+            return self.weight[domain], self.bias[domain]
+        return self.weight, self.bias
+
     def train_step(self, x: Tensor, domains: int | list[int]) -> Tensor:
         ids = self._ids(x, domains)
         outputs: list[Tensor | None] = [None] * x.shape[0]
@@ -240,7 +248,7 @@ class RefDomainBatchNorm:
             members = [n for n, d in enumerate(ids) if d == domain]
             part = x[members]
             count, mean, var = channel_stats(part)
-            y = affine_normalize(part, mean, var, self.eps, self.weight, self.bias)
+            y = affine_normalize(part, mean, var, self.eps, *self._affine(domain))
             for j, n in enumerate(members):
                 outputs[n] = y[j]
             self.running_mean[domain] = (1 - m) * self.running_mean[domain] + m * mean.detach()
@@ -258,8 +266,7 @@ class RefDomainBatchNorm:
                     self.running_mean[domain],
                     self.running_var[domain],
                     self.eps,
-                    self.weight,
-                    self.bias,
+                    *self._affine(domain),
                 )[0]
             )
         return torch.stack(rows)

@@ -248,6 +248,60 @@ def test_domain_statistics_errors_name_the_layer_and_the_fix():
     assert type(model[0]) is smallbn.DomainBatchNorm2d
 
 
+def test_bn_affine_converts_to_every_domain_of_a_per_domain_affine():
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    model = smallbn.convert(
+        nn.Sequential(copy.deepcopy(bn)), "domainbn", num_domains=2, per_domain_affine=True
+    )
+    layer = model[0]
+    assert layer.per_domain_affine and layer.weight.shape == (2, 3)
+    assert isinstance(layer.weight, nn.Parameter)  # its own (2, 3) parameter, not BN's (3,)
+    for d in range(2):
+        assert torch.equal(layer.weight[d], bn.weight) and torch.equal(layer.bias[d], bn.bias)
+    # a shared-affine domain BN's γ, β the same way; a per-domain one of the same shape is
+    # handed on as the same Parameter (an optimizer built earlier keeps working)
+    shared = smallbn.convert(nn.Sequential(copy.deepcopy(bn)), "domainbn", num_domains=2)
+    again = smallbn.convert(copy.deepcopy(shared), "domainbn", per_domain_affine=True)
+    assert torch.equal(again[0].weight, bn.weight.expand(2, 3))
+    weight = model[0].weight
+    smallbn.convert(model, "domainbn", per_domain_affine=True)
+    assert model[0].weight is weight
+
+
+def test_per_domain_affine_to_one_affine_needs_source_domain():
+    """A (D, C) γ, β does not silently become one domain's: converting to BN (or to a
+    shared-affine domain BN) names the option and the fix; source_domain picks the domain."""
+    model = nn.Sequential(smallbn.DomainBatchNorm2d(3, num_domains=3, per_domain_affine=True))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(9.0).reshape(3, 3))
+        model[0].bias.copy_(-torch.arange(9.0).reshape(3, 3))
+        model[0].running_mean.copy_(torch.arange(9.0).reshape(3, 3))
+    model[0].active_domain = 1
+    for spec, options in [("bn", {}), ("frozenbn", {}), ("domainbn", {"num_domains": 3})]:
+        with pytest.raises(
+            ValueError,
+            match=r"cannot replace '0' \(DomainBatchNorm2d\): it has a separate affine per "
+            r"domain \(per_domain_affine=True: γ and β of shape \(3, 3\)\).*Pass "
+            r"source_domain=d .* or convert to 'domainbn' with per_domain_affine=True",
+        ):
+            smallbn.convert(model, spec, **options)
+    assert type(model[0]) is smallbn.DomainBatchNorm2d
+    back = smallbn.convert(copy.deepcopy(model), "bn", source_domain=2)
+    assert torch.equal(back[0].weight, torch.tensor([6.0, 7.0, 8.0]))
+    assert torch.equal(back[0].bias, -torch.tensor([6.0, 7.0, 8.0]))
+    assert torch.equal(back[0].running_mean, torch.tensor([6.0, 7.0, 8.0]))
+    x = torch.randn(2, 3, 4, 4)
+    model.eval()
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model[0](x, 2))
+    with pytest.raises(ValueError, match=r"cannot map an affine .* of shape \(3, 3\) to \(2, 3\)"):
+        smallbn.convert(model, "domainbn", num_domains=2, per_domain_affine=True)
+
+
 def test_a_layer_instance_or_a_lazy_layer_gets_a_clear_error():
     with pytest.raises(TypeError, match="pass its class"):
         smallbn.convert(nn.Sequential(nn.BatchNorm2d(4)), smallbn.BatchRenorm2d(4))

@@ -2,6 +2,7 @@
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -32,15 +33,15 @@ def _randomize_norms(model: nn.Module) -> None:
                 m.running_var[1].uniform_(0.2, 3)
 
 
-def _trained_resnet(name: str, dtype: torch.dtype = torch.float32) -> SmallResNet:
+def _trained_resnet(name: str, dtype: torch.dtype = torch.float32, **options: Any) -> SmallResNet:
     """A SmallResNet whose norms hold running statistics from a few training steps (as BN,
-    then as ``name``) and random affine parameters; in eval mode."""
+    then as ``name``, built with ``options``) and random affine parameters; in eval mode."""
     model = SmallResNet(widths=(8, 16), blocks=2).to(dtype)
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 1, 12, 12, dtype=dtype) * 2 + 0.5)
-        model = smallbn.convert(model, name)
+        model = smallbn.convert(model, name, **options)
         for _ in range(2):
             model(torch.randn(8, 1, 12, 12, dtype=dtype) * 1.5 - 0.3)
     _randomize_norms(model)
@@ -66,14 +67,25 @@ def test_folded_resnet_matches_eval_outputs(name, dtype, images):
         assert _relative_error(folded(x), model(x)) < TOLERANCE[dtype]
 
 
-def test_domain_bn_folds_the_active_domain(images):
-    model = _trained_resnet("domainbn")
+@pytest.mark.parametrize("per_domain_affine", [False, True], ids=["shared", "per_domain"])
+def test_domain_bn_folds_the_active_domain(images, per_domain_affine):
+    """The active domain's statistics and, with per_domain_affine, its γ, β rows."""
+    model = _trained_resnet("domainbn", per_domain_affine=per_domain_affine)
+    if per_domain_affine:
+        norm = model.stem_norm
+        assert norm.weight.shape == (2, 8) and not torch.equal(norm.weight[0], norm.weight[1])
+        with torch.no_grad():  # the same statistics: only the affine tells the domains apart
+            for m in model.modules():
+                if isinstance(m, smallbn.DomainBatchNorm):
+                    m.running_mean[1] = m.running_mean[0]
+                    m.running_var[1] = m.running_var[0]
     with smallbn.use_domain(model, 1), torch.inference_mode():
         expected = model(images)
         folded = fold(model)
     with torch.inference_mode():
         assert _relative_error(folded(images), expected) < 1e-5
         assert _relative_error(fold(model)(images), expected) > 1e-3  # domain 0 differs
+        assert _relative_error(fold(model)(images), model(images)) < 1e-5
 
 
 def test_fold_is_not_in_place_by_default(images):

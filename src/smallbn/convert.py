@@ -4,8 +4,10 @@
 included) and every smallbn layer in a model of any nesting by the layer a spec names,
 keeping ``eps``/``momentum``/``affine``/``track_running_stats`` unless the spec (a
 ``functools.partial``) or the keyword arguments set them, the affine parameters (the same
-``nn.Parameter`` objects where both sides have parameters of one dtype and device, so an
-optimizer built earlier keeps working) and the running statistics.  ``convert(model, "bn")``
+``nn.Parameter`` objects where both sides have parameters of one dtype, device and shape, so
+an optimizer built earlier keeps working) and the running statistics.  A BN's ``(C,)`` γ, β
+go to every domain of a domain BN built with ``per_domain_affine=True``; its ``(D, C)`` γ, β
+go back to a ``(C,)`` layer only for a domain named by ``source_domain``.  ``convert(model, "bn")``
 returns to torch's layers.  A layer registered under several names becomes one new layer;
 every replacement is built before any is installed, so a failed convert changes nothing.
 Forward hooks registered on the old layers do not carry over.
@@ -168,17 +170,50 @@ def _statistic(value: Tensor, target_shape: torch.Size, domain: int) -> Tensor:
     )
 
 
-def _transfer_state(source: nn.Module, target: nn.Module, domain: int) -> None:
+def _affine_parameter(value: Tensor, target_shape: torch.Size, domain: int, chosen: bool) -> Tensor:
+    """Map γ or β between BN's ``(C,)`` and the ``(D, C)`` of a domain BN built with
+    ``per_domain_affine=True``: ``(C,)`` goes to every domain; ``(D, C)`` to ``(C,)`` only for
+    a domain the caller chose (``source_domain``), never the active one silently: one
+    domain's γ, β would change what every other domain computes."""
+    if value.shape == target_shape:
+        return value
+    if value.dim() == 1 and len(target_shape) == 2:
+        return value.unsqueeze(0).expand(target_shape)
+    if value.dim() == 2 and len(target_shape) == 1 and value.shape[1] == target_shape[0]:
+        if chosen:
+            return value[domain]
+        raise ValueError(
+            f"it has a separate affine per domain (per_domain_affine=True: γ and β of shape "
+            f"{tuple(value.shape)}), and the new layer has one affine of shape "
+            f"{tuple(target_shape)}: keeping one domain's would change the output of the "
+            f"others. Pass source_domain=d (to smallbn.convert) to keep the statistics and the "
+            f"affine of domain d, or convert to 'domainbn' with per_domain_affine=True to keep "
+            f"every domain's"
+        )
+    raise ValueError(
+        f"cannot map an affine (γ, β) of shape {tuple(value.shape)} to "
+        f"{tuple(target_shape)}; convert to 'bn' first (source_domain picks the domain whose "
+        f"statistics and affine it keeps), then to the new number of domains"
+    )
+
+
+def _transfer_state(
+    source: nn.Module, target: nn.Module, domain: int, chosen: bool = False
+) -> None:
+    """Copy ``source``'s affine and running statistics into ``target``, mapping between BN's
+    ``(C,)`` and domain BN's ``(D, C)`` shapes; ``domain`` is the domain a domain BN hands
+    on to a ``(C,)`` layer, ``chosen`` whether the caller named it (``source_domain``)."""
     with torch.no_grad():
         for name in ("weight", "bias"):
             param, dst = getattr(source, name, None), getattr(target, name, None)
             if param is None or dst is None:
                 continue
             same_kind = param.dtype == dst.dtype and param.device == dst.device
+            same_kind = same_kind and param.shape == dst.shape  # not per domain on one side
             if isinstance(param, nn.Parameter) and isinstance(dst, nn.Parameter) and same_kind:
                 setattr(target, name, param)  # an optimizer built earlier keeps working
             else:  # e.g. convert(..., dtype=torch.float64): the new layer's own parameter
-                dst.copy_(param)
+                dst.copy_(_affine_parameter(param, dst.shape, domain, chosen))
         for name in ("running_mean", "running_var"):
             src, dst = getattr(source, name, None), getattr(target, name, None)
             if src is not None and dst is not None:
@@ -267,10 +302,11 @@ def _replacement(
                 "its channel count is not known yet (a lazy layer); run one forward pass "
                 "before converting"
             )
-        domain = _source_domain(module, options.pop("source_domain", None))
+        requested = options.pop("source_domain", None)
+        domain = _source_domain(module, requested)
         channels = getattr(source, "num_features", None) or source.running_mean.numel()
         target = resolve_norm(spec, source_dim)(channels, **options)
-        _transfer_state(module, target, domain)
+        _transfer_state(module, target, domain, chosen=requested is not None)
     except (TypeError, ValueError, KeyError, IndexError) as error:
         raise type(error)(
             f"convert: cannot replace '{name}' ({type(module).__name__}): {error}"
@@ -513,7 +549,9 @@ def freeze_norms(model: nn.Module) -> nn.Module:
 
     Left alone: batch-independent norms (GN, LN, IN), and Switchable Norm unless it is pure
     BN (its eval output mixes each sample's own IN/LN statistics with the running BN ones,
-    which no fixed affine map reproduces)."""
+    which no fixed affine map reproduces).  A domain BN with ``per_domain_affine=True`` is
+    refused (a ValueError naming it): a FrozenBN would keep one domain's γ, β; convert it with
+    ``source_domain`` to choose the domain."""
 
     def frozen_equals_eval(layer: nn.Module) -> bool:
         return uses_batch_stats(layer) and (

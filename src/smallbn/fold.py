@@ -25,7 +25,8 @@ Weight layouts and where output channel o lives:
 Which norms fold: torch ``BatchNorm{1,2,3}d``/``SyncBatchNorm`` that use running statistics in
 eval mode, and smallbn layers whose :meth:`~smallbn.layers.NormBase.eval_affine` is not
 ``None`` (for :class:`~smallbn.layers.DomainBatchNorm`, the statistics of its
-``active_domain``: fold one copy of the model per domain).  Each needs a producer found by
+``active_domain``, and its γ, β rows with ``per_domain_affine=True``: fold one copy of the
+model per domain).  Each needs a producer found by
 :func:`smallbn.graph.trace_producers` (an unshared ``Conv``/``ConvTranspose``/``Linear`` whose
 output only the norm reads); the others stay in place and :func:`fold_with_report` says why.
 Products are formed in float64 (torch BN's map too; smallbn layers' ``eval_affine`` in their

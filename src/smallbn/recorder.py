@@ -373,6 +373,17 @@ class StatsRecorder:
             raise ValueError(f"normalized must be 'batch' or 'output', got {normalized!r}")
         self.model = model
         self.layers = self._resolve_layers(model, layers)
+        for name, module in self.layers.items():
+            if getattr(module, "per_domain_affine", False):
+                # γ, β of shape (D, C) (DomainBatchNorm): ĝ and the "output" x̂ would be
+                # formed without them (as for a layer without affine), silently wrong.
+                raise ValueError(
+                    f"StatsRecorder: layer '{name}' ({type(module).__name__}) has a separate "
+                    f"affine per domain (per_domain_affine=True), but the recorded "
+                    f"ĝ = (∂L/∂y)·γ and the 'output' x̂ = (y − β)/γ need one γ and β per "
+                    f"channel. Pass layers= without it, or record a model whose layer is "
+                    f"built with per_domain_affine=False"
+                )
         self.label = label
         self.metadata = dict(metadata or {})
         json.dumps(self.metadata)  # saving would fail later; say so now

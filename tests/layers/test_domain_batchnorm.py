@@ -1,7 +1,8 @@
 """Domain-specific BN: BN per domain against the float64 reference (an int domain, per-sample
-domain ids, absent domains), BN checkpoints broadcast to every domain, use_domain, errors, and
-the checks of tensor ids deferred where reading them would synchronize (CUDA, compiled
-graphs)."""
+domain ids, absent domains), BN checkpoints broadcast to every domain, use_domain, errors, the
+checks of tensor ids deferred where reading them would synchronize (CUDA, compiled graphs),
+and a separate affine per domain (per_domain_affine=True: γ_d, β_d against the reference and
+the formula, zero gradient for absent domains, eval_affine, checkpoints, the default kept)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 import smallbn
 from _host_reads import count_host_reads
@@ -517,3 +518,341 @@ def test_deferred_non_finite_statistics_with_tensor_ids(off_cpu: None) -> None:
         r"training call 1",
     ):
         smallbn.check_finite(layer)
+
+
+# -- a separate affine per domain (per_domain_affine=True) --------------------------------------
+
+
+def randomize_domain_affine(layer: DomainBatchNorm, seed: int) -> tuple[Tensor, Tensor]:
+    """Distinct random γ_d, β_d rows for every domain of a per-domain-affine layer; returns
+    float64 copies of what the layer holds (after rounding to its dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (layer.num_domains, layer.num_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5)
+        layer.bias.copy_(torch.randn(shape, generator=gen, dtype=torch.float64))
+    return layer.weight.detach().double(), layer.bias.detach().double()
+
+
+def per_domain_formula(
+    x: Tensor,
+    ids: list[int],
+    means: Tensor,
+    variances: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``y_n = γ_{d(n)} (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β_{d(n)}`` in float64,
+    sample by sample, with ``(D, C)`` statistics and affine."""
+    rows = []
+    for n, d in enumerate(ids):
+        view = (-1, *([1] * (x.dim() - 2)))
+        xhat = (x[n].double() - means[d].reshape(view)) / torch.sqrt(variances[d] + eps).reshape(
+            view
+        )
+        rows.append(weight[d].reshape(view) * xhat + bias[d].reshape(view))
+    return torch.stack(rows)
+
+
+def test_default_affine_stays_shared():
+    """Without the option nothing changes: BN's (C,) γ, β, BN's state_dict keys, the repr."""
+    layer = DomainBatchNorm2d(4, num_domains=3)
+    assert layer.per_domain_affine is False
+    assert list(layer.state_dict()) == BN_STATE_KEYS
+    assert layer.state_dict()["weight"].shape == layer.state_dict()["bias"].shape == (4,)
+    assert layer.state_dict()["running_mean"].shape == (3, 4)
+    assert "per_domain_affine" not in repr(layer)
+    assert DomainBatchNorm2d(4, num_domains=3, per_domain_affine=False).weight.shape == (4,)
+
+
+def test_per_domain_affine_parameters_and_reset():
+    layer = DomainBatchNorm2d(4, num_domains=3, per_domain_affine=True, dtype=torch.float64)
+    assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.bias, nn.Parameter)
+    assert layer.weight.shape == layer.bias.shape == (3, 4)
+    assert layer.weight.dtype == torch.float64
+    assert (layer.weight == 1).all() and (layer.bias == 0).all()
+    assert list(layer.state_dict()) == BN_STATE_KEYS  # BN's names, per-domain shapes
+    randomize_domain_affine(layer, 0)
+    layer.reset_parameters()
+    assert (layer.weight == 1).all() and (layer.bias == 0).all()
+    assert "num_domains=3, per_domain_affine=True" in repr(layer)
+    no_bias = DomainBatchNorm1d(4, num_domains=2, per_domain_affine=True, bias=False)
+    assert no_bias.weight.shape == (2, 4) and no_bias.bias is None
+
+
+def test_per_domain_affine_needs_affine():
+    with pytest.raises(
+        ValueError,
+        match=r"DomainBatchNorm2d: per_domain_affine=True gives every domain its own affine "
+        r"\(γ, β\), but affine=False builds the layer without one; pass affine=True",
+    ):
+        DomainBatchNorm2d(4, affine=False, per_domain_affine=True)
+
+
+def test_build_norm_passes_per_domain_affine():
+    layer = smallbn.build_norm("domainbn", 6, per_domain_affine=True, num_domains=4)
+    assert type(layer) is DomainBatchNorm2d and layer.per_domain_affine
+    assert layer.weight.shape == (4, 6)
+    assert smallbn.build_norm("dsbn", 6, dim=1).weight.shape == (6,)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_per_domain_affine_int_domain_matches_reference(shape):
+    """Output, input gradient and the (D, C) γ, β gradients against the float64 reference
+    with per-domain rows, training on int domains (domain 1 never trained: its γ, β rows
+    get zero gradient there), then evaluating every domain and per-sample ids."""
+    layer = DOMAIN[len(shape)](
+        shape[1], num_domains=3, momentum=0.2, per_domain_affine=True, dtype=torch.float64
+    )
+    weight, bias = randomize_domain_affine(layer, 1)
+    ref = RefDomainBatchNorm(shape[1], 3, momentum=0.2, weight=weight, bias=bias)
+    lockstep(layer, ref, shape, [0, 2, 2, 0])
+
+
+@pytest.mark.parametrize(
+    "shape, num_domains, schedule",
+    [
+        ((6, 3), 3, [[0, 1, 1, 0, 2, 2], [2, 2, 2, 1, 1, 1]]),
+        ((5, 2, 4), 2, [[0, 1, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]]),
+        ((4, 3, 2, 3), 3, [[2, 0, 0, 2], [0, 1, 2, 0]]),  # single samples with spatial dims
+        ((3, 2, 2, 2, 2), 2, [[1, 0, 1], [0, 0, 0]]),
+    ],
+    ids=str,
+)
+def test_per_domain_affine_per_sample_ids_match_reference(shape, num_domains, schedule):
+    layer = DOMAIN[len(shape)](
+        shape[1], num_domains=num_domains, per_domain_affine=True, dtype=torch.float64
+    )
+    weight, bias = randomize_domain_affine(layer, 2)
+    ref = RefDomainBatchNorm(shape[1], num_domains, weight=weight, bias=bias)
+    lockstep(layer, ref, shape, schedule)
+
+
+@given(cases(), st.integers(1, 3), st.data())
+def test_per_domain_affine_matches_reference_over_shapes_and_dtypes(case, num_domains, data):
+    n = case.shape[0]
+    if case.values_per_sample >= 2:
+        ids = data.draw(st.lists(st.integers(0, num_domains - 1), min_size=n, max_size=n))
+    else:
+        ids = data.draw(st.sampled_from([[0] * n, [num_domains - 1] * n]))
+    as_int = data.draw(st.booleans()) and len(set(ids)) == 1  # an int domain: the fused path
+    domain: int | Tensor = ids[0] if as_int else torch.tensor(ids)
+    layer = DomainBatchNorm(
+        case.shape[1],
+        num_domains=num_domains,
+        momentum=0.3,
+        per_domain_affine=True,
+        dtype=case.param_dtype,
+    )
+    weight, bias = randomize_domain_affine(layer, case.seed)
+    ref = RefDomainBatchNorm(case.shape[1], num_domains, momentum=0.3, weight=weight, bias=bias)
+    run_case(
+        layer,
+        ref,
+        case,
+        steps=2,
+        layer_call=lambda m, x, step: m(x, domain=domain),
+        ref_train=lambda r, x, step: r.train_step(x, ids),
+        ref_eval=lambda r, x: r.eval(x, ids),
+    )
+
+
+def test_per_domain_affine_matches_the_formula():
+    """y_n = γ_{d(n)} (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β_{d(n)}, written out here
+    from the batch statistics of each domain's samples (training) and the running ones
+    (evaluation)."""
+    layer = DomainBatchNorm2d(3, num_domains=3, per_domain_affine=True, dtype=torch.float64)
+    weight, bias = randomize_domain_affine(layer, 5)
+    x = make_input((6, 3, 4, 4), 3, loc=0.3)
+    ids = [2, 0, 2, 2, 0, 0]
+    means = torch.zeros(3, 3, dtype=torch.float64)
+    variances = torch.ones(3, 3, dtype=torch.float64)
+    for d in (0, 2):
+        part = x[[n for n, i in enumerate(ids) if i == d]].transpose(0, 1).reshape(3, -1)
+        means[d], variances[d] = part.mean(1), part.var(1, unbiased=False)
+    close(
+        layer(x, torch.tensor(ids)),
+        per_domain_formula(x, ids, means, variances, weight, bias),
+        1e-10,
+        "training output",
+    )
+    layer.eval()
+    with torch.no_grad():
+        expected = per_domain_formula(x, ids, layer.running_mean, layer.running_var, weight, bias)
+        close(layer(x, torch.tensor(ids)), expected, 1e-10, "eval output, tensor ids")
+        for d in range(3):
+            expected = per_domain_formula(
+                x, [d] * 6, layer.running_mean, layer.running_var, weight, bias
+            )
+            close(layer(x, d), expected, 1e-10, f"eval output, domain {d}")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_per_domain_affine_absent_domains_get_zero_gradient(bias, train):
+    """γ_d, β_d get gradient from the samples of domain d only: the rows of domains absent
+    from the batch stay exactly zero, those present do not."""
+    layer = DomainBatchNorm2d(3, num_domains=4, per_domain_affine=True, bias=bias)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    layer.train(train)
+    x = torch.randn(6, 3, 3, 3)
+    g = torch.randn(6, 3, 3, 3)
+    for domain, present in [(torch.tensor([0, 2, 2, 0, 0, 2]), [0, 2]), (1, [1])]:
+        layer.zero_grad()
+        (layer(x, domain) * g).sum().backward()
+        params = [layer.weight] + ([layer.bias] if bias else [])
+        for param in params:
+            assert param.grad is not None and param.grad.shape == (4, 3)
+            for d in range(4):
+                row = param.grad[d]
+                if d in present:
+                    assert row.abs().sum() > 0, (d, row)
+                else:
+                    assert (row == 0).all(), (d, row)
+
+
+def test_per_domain_affine_eval_int_domain_equals_per_sample_ids():
+    torch.manual_seed(0)
+    layer = DomainBatchNorm2d(3, num_domains=2, per_domain_affine=True)
+    randomize_domain_affine(layer, 3)
+    for domain in (0, 1, 1):
+        layer(torch.randn(4, 3, 5, 5) * (domain + 1) + domain, domain=domain)
+    layer.eval()
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        for domain in (0, 1):
+            torch.testing.assert_close(
+                layer(x, domain=domain), layer(x, domain=torch.full((4,), domain))
+            )
+
+
+def test_per_domain_affine_eval_affine_is_the_active_domains():
+    """eval_affine (what smallbn.fold folds) uses the active domain's statistics and γ, β
+    rows: scale·x + shift equals the layer's eval output on that domain."""
+    layer = DomainBatchNorm2d(3, num_domains=3, per_domain_affine=True, dtype=torch.float64)
+    weight, bias = randomize_domain_affine(layer, 4)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.2, 3)
+    layer.eval()
+    x = make_input((2, 3, 4, 4), 8)
+    scales = []
+    for d in range(3):
+        with use_domain(layer, d):
+            scale, shift = layer.eval_affine()
+            inv_std = torch.rsqrt(layer.running_var[d] + layer.eps)
+            close(scale, weight[d] * inv_std, 1e-12, f"scale of domain {d}")
+            close(shift, bias[d] - layer.running_mean[d] * weight[d] * inv_std, 1e-12, "shift")
+            with torch.no_grad():
+                folded = x * scale.reshape(1, 3, 1, 1) + shift.reshape(1, 3, 1, 1)
+                close(folded, layer(x), 1e-12, f"eval output of domain {d}")
+            scales.append(scale)
+    assert not torch.allclose(scales[0], scales[1])
+
+
+def test_per_domain_affine_loads_bn_and_shared_checkpoints_into_every_domain():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    layer = DomainBatchNorm2d(4, num_domains=3, per_domain_affine=True)
+    layer.load_state_dict(bn.state_dict(), strict=True)
+    assert layer.weight.shape == layer.bias.shape == (3, 4)
+    for d in range(3):
+        torch.testing.assert_close(layer.weight[d], bn.weight, rtol=0, atol=0)
+        torch.testing.assert_close(layer.bias[d], bn.bias, rtol=0, atol=0)
+    layer.eval()
+    bn.eval()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        for d in range(3):
+            torch.testing.assert_close(layer(x, domain=d), bn(x))
+    # a shared-affine domain BN's checkpoint: its (C,) γ, β to every domain as well
+    shared = DomainBatchNorm2d(4, num_domains=3)
+    with torch.no_grad():
+        shared.weight.normal_()
+        shared.running_mean.normal_()
+    layer.load_state_dict(shared.state_dict(), strict=True)
+    torch.testing.assert_close(layer.weight, shared.weight.expand(3, 4), rtol=0, atol=0)
+    torch.testing.assert_close(layer.running_mean, shared.running_mean, rtol=0, atol=0)
+    # its own checkpoint round-trips, rows kept apart
+    randomize_domain_affine(layer, 6)
+    again = DomainBatchNorm2d(4, num_domains=3, per_domain_affine=True)
+    again.load_state_dict(layer.state_dict(), strict=True)
+    torch.testing.assert_close(again.weight, layer.weight, rtol=0, atol=0)
+    torch.testing.assert_close(again.bias, layer.bias, rtol=0, atol=0)
+    # γ without β
+    gamma_only = DomainBatchNorm2d(4, num_domains=2, per_domain_affine=True, bias=False)
+    gamma_only.load_state_dict(nn.BatchNorm2d(4, bias=False).state_dict(), strict=True)
+
+
+def test_per_domain_checkpoint_into_a_shared_layer_names_the_option():
+    per_domain = DomainBatchNorm2d(4, num_domains=3, per_domain_affine=True)
+    shared = DomainBatchNorm2d(4, num_domains=3)
+    before = shared.weight.detach().clone()
+    with pytest.raises(RuntimeError) as info:
+        shared.load_state_dict(per_domain.state_dict())
+    message = str(info.value)
+    assert "DomainBatchNorm2d(4): incompatible checkpoint" in message
+    assert (
+        "It differs in per_domain_affine: the checkpoint has a separate affine per domain "
+        "(weight of shape (3, 4)), this layer one affine shared by the domains (shape (4,)). "
+        "Build the layer with per_domain_affine=True, or load a checkpoint made for this model"
+    ) in message
+    assert "num_domains" not in message and "num_features" not in message
+    torch.testing.assert_close(shared.weight, before)
+    # and with another number of domains, both options
+    with pytest.raises(
+        RuntimeError,
+        match=r"differs in per_domain_affine: .*; num_domains: the checkpoint has 2 domains, "
+        r"this layer 3\. Build the layer with per_domain_affine=True and num_domains=2",
+    ):
+        shared.load_state_dict(
+            DomainBatchNorm2d(4, num_domains=2, per_domain_affine=True).state_dict()
+        )
+    # a per-domain layer meeting another number of domains: num_domains, as for statistics
+    with pytest.raises(
+        RuntimeError,
+        match=r"differs in num_domains: the checkpoint has 2 domains, this layer 3\. "
+        r"Build the layer with num_domains=2,",
+    ):
+        per_domain.load_state_dict(
+            DomainBatchNorm2d(4, num_domains=2, per_domain_affine=True).state_dict()
+        )
+    # without running statistics the (D, C) affine alone tells the options apart
+    untracked = DomainBatchNorm2d(4, num_domains=3, track_running_stats=False)
+    with pytest.raises(RuntimeError, match=r"Build the layer with per_domain_affine=True"):
+        untracked.load_state_dict(
+            DomainBatchNorm2d(
+                4, num_domains=3, per_domain_affine=True, track_running_stats=False
+            ).state_dict()
+        )
+
+
+def test_per_domain_affine_deferred_steps_read_nothing_back(off_cpu: None) -> None:
+    layer = DomainBatchNorm2d(3, num_domains=3, per_domain_affine=True)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+
+    def training() -> None:
+        layer(x, torch.tensor([0, 2, 2, 0])).square().sum().backward()
+        layer(x, 1).square().sum().backward()
+
+    assert count_host_reads(training) == []
+    assert (layer.weight.grad != 0).any(dim=1).tolist() == [True, True, True]
+
+
+def test_stats_recorder_refuses_a_per_domain_affine():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), DomainBatchNorm2d(4, num_domains=2, per_domain_affine=True)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"StatsRecorder: layer '1' \(DomainBatchNorm2d\) has a separate affine per domain "
+        r"\(per_domain_affine=True\).*Pass layers= without it",
+    ):
+        smallbn.StatsRecorder(model)
+    smallbn.StatsRecorder(model, layers=["0"])  # the others can still be recorded

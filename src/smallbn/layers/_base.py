@@ -204,9 +204,10 @@ class NormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         # ``bias=False`` (torch >= 2.6's keyword): γ without β, as nn.BatchNorm2d(C, bias=False).
+        affine_shape = self._affine_shape()
         affine_tensors = {
-            "weight": torch.empty(num_features, **factory) if affine else None,
-            "bias": torch.empty(num_features, **factory) if affine and bias else None,
+            "weight": torch.empty(affine_shape, **factory) if affine else None,
+            "bias": torch.empty(affine_shape, **factory) if affine and bias else None,
         }
         for name, tensor in affine_tensors.items():
             if self._affine_as_buffers:
@@ -243,6 +244,11 @@ class NormBase(nn.Module):
     # -- state ---------------------------------------------------------------------------
 
     def _stats_shape(self) -> tuple[int, ...]:
+        return (self.num_features,)
+
+    def _affine_shape(self) -> tuple[int, ...]:
+        """Shape of ``weight`` and ``bias``: BN's ``(C,)``; a layer with one affine per set of
+        statistics (domain BN's ``per_domain_affine``) gives them a leading dim."""
         return (self.num_features,)
 
     def running_stats(self) -> tuple[Tensor, Tensor]:

@@ -3,13 +3,22 @@
 
 One set of statistics per domain d (e.g. per FPN level, per dataset), one shared affine:
 
-    y_n = γ (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β.
+    y_n = γ (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β,
+
+or, with ``per_domain_affine=True``, one affine per domain as well (Chang et al.'s DSBN gives
+each domain its own γ, β; Wu & Johnson, Table 5, compare sharing the affine layer of a
+RetinaNet head's per-level BN across the FPN levels or not):
+
+    y_n = γ_{d(n)} (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β_{d(n)}.
 
 In training μ_d, σ²_d are the batch statistics of the samples of domain d; in evaluation the
 running statistics of domain d.  ``running_mean``/``running_var`` have shape
-``(num_domains, C)`` under BN's names; a BN checkpoint (shape ``(C,)``) loads by copying its
-statistics to every domain.  The domain is chosen per call (``layer(x, domain=1)``), per
-sample (a LongTensor of N domain ids), or for a whole model with :func:`use_domain`.
+``(num_domains, C)`` under BN's names, and so do ``weight``/``bias`` with
+``per_domain_affine=True`` (``(C,)`` otherwise, as BN's).  A BN checkpoint (shape ``(C,)``)
+loads by copying its statistics, and with ``per_domain_affine=True`` its γ and β, to every
+domain; γ_d and β_d get gradient from the samples of domain d only.  The domain is chosen
+per call (``layer(x, domain=1)``), per sample (a LongTensor of N domain ids), or for a whole
+model with :func:`use_domain`.
 
 Structural checks and host reads.  Training needs more than one value per channel in every
 domain present, and ids must lie in ``[0, num_domains)``.  With an ``int`` domain (and no
@@ -41,6 +50,7 @@ from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
 from smallbn.stats import (
     Moments,
     SampleNormalization,
+    fused_batch_norm,
     merge_moments,
     normalize,
     normalize_from_sample_moments,
@@ -67,8 +77,18 @@ __all__ = [
 class DomainBatchNorm(BatchStatsNorm):
     """Domain-specific BN for inputs of any rank ≥ 2 (see the 1d/2d/3d variants).
 
+    Sample n of domain d(n) is normalized as
+    ``y_n = γ (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β`` (shared affine, the default) or
+    ``y_n = γ_{d(n)} (x_n − μ_{d(n)}) / sqrt(σ²_{d(n)} + eps) + β_{d(n)}``
+    (``per_domain_affine=True``).
+
     Args:
         num_domains: number of statistics sets.
+        per_domain_affine: give every domain its own γ, β (``weight``/``bias`` of shape
+            ``(num_domains, C)``, initialised to ones/zeros), as Domain-Specific BN does
+            (Chang et al., CVPR 2019); the default shares one ``(C,)`` affine across the
+            domains, as the per-level BN of Wu & Johnson 2021 (Table 5 compares both).
+            Needs ``affine=True``.
         momentum: as BN; a cumulative average (``None``) is not supported, because the
             step counter ``num_batches_tracked`` is shared by the domains.
     """
@@ -87,6 +107,7 @@ class DomainBatchNorm(BatchStatsNorm):
         *,
         bias: bool = True,
         num_domains: int = 2,
+        per_domain_affine: bool = False,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
     ) -> None:
@@ -97,7 +118,15 @@ class DomainBatchNorm(BatchStatsNorm):
                 f"{type(self).__name__}: momentum=None (cumulative average) is not supported "
                 f"because the domains share one step counter; pass a momentum such as 0.1"
             )
+        if per_domain_affine and not affine:
+            raise ValueError(
+                f"{type(self).__name__}: per_domain_affine=True gives every domain its own "
+                f"affine (γ, β), but affine=False builds the layer without one; pass "
+                f"affine=True, or drop per_domain_affine"
+            )
         self.num_domains = int(num_domains)
+        # Set before the base's __init__, which reads it (_affine_shape) to create γ and β.
+        self.per_domain_affine = bool(per_domain_affine)
         super().__init__(
             num_features,
             eps,
@@ -120,24 +149,63 @@ class DomainBatchNorm(BatchStatsNorm):
     def _stats_shape(self) -> tuple[int, ...]:
         return (self.num_domains, self.num_features)
 
+    def _affine_shape(self) -> tuple[int, ...]:
+        if self.per_domain_affine:
+            return (self.num_domains, self.num_features)
+        return (self.num_features,)
+
+    def _domain_affine(self, domain: int | Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(γ, β)`` to normalize domain ``domain`` with (an int: ``(C,)`` rows; a tensor of
+        per-sample ids ``(N,)``: ``(N, C)`` rows, one per sample): the rows of ``domain`` with
+        ``per_domain_affine=True``, the shared ``(C,)`` affine otherwise (``None`` where the
+        layer has none).  Indexing keeps the graph to the parameters, so the gradient of
+        ``weight``/``bias`` reaches the rows of the domains used, and only those."""
+        if not self.per_domain_affine:
+            return self.weight, self.bias
+        weight = None if self.weight is None else self.weight[domain]
+        bias = None if self.bias is None else self.bias[domain]
+        return weight, bias
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", num_domains={self.num_domains}"
+        text = super().extra_repr() + f", num_domains={self.num_domains}"
+        # Only when set: the default's repr stays what it was.
+        return text + (", per_domain_affine=True" if self.per_domain_affine else "")
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        for name in ("running_mean", "running_var"):
+        """A BN checkpoint's ``(C,)`` statistics, and with ``per_domain_affine=True`` its
+        ``(C,)`` γ and β (BN's, or a shared-affine domain BN's), copied to every domain."""
+        names = ["running_mean", "running_var"]
+        if self.per_domain_affine:
+            names += ["weight", "bias"]
+        for name in names:
             value = state_dict.get(prefix + name)
             if isinstance(value, Tensor) and value.shape == (self.num_features,):
                 state_dict[prefix + name] = value.unsqueeze(0).repeat(self.num_domains, 1)
 
     def _checkpoint_mismatch(self, state_dict: dict[str, Any], prefix: str) -> str:
-        """Name the option that differs from a domain-BN checkpoint's ``(D, C)`` statistics:
-        ``num_domains`` (the base's message would send the user to num_features), the channels,
-        or both."""
+        """Name the option that differs from a domain-BN checkpoint's ``(D, C)`` statistics
+        or ``(D, C)`` affine: ``num_domains`` (the base's message would send the user to
+        num_features), the channels, ``per_domain_affine`` (a per-domain γ, β met by a layer
+        with one shared affine), or several."""
         stored = state_dict.get(prefix + "running_mean")
-        if not isinstance(stored, Tensor) or stored.dim() != 2:
+        weight = state_dict.get(prefix + "weight")
+        per_domain = isinstance(weight, Tensor) and weight.dim() == 2 and self.affine
+        if isinstance(stored, Tensor) and stored.dim() == 2:
+            domains, channels = stored.shape
+        elif per_domain:
+            assert isinstance(weight, Tensor)
+            domains, channels = weight.shape
+        else:
             return super()._checkpoint_mismatch(state_dict, prefix)  # a BN checkpoint, or none
-        domains, channels = stored.shape
         differences, options = [], []
+        if per_domain and not self.per_domain_affine:
+            assert isinstance(weight, Tensor)
+            differences.append(
+                f"per_domain_affine: the checkpoint has a separate affine per domain (weight "
+                f"of shape {tuple(weight.shape)}), this layer one affine shared by the domains "
+                f"(shape ({self.num_features},))"
+            )
+            options.append("per_domain_affine=True")
         if domains != self.num_domains:
             differences.append(
                 f"num_domains: the checkpoint has {domains} domains, this layer {self.num_domains}"
@@ -149,7 +217,7 @@ class DomainBatchNorm(BatchStatsNorm):
                 f"{self.num_features}"
             )
             options.append(f"num_features={channels}")
-        if not differences:  # the statistics match: another tensor (weight, bias) does not
+        if not differences:  # the statistics and the affine's kind match: another tensor differs
             return super()._checkpoint_mismatch(state_dict, prefix)
         return (
             f"It differs in {'; '.join(differences)}. Build the layer with "
@@ -157,12 +225,15 @@ class DomainBatchNorm(BatchStatsNorm):
         )
 
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
-        """The eval affine map of ``active_domain`` (fold a model per domain)."""
+        """The eval affine map of ``active_domain`` (fold a model per domain): its running
+        statistics and, with ``per_domain_affine=True``, its γ, β rows."""
         if not self.track_running_stats:
             return None
         running_mean, running_var = self.running_stats()
         d = self.active_domain
-        return _affine_from_stats(running_mean[d], running_var[d], self.eps, self.weight, self.bias)
+        return _affine_from_stats(
+            running_mean[d], running_var[d], self.eps, *self._domain_affine(d)
+        )
 
     def population_moments(self, x: Tensor, *args: Any) -> Moments:
         """Per-domain moments ``(num_domains, C)`` of one batch."""
@@ -352,14 +423,14 @@ class DomainBatchNorm(BatchStatsNorm):
                 self._raise_out_of_range(domain)
             # one domain for the whole batch: BN's inference with that domain's statistics
             return normalize_with_population(
-                x, running_mean[domain], running_var[domain], self.eps, self.weight, self.bias
+                x, running_mean[domain], running_var[domain], self.eps, *self._domain_affine(domain)
             )
         on_host = self._checks_on_host(x)
         index, outside = self._checked_index(x, domain, on_host=on_host)
         if outside is not None:
             self._record_problem(outside.long() * _OUT_OF_RANGE, training=False)
         return normalize(
-            x, running_mean[index], running_var[index], self.eps, self.weight, self.bias
+            x, running_mean[index], running_var[index], self.eps, *self._domain_affine(index)
         )
 
     def _forward_train(self, x: Tensor, factor: float | None, *args: Any) -> Tensor:
@@ -398,16 +469,28 @@ class DomainBatchNorm(BatchStatsNorm):
                     weight = (factor * present.to(running_mean.dtype)).unsqueeze(-1)
                     running_mean.lerp_(domains.mean.to(running_mean), weight)
                     running_var.lerp_(domains.unbiased_var().to(running_var), weight)
-            return domains.mean[index], domains.var[index], self.weight, self.bias
+            # per-domain γ, β: (N, C) rows, whose gradient _NormalizeWithStatistics returns
+            # per sample and autograd's index backward sums into the rows of the domains present
+            return (domains.mean[index], domains.var[index], *self._domain_affine(index))
 
         return normalize_from_sample_moments(x, statistics, self.eps, (self.weight, self.bias))
 
     def _compiled_one_domain(self, x: Tensor, domain: int, factor: float | None) -> Tensor:
         """A compiled training step on one int domain ``d``: BN of the whole batch through
-        torch's fused kernel, moving only ``d``'s running statistics (the same numbers as the
-        per-sample path, whose ``index_add`` over a constant index inductor's CPU code
-        generation fails on, torch 2.13)."""
-        y, moments = self._batch_norm(x)
+        torch's fused kernel with ``d``'s affine (its γ, β rows with ``per_domain_affine``),
+        moving only ``d``'s running statistics (the same numbers as the per-sample path, whose
+        ``index_add`` over a constant index inductor's CPU code generation fails on, torch
+        2.13)."""
+        if self.per_domain_affine:
+            # The kernel with d's rows directly, as _batch_norm does with the shared affine:
+            # its affine= callable is for affines computed from the batch statistics (BRN's
+            # r, d) and would compute them a second time.  Unsynchronized here (the caller's
+            # condition), and the batch has more than one value per channel.
+            weight, bias = self._domain_affine(domain)
+            y, moments = fused_batch_norm(x, weight, bias, self.eps)
+            self._check_finite(moments, x)
+        else:
+            y, moments = self._batch_norm(x)
         if factor is not None:
             running_mean, running_var = self.running_stats()
             update_running_stats(
