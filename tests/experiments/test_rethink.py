@@ -26,7 +26,7 @@ from smallbn.experiments.data import OptionError, load_digits
 #: The smoke preset on the digits, smaller still where it costs.
 TINY = {"dataset": "digits", "eval_samples": 96}
 #: Fields of a row that measure the machine, not the run.
-TIMING = {"train_seconds", "train_cpu_seconds"}
+TIMING = {"train_seconds", "train_cpu_seconds", "cpu_seconds"}
 
 
 def _tiny(studies=rethink.STUDIES, **overrides):
@@ -143,7 +143,7 @@ def test_an_interrupted_run_resumes_to_the_row_of_an_uninterrupted_one(
     finished, tmp_path, monkeypatch, capsys, study, variant, after
 ):
     out, results = finished
-    (config,) = [c for c in _tiny((study,)) if c.variant == variant]
+    (config,) = [c for c in _tiny((study,)) if c.variant == variant and not c.domain_affine]
     (expected,) = [row for row in results[study] if row["key"] == config.key]
     checkpoint = tmp_path / "run.pt"
     saves = []
@@ -210,6 +210,32 @@ def test_leakage_rules():
     assert not {"world_size", "device_batch", "domain_affine"} & set(json.loads(domain.key))
     with pytest.raises(ValueError, match="planned for 2 process"):
         rethink.run_studies(list(two.values()), Path("unused"), progress=False)
+
+
+@pytest.mark.distributed
+def test_leakage_under_torchrun_with_two_gloo_processes(finished, tmp_path):
+    """The 2-process variant: Shuffle BN exchanges samples and SyncBN statistics across the
+    processes; every process trains half of each batch (whole devices)."""
+    out = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "smallbn",
+        "rethink", "--study", "leakage", "--preset", "smoke", "--dataset", "digits",
+        "--eval-samples", str(TINY["eval_samples"]), "--jobs", "1", "--threads", "1",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["variant"]: row for row in rethink.read_study(out, "leakage")}
+    assert set(rows) == set(rethink.LEAKAGE_VARIANTS)
+    assert all(row["world_size"] == 2 for row in rows.values())
+    assert rows["sync"]["sync"] and rows["sync"]["norm_batch"] == 32
+    assert "2 processes under torchrun" in (out / "leakage" / "results.md").read_text()
+    assert done.stdout.count("**Information leakage**") == 1  # rank 0 reports, once
+    # the same training as one process, up to the order of floating-point sums
+    single = {row["variant"]: row for row in finished[1]["leakage"]}
+    for variant in ("per-device", "ghost"):
+        assert abs(rows[variant]["error_precise"] - single[variant]["error_precise"]) < 0.15
 
 
 def test_a_checkpoint_of_another_run_is_an_error(tmp_path):
@@ -518,6 +544,24 @@ def test_plan_settings_and_rules():
         rethink.plan(["inconsistency"], batch_sizes=(3,))
     with pytest.raises(ValueError, match="unknown study"):
         rethink.plan(["bogus"])
+
+
+def test_the_committed_results_are_those_of_the_default_run(tmp_path, monkeypatch):
+    """docs/rethink_<study>.jsonl hold exactly the rows of ``smallbn rethink`` with no options
+    (a single process; the leakage study also has the 2-process torchrun variant's rows)."""
+    from smallbn.experiments import data
+
+    monkeypatch.setattr(compare, "DEFAULT_FASHION_MNIST", tmp_path)  # stands in for Debian's
+    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST", tmp_path)
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for study in rethink.STUDIES:
+        planned = {c.key for c in compare.bind_data(rethink.plan([study]), None)}
+        rows = compare.read_results(docs / f"rethink_{study}.jsonl", rethink.ROW_FIELDS[study])
+        single = {row["key"] for row in rows if row.get("world_size", 1) == 1}
+        assert single == planned, study
+        assert len(rows) == len({row["key"] for row in rows})
+        report = (docs / f"rethink_{study}.md").read_text().strip()
+        assert report == rethink.format_report(study, rows).strip(), study
 
 
 # -- command line --------------------------------------------------------------------------------

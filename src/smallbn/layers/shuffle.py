@@ -45,8 +45,8 @@ statistics pass (:func:`smallbn.batch_stats_eval`) does not advance it.  Layers 
 seed draw the same permutation at the same step (as MoCo shuffles once for the whole
 encoder); give them different seeds for independent ones.  A training resumed from a
 checkpoint draws the permutations an uninterrupted one would only if the checkpoint kept
-``shuffle_step`` beside the ``state_dict`` (the comparison job's checkpoints do).  The last permutation used is
-:attr:`ShuffleBatchNorm.last_permutation`.
+``shuffle_step`` beside the ``state_dict`` (the comparison job's checkpoints do).  The last
+permutation used is :attr:`ShuffleBatchNorm.last_permutation`.
 
 **Running statistics** are, on each rank, BN's exponential moving average of the statistics
 its received parts were normalized with (mean and Bessel-corrected variance; with
