@@ -603,6 +603,14 @@ def test_cli_usage_errors(tmp_path, capsys, options, message):
     assert message in capsys.readouterr().err
 
 
+def test_cli_under_torchrun_runs_the_leakage_study_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any setup
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["rethink", "--study", "ema", "--output-dir", str(tmp_path)])
+    assert exit_code.value.code == 2
+    assert "only --study leakage runs" in capsys.readouterr().err
+
+
 def test_cli_runs_a_study_and_prints_its_report(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,7 +1,7 @@
 """``smallbn rethink``: the findings of Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021),
 tried again on real data (Fashion-MNIST) with :class:`~smallbn.experiments.models.SmallResNet`.
 
-Three studies, each a set of runs (one per seed and setting) whose rows go to
+Four studies, each a set of runs (one per seed and setting) whose rows go to
 ``<output-dir>/<study>/results.jsonl``, with a Markdown report (``results.md``) and a plot
 (``<study>.png``) beside them:
 
@@ -26,7 +26,16 @@ Three studies, each a set of runs (one per seed and setting) whose rows go to
   target batch.  (b) trained on two domains at once (the original images and a shifted copy
   of each, as two FPN levels sharing a head, one :class:`~smallbn.DomainBatchNorm` per
   norm): statistics shared by the domains or specific to each (:func:`smallbn.use_domain`),
-  in training and, by PreciseBN, at test: the four combinations of the paper's Table 5.
+  in training and, by PreciseBN, at test: the four combinations of the paper's Table 5;
+  each with one affine shared by the domains and with one per domain
+  (``per_domain_affine=True``), the paper's other choice.
+* ``leakage`` — **information leakage** (the paper's §6, "batch from correlated samples").
+  SGD batches of 32 made of simulated devices of 2 samples of one class each (the RoIs of one
+  image in a detection head), normalized per device (BN on each device's batch), by Ghost BN
+  over :data:`GHOST_DEVICES` devices, by Shuffle BN (each device normalizes a random share of
+  the shuffled batch) and by SyncBN (the whole batch).  Trained by the comparison job's
+  :func:`compare.run_one`; under ``torchrun`` every process holds half of each batch, and
+  Shuffle BN exchanges samples, SyncBN statistics, across the processes.
 
 Every report states what the paper found and whether the numbers of this run reproduce it,
 decided from the numbers by the rules in :func:`findings` (with the tolerance
@@ -37,7 +46,7 @@ run is claimed (``checkpoints/<tag>.lock``) before it is trained, checkpointed a
 every ``checkpoint_every`` steps, at the end of every epoch (with what it has measured so far)
 and between its stages; a rerun skips finished runs and resumes an interrupted one; damaged
 lines of ``results.jsonl`` are set aside; invocations sharing an output folder train each run
-once.  Single process only (no torchrun).
+once.  Single process, except the leakage study, which also runs under ``torchrun``.
 """
 
 from __future__ import annotations
