@@ -1,5 +1,5 @@
 """The ``smallbn`` command line: ``smallbn demo``, ``smallbn record``, ``smallbn compare``,
-``smallbn rethink`` and ``smallbn bench layers|network``."""
+``smallbn rethink``, ``smallbn bench layers|network`` and ``smallbn import-checkpoint``."""
 
 from __future__ import annotations
 
@@ -806,6 +806,61 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     network.add_argument("--batch-size", type=_count(1), default=32)
 
 
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    from smallbn._io import atomic_write
+    from smallbn.checkpoints import ReleaseLayoutError, release_state_dict
+
+    try:
+        state, report = release_state_dict(args.release, args.file, args.arch, part=args.part)
+    except (ReleaseLayoutError, FileNotFoundError) as error:
+        print(f"smallbn import-checkpoint: error: {error}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        print(f"smallbn import-checkpoint: error: {out.parent} is not a folder", file=sys.stderr)
+        return 1
+    atomic_write(out, lambda handle: torch.save(state, handle))
+    print(report.summary())
+    options = "".join(f", {k}={v!r}" for k, v in report.norm_options.items())
+    if args.part == "backbone":
+        build = f"torchvision.models.{args.arch}()"
+        if report.norm != "bn":
+            build = f"smallbn.convert({build}, {report.norm!r}{options})"
+        print(f"load it into: {build}  (smallbn.checkpoints.load_release does both)")
+    print(f"written: {out}")
+    return 0
+
+
+def _add_import_checkpoint_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    from smallbn.checkpoints import ARCHS, RELEASES
+
+    command = commands.add_parser(
+        "import-checkpoint",
+        help="convert an SN, MABN or CBN release checkpoint to a smallbn torchvision ResNet "
+        "state_dict",
+        description="Reads a checkpoint of the authors' release (SN: Switchable-Normalization "
+        "ResNet v1 or SwitchNorm_Detection; MABN: cls/ or maskrcnn-benchmark; CBN: "
+        "mmdetection R-50-FPN), maps it onto torchvision's ResNet with smallbn's layers and "
+        "writes the state_dict; prints what was mapped, dropped and added.",
+    )
+    command.add_argument("--from", dest="release", choices=list(RELEASES), required=True)
+    command.add_argument(
+        "--arch", choices=list(ARCHS), default="resnet50", help="(default: resnet50)"
+    )
+    command.add_argument(
+        "--part",
+        choices=["backbone", "detector"],
+        default="backbone",
+        help="cbn: the torchvision backbone, or every key under mmdetection's names "
+        "(default: backbone)",
+    )
+    command.add_argument("file", help="the release's checkpoint file")
+    command.add_argument("out", help="where to write the converted state_dict (torch.save)")
+    command.set_defaults(run=_import_checkpoint, parser=command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallbn.experiments.demo import DEFAULT_METHODS
 
@@ -826,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(commands)
     _add_rethink_parser(commands)
     _add_bench_parser(commands)
+    _add_import_checkpoint_parser(commands)
     return parser
 
 

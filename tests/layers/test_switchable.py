@@ -352,3 +352,50 @@ def test_mixture_report_table_and_plot(tmp_path):
     assert f"| 1 | 0.11 | 0.11 | {expected:.2f} | 0.33 | 0.33 | 0.33 |" in table
     assert "| 2 | 0.50 | 0.50 | – |" in table
     assert plot_mixture(model, tmp_path / "mix.png").stat().st_size > 1000
+
+
+def _release_switch_norm(x, layer):
+    """The authors' SwitchNorm2d forward (devkit/ops/switchable_norm.py), float64: IN's
+    variance by torch.var's default (unbiased), LN from IN's moments, BN from the running
+    statistics (eval) or from IN's moments (training), eps after the mixture."""
+    n, c, h, w = x.shape
+    v = x.double().view(n, c, -1)
+    mean_in, var_in = v.mean(-1, keepdim=True), v.var(-1, keepdim=True)
+    mean_ln = mean_in.mean(1, keepdim=True)
+    temp = var_in + mean_in**2
+    var_ln = temp.mean(1, keepdim=True) - mean_ln**2
+    if layer.training:
+        mean_bn = mean_in.mean(0, keepdim=True)
+        var_bn = temp.mean(0, keepdim=True) - mean_bn**2
+    else:
+        mean_bn = layer.running_mean.double().view(1, c, 1)
+        var_bn = layer.running_var.double().view(1, c, 1)
+    mw = torch.softmax(layer.mean_weight.double(), 0)
+    vw = torch.softmax(layer.var_weight.double(), 0)
+    mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * mean_bn
+    var = vw[0] * var_in + vw[1] * var_ln + vw[2] * var_bn
+    y = ((v - mean) / (var + layer.eps).sqrt()).view(n, c, h, w)
+    return y * layer.weight.double().view(1, c, 1, 1) + layer.bias.double().view(1, c, 1, 1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("spatial", [(2, 1), (3, 5), (7, 7)])
+def test_unbiased_instance_var_is_the_release_inference(training, spatial):
+    torch.manual_seed(0)
+    layer = smallbn.SwitchableNorm2d(6, unbiased_instance_var=True).double()
+    with torch.no_grad():
+        layer.mean_weight.normal_()
+        layer.var_weight.normal_()
+        layer.weight.normal_()
+        layer.bias.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2)
+    layer.train(training)
+    x = torch.randn(4, 6, *spatial, dtype=torch.float64) * 3 + 1
+    expected = _release_switch_norm(x, layer)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert "unbiased_instance_var=True" in repr(layer)
+    default = smallbn.SwitchableNorm2d(6).double()
+    default.load_state_dict(layer.state_dict())
+    default.train(training)
+    assert not torch.allclose(default(x), expected, rtol=1e-4)  # the paper's population moments

@@ -62,6 +62,13 @@ class SwitchableNorm(BatchStatsNorm):
         norm_batch_size: the BN branch uses the statistics of consecutive groups of this
             many samples (a simulated small normalization batch).
         sync: pool the batch branch's statistics across processes.
+        unbiased_instance_var: the authors' release computes σ²_in with ``torch.var``'s
+            default Bessel correction (divisor M − 1 over the M spatial values, not M), and
+            builds LN's and the training BN branch's statistics from it by the formulas
+            above.  ``True`` does the same, so that the release's trained models
+            (:mod:`smallbn.checkpoints`) give their own outputs; ``False`` (default) uses the
+            paper's population moments.  On a single spatial value the corrected variance is
+            undefined and the IN branch is left out (the release returns NaN there).
 
     State: BN's keys plus ``mean_weight`` and ``var_weight`` (the logits λ, λ'); a BN
     checkpoint without them loads with equal logits.
@@ -85,6 +92,7 @@ class SwitchableNorm(BatchStatsNorm):
         norm_batch_size: int | None = None,
         sync: bool = False,
         process_group: _distributed.ProcessGroup | None = None,
+        unbiased_instance_var: bool = False,
     ) -> None:
         chosen = tuple(b.lower() for b in branches)
         if not chosen or any(b not in BRANCHES for b in chosen) or len(set(chosen)) != len(chosen):
@@ -107,6 +115,7 @@ class SwitchableNorm(BatchStatsNorm):
             sync=sync,
             process_group=process_group,
         )
+        self.unbiased_instance_var = bool(unbiased_instance_var)
         k = len(self.branches)
         self.mean_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.ones(k, device=device, dtype=dtype))
@@ -119,7 +128,10 @@ class SwitchableNorm(BatchStatsNorm):
                 self.weight.zero_()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", branches={self.branches}"
+        text = super().extra_repr() + f", branches={self.branches}"
+        if self.unbiased_instance_var:
+            text += ", unbiased_instance_var=True"
+        return text
 
     def mixture(self) -> dict[str, dict[str, float]]:
         """The current softmax weights ``{"mean": {"in": …, …}, "var": {…}}``."""
@@ -233,6 +245,10 @@ class SwitchableNorm(BatchStatsNorm):
             self._check_finite(instance, x)
         n, c = instance.mean.shape
         per_sample = math.prod(x.shape[2:]) if n else 0  # from the shape: no device sync
+        if self.unbiased_instance_var and per_sample > 1:  # the release's torch.var default
+            instance = Moments(
+                instance.count, instance.mean, instance.var * (per_sample / (per_sample - 1))
+            )
         stats: dict[str, tuple[Tensor, Tensor]] = {}
         usable: dict[str, bool] = {}
         if "in" in self.branches:
