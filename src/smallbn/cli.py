@@ -503,7 +503,7 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         choices=sorted(PRESETS),
         default="default",
         help="default: about 20 minutes on 2 free CPU cores; long: all 60,000 training "
-        "images, more epochs, 3 seeds (about 9 hours on 2 cores, estimated); smoke: seconds, "
+        "images, more epochs, 3 seeds (about 15 hours on 2 cores, estimated); smoke: seconds, "
         "for tests (default: default)",
     )
     rethink.add_argument(
