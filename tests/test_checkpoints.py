@@ -479,3 +479,7 @@ def test_import_checkpoint_command_writes_the_state_dict(torchvision, tmp_path, 
         cli.main(["import-checkpoint", "--from", "xyz", str(source), str(out)])
     code = cli.main(["import-checkpoint", "--from", "mabn", str(source), str(out)])
     assert code == 1 and "missing key" in capsys.readouterr().err
+    torch.save(cbn_release_file(), source)
+    cli.main(["import-checkpoint", "--from", "cbn", "--part", "detector", str(source), str(out)])
+    assert "norm_cfg=dict(type='CBN', eps_placement='outside')" in capsys.readouterr().out
+    assert "neck.fpn_convs.0.bn.num_batches_tracked" in torch.load(out, weights_only=True)

@@ -232,23 +232,23 @@ def _blocks_per_stage(keys: set[str]) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def _norm_prefixes(arch: str) -> list[str]:
-    """Every norm layer of a torchvision bottleneck ResNet, by its module name."""
-    prefixes = ["bn1"]
+@functools.cache
+def _conv_norm_pairs(arch: str) -> tuple[tuple[str, str], ...]:
+    """Every (convolution, the norm after it) of a torchvision bottleneck ResNet, by name."""
+    pairs = [("conv1", "bn1")]
     for stage, blocks in enumerate(ARCHS[arch], start=1):
         for i in range(blocks):
-            prefixes += [f"layer{stage}.{i}.bn{k}" for k in (1, 2, 3)]
-        prefixes.append(f"layer{stage}.0.downsample.1")
-    return prefixes
+            pairs += [(f"layer{stage}.{i}.conv{k}", f"layer{stage}.{i}.bn{k}") for k in (1, 2, 3)]
+        pairs.append((f"layer{stage}.0.downsample.0", f"layer{stage}.0.downsample.1"))
+    return tuple(pairs)
+
+
+def _norm_prefixes(arch: str) -> list[str]:
+    return [norm for _, norm in _conv_norm_pairs(arch)]
 
 
 def _conv_keys(arch: str) -> list[str]:
-    keys = ["conv1.weight"]
-    for stage, blocks in enumerate(ARCHS[arch], start=1):
-        for i in range(blocks):
-            keys += [f"layer{stage}.{i}.conv{k}.weight" for k in (1, 2, 3)]
-        keys.append(f"layer{stage}.0.downsample.0.weight")
-    return keys
+    return [f"{conv}.weight" for conv, _ in _conv_norm_pairs(arch)]
 
 
 def _check_arch(keys: set[str], arch: str, release: str) -> None:
@@ -321,8 +321,7 @@ def _copy_convs_and_fc(
 
 def _output_channels(out: dict[str, Tensor], prefix: str) -> int:
     """Channels of the norm ``prefix`` from the convolution that feeds it."""
-    conv = re.sub(r"bn(\d)$", r"conv\1", prefix) if prefix != "bn1" else "conv1"
-    conv = conv.replace("downsample.1", "downsample.0")
+    conv = dict((norm, conv) for conv, norm in _conv_norm_pairs("resnet101"))[prefix]
     return int(out[f"{conv}.weight"].shape[0])
 
 
