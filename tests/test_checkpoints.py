@@ -316,7 +316,7 @@ def test_sn_detectron_layout_is_the_same_model(torchvision):
         else:
             name = f"Conv_Body.conv_body.res{int(sd[5]) + 1}" + sd[6:]
         converted[name] = value
-    from_detectron, report = release_state_dict("sn", {"model": converted})
+    from_detectron, report = checkpoints.sn_state_dict({"model": converted})
     from_classification, _ = release_state_dict("sn", file)
     assert report.layout.startswith("SwitchNorm_Detection")
     assert from_detectron.keys() == from_classification.keys()
@@ -358,7 +358,7 @@ def test_cbn_release_backbone_and_its_cbn_layers(torchvision):
     assert any(key.startswith("neck.") for key, _ in report.dropped)
     # part="detector": every key under mmdetection's names, the CBN layers with the release's
     # eps placement: CBatchNorm2d's eval (x − μ)/(sqrt(σ²) + eps) γ + β
-    state, detector = release_state_dict("cbn", file, part="detector")
+    state, detector = checkpoints.cbn_state_dict(file, part="detector")
     assert detector.norm_options == {"eps_placement": "outside", "eps": EPS}
     prefix = "neck.fpn_convs.2.bn."
     layer = CrossIterationBatchNorm2d(256, **detector.norm_options)
@@ -406,7 +406,7 @@ def test_a_missing_key_is_named():
     file = mabn_release_file()
     del file["model"]["layer3.2.bn2.running_var"]
     with pytest.raises(ReleaseLayoutError, match="missing key 'layer3.2.bn2.running_var'"):
-        release_state_dict("mabn", file)
+        checkpoints.mabn_state_dict(file)
     file = mabn_release_file()
     del file["model"]["layer2.1.conv2.weight"]
     with pytest.raises(ReleaseLayoutError, match="missing key 'layer2.1.conv2.weight'"):

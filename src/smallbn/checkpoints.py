@@ -7,7 +7,9 @@ its keys to those of a torchvision ``resnet50``/``resnet101`` whose norm layers 
 (:func:`smallbn.convert`), reshape what differs, carry the method's state over, and say what
 they dropped and why.  :func:`load_release` does it all on a torchvision model;
 :func:`release_state_dict` returns the converted ``state_dict`` (``smallbn
-import-checkpoint`` writes it), with the layer options that reproduce the release's inference.
+import-checkpoint`` writes it), with the layer options that reproduce the release's inference;
+:func:`sn_state_dict`, :func:`mabn_state_dict` and :func:`cbn_state_dict` are the same for one
+release each (every layout of that release is recognised from its keys).
 
 The layouts, read from the authors' public code (``switchablenorms/Switchable-Normalization``,
 ``switchablenorms/SwitchNorm_Detection``, ``megvii-model/MABN``,
@@ -71,9 +73,12 @@ __all__ = [
     "RELEASES",
     "ImportReport",
     "ReleaseLayoutError",
+    "cbn_state_dict",
     "load_release",
+    "mabn_state_dict",
     "read_release",
     "release_state_dict",
+    "sn_state_dict",
 ]
 
 #: torchvision ResNet name → bottleneck blocks per stage.
@@ -571,6 +576,30 @@ def release_state_dict(
         out, report = _cbn(state, arch, part)
     report.dropped[:0] = top_level
     return out, report
+
+
+def sn_state_dict(
+    source: str | Path | Mapping[str, Any], arch: str = "resnet50"
+) -> tuple[dict[str, Tensor], ImportReport]:
+    """Switchable Normalization's ResNet v1 release (or SwitchNorm_Detection's converted
+    file): :func:`release_state_dict` with ``release="sn"``."""
+    return release_state_dict("sn", source, arch)
+
+
+def mabn_state_dict(
+    source: str | Path | Mapping[str, Any], arch: str = "resnet50"
+) -> tuple[dict[str, Tensor], ImportReport]:
+    """MABN's classification (``cls/``) or maskrcnn-benchmark backbone release:
+    :func:`release_state_dict` with ``release="mabn"``."""
+    return release_state_dict("mabn", source, arch)
+
+
+def cbn_state_dict(
+    source: str | Path | Mapping[str, Any], arch: str = "resnet50", *, part: str = "backbone"
+) -> tuple[dict[str, Tensor], ImportReport]:
+    """Cross-Iteration BN's mmdetection release: :func:`release_state_dict` with
+    ``release="cbn"``."""
+    return release_state_dict("cbn", source, arch, part=part)
 
 
 # -- into a model --------------------------------------------------------------------------------
