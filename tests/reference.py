@@ -1,4 +1,4 @@
-"""Independent float64 reference implementations, written straight from /work/shared/SPEC.md.
+"""Independent float64 reference implementations, written straight from docs/methods.md.
 
 Nothing here imports smallbn: the tests compare the library against these numbers.  The
 code favours the obvious over the fast: statistics are computed from a flattened
@@ -6,7 +6,7 @@ code favours the obvious over the fast: statistics are computed from a flattened
 gradients come from autograd through these formulas.  Every input is promoted to float64
 first (``x.double()`` keeps the autograd connection to ``x``).
 
-Conventions (torch.nn.BatchNorm semantics, SPEC "BN"):
+Conventions (torch.nn.BatchNorm semantics, docs/methods.md "BN"):
 
 * normalize with the biased batch variance, eps inside the square root;
 * running_var tracks the Bessel-corrected (unbiased) variance;
@@ -124,7 +124,7 @@ class RefBatchNorm:
 def limit_schedule(
     step: int, r_max: float, d_max: float, warmup_steps: int, r_end: int, d_end: int
 ) -> tuple[float, float]:
-    """BRN's clipping bounds at 0-based training step ``step`` (SPEC "BRN", schedule).
+    """BRN's clipping bounds at 0-based training step ``step`` (docs/methods.md "BRN", schedule).
 
     ``r_max = 1``, ``d_max = 0`` up to step ``warmup_steps``, then linear to the final
     values, reached at steps ``r_end`` / ``d_end``.  Assumes ``r_end, d_end > warmup_steps``.
@@ -286,7 +286,7 @@ def switchable_norm(
     training: bool,
     branches: tuple[str, ...] = ("in", "ln", "bn"),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Switchable Normalization (SPEC "SN"), straight from the formulas; returns the output
+    """Switchable Normalization (methods.md "SN"), straight from the formulas; returns the output
     and the updated running mean/var.  Every branch is assumed computable."""
     x64 = x.double()
     n, c = x64.shape[:2]
@@ -319,13 +319,13 @@ def switchable_norm(
 
 
 class RefMovingAverageBatchNorm:
-    """Moving Average Batch Normalization (SPEC "MABN"), float64, one SMA step at a time.
+    """Moving Average Batch Normalization (docs/methods.md "MABN"), float64, one SMA step at a time.
 
     ``train_step(x, grad_y)`` runs the forward of every group of ``norm_batch_size`` consecutive
     samples (the last may be smaller; ``None``: one group) as consecutive steps, then the
     backward of the groups in the same order, and returns ``(y, ∂L/∂x, ∂L/∂γ, ∂L/∂β)`` for the
     loss ``Σ y·grad_y``.  The backward is MABN's moving-average formula written out, not
-    autograd's.  Conventions (where SPEC is silent, as smallbn documents them):
+    autograd's.  Conventions (where docs/methods.md is silent, as smallbn documents them):
 
     * a step ``t`` counts groups from 0; steps ``t < warmup`` use ``χ²_t`` / ``Ψ_t`` alone,
       later ones the mean of the last ``window`` values (fewer while the window fills);
@@ -417,7 +417,7 @@ class RefMovingAverageBatchNorm:
 
 
 class RefCrossIterationBatchNorm(RefBatchNorm):
-    """Cross-Iteration BN (SPEC "CBN"), straight from the formulas: at each training step the
+    """Cross-Iteration BN (methods.md "CBN"), straight from the formulas: at each training step the
     derivatives of the batch mean μ = E[x] and second moment ν = E[x²] with respect to the
     producer's parameters come from autograd (``torch.func.jacrev``), and the window is a
     plain list of past iterations, compensated one by one:
@@ -589,7 +589,7 @@ def ref_batch_renorm(
     d_max: float,
 ) -> Normalized:
     """One BRN training step with the running statistics before it and the limits in force:
-    ``x̂ = (x − μ_B)/σ_B · r + d``, r and d without gradient (SPEC "BRN")."""
+    ``x̂ = (x − μ_B)/σ_B · r + d``, r and d without gradient (docs/methods.md "BRN")."""
     x = x.double()
     _, mean, var = channel_stats(x)
     with torch.no_grad():
@@ -680,8 +680,8 @@ def ref_switchable_norm(
     training: bool,
     branches: tuple[str, ...] = ("in", "ln", "bn"),
 ) -> Normalized:
-    """Switchable Normalization (SPEC "SN") with the branches that cannot be computed left out
-    of the mixture and the other weights renormalized, as smallbn documents it (SPEC only
+    """Switchable Normalization (methods.md "SN") with the branches that cannot be computed left out
+    of the mixture and the other weights renormalized, as smallbn documents it (docs/methods.md only
     asks for no NaN there): IN needs more than one value per sample and channel, LN more than
     one per sample, BN (training) more than one per channel.  Raises ``ValueError`` where no
     branch is left."""
@@ -691,7 +691,7 @@ def ref_switchable_norm(
     flat = x.reshape(n, c, -1)
     mu_in = flat.mean(-1)
     var_in = (flat - mu_in.unsqueeze(-1)).square().mean(-1)
-    # SPEC's mean(σ²_in + μ_in²) − μ², in the centred form mean(σ²_in + (μ_in − μ)²): the same
+    # the spec's mean(σ²_in + μ_in²) − μ², in the centred form mean(σ²_in + (μ_in − μ)²): the same
     # number without the cancellation at |μ| ≫ σ
     mu_ln = mu_in.mean(1, keepdim=True)
     var_ln = (var_in + (mu_in - mu_ln).square()).mean(1, keepdim=True)
@@ -733,7 +733,7 @@ def ref_switchable_norm(
 def ref_moving_average_first_step(
     x: Tensor, eps: float, weight: Tensor | None, bias: Tensor | None
 ) -> Normalized:
-    """MABN's first training step (SPEC "MABN"; warm-up: χ²_t and Ψ_t alone, r = 1):
+    """MABN's first training step (docs/methods.md "MABN"; warm-up: χ²_t and Ψ_t alone, r = 1):
     ``y = γ x/sqrt(E_R[x²] + eps) + β``.  With v = χ²_t and Ψ̄ = Ψ_t, MABN's backward
     ``(ĝ − z·Ψ_t)/sqrt(v + eps)`` is exactly autograd's gradient of this formula."""
     x = x.double()

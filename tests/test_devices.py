@@ -1,6 +1,6 @@
 """Every method and tool on every available device (CPU always, CUDA where present).
 
-The rest of the suite checks each layer against float64 references written from SPEC.md on
+The rest of the suite checks each layer against float64 references written from docs/methods.md on
 CPU.  Here the same layer runs on each device in float32 (and under autocast, and as a
 half-precision model) and must give what it gives on CPU in float64: outputs, gradients and
 running buffers, step after step.  On a GPU this runs the CUDA kernels of every method; the

@@ -26,7 +26,7 @@ raising where the definition has no value, not to the message rules; cases where
 refuses the dtypes (a float64 input into a float32 layer) are not drawn for it.
 
 Cross-iteration methods (cbn, mabn) are checked on their first training step (empty window,
-warm-up: plain BN, and ``γ x/sqrt(E[x²] + eps) + β``); their later steps are SPEC's and
+warm-up: plain BN, and ``γ x/sqrt(E[x²] + eps) + β``); their later steps are the spec's and
 tested in tests/layers.
 
 Defects the property test found are fixed; the cases that showed them run on every test run

@@ -43,7 +43,7 @@ CONFIGS = [
 
 
 def _centred(weight: torch.Tensor) -> torch.Tensor:
-    """Straight from SPEC: W_j − mean(W_j) over (C_in/groups, *kernel), one j at a time."""
+    """Straight from methods.md: W_j − mean(W_j) over (C_in/groups, *kernel), one j at a time."""
     rows = [w - w.mean() for w in weight]
     return torch.stack(rows)
 

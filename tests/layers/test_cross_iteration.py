@@ -1,4 +1,4 @@
-"""Cross-Iteration BN against the float64 reference written from SPEC.md (tests/reference.py:
+"""Cross-Iteration BN against the float64 reference written from methods.md (tests/reference.py:
 derivatives by autograd, a plain loop over the window), over real SGD trajectories of
 producer + norm blocks; identities (unchanged weights = BN over the concatenated batches, no
 compensation = naive pooling, gradient accumulation = exactly no compensation); checkpoints,

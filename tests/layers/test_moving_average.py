@@ -1,4 +1,4 @@
-"""Moving Average Batch Normalization against the float64 reference written from SPEC.md
+"""Moving Average Batch Normalization against the float64 reference written from docs/methods.md
 (tests/reference.py: one SMA step per group, forward and the moving-average backward written
 out), gradcheck of the autograd Function where its backward is an exact derivative, state,
 checkpoints, errors, conversion, and synchronization over 2 gloo processes."""

@@ -1,4 +1,4 @@
-"""SwitchableNorm against a float64 reference written from SPEC.md, and the single-branch
+"""SwitchableNorm against a float64 reference written from docs/methods.md, and the single-branch
 identities with torch's InstanceNorm / LayerNorm (as GroupNorm) / BatchNorm."""
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ def test_rejects_bad_constructor_args(momentum):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_input_statistics_are_float32_without_affine(dtype):
-    """SPEC: statistics in float32 at least, also when there is no γ/β to carry the dtype."""
+    """methods.md: statistics in float32 at least, also when there is no γ/β to carry the dtype."""
     x = (torch.randn(8, 3, 5, 5, dtype=torch.float64) * 3 + 7).to(dtype)
     layer = smallbn.SyncBatchNorm(3, affine=False, momentum=1.0)
     layer(x)

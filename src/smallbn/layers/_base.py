@@ -520,7 +520,7 @@ class NormBase(nn.Module):
         """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the
         :attr:`_float32_buffers` in float32 at least (float64 stays float64): sums and
         differences of stored statistics would lose their accuracy, or overflow, in a
-        half-precision dtype (SPEC: statistics in float32 at least)."""
+        half-precision dtype (docs/methods.md: statistics in float32 at least)."""
         originals = {name: self._buffers.get(name) for name in self._float32_buffers}
         super()._apply(fn, recurse)
         for name, original in originals.items():
