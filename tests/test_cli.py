@@ -144,3 +144,42 @@ def test_demo_refuses_values_it_cannot_run(capsys, options, message):
 def test_bench_refuses_a_negative_seed(capsys):
     err = _usage_error(capsys, ["bench", "network", "--seed", "-1"])
     assert "argument --seed: need an integer from 0 to 4294967295" in err
+
+
+def _subcommands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subcommands(sub, (*prefix, name))
+
+
+def test_every_option_of_every_command_has_help_with_its_default(capsys):
+    parser = cli.build_parser()
+    commands = list(_subcommands(parser))
+    assert {" ".join(c) for c, _ in commands} >= {
+        "demo", "record", "compare", "rethink", "bench", "bench layers", "bench network",
+        "import-checkpoint",
+    }  # fmt: skip
+    for command, sub in commands:
+        options = [
+            a for a in sub._actions if a.option_strings and a.option_strings != ["-h", "--help"]
+        ]
+        if not options:
+            continue
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for action in options:
+            assert action.help, (command, action.option_strings)
+            assert action.option_strings[0] in text
+        missing = [
+            a.option_strings[0]
+            for a in options
+            if not a.required
+            and "(default: " not in " ".join(sub.formatter_class("x")._get_help_string(a).split())
+        ]
+        assert not missing, (command, missing)
+        assert text.count("(default: ") >= sum(1 for a in options if not a.required), command

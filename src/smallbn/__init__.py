@@ -2,139 +2,30 @@
 
 Layers (:mod:`smallbn.layers`) are built on one statistics core (:mod:`smallbn.stats`);
 :func:`build_norm` makes one by name and :func:`convert` swaps every norm layer of a model.
+The top level holds the public names of the layers and the tools; the released-checkpoint
+loaders (:mod:`smallbn.checkpoints`), the framework integrations (:mod:`smallbn.integrations`)
+and the jobs (:mod:`smallbn.experiments`, :mod:`smallbn.bench`) stay submodules.
 """
 
-from smallbn.convert import (
-    ConversionWarning,
-    Converted,
-    ConvertReport,
-    Kept,
-    bind_producers,
-    convert,
-    convert_with_report,
-    freeze_norms,
-    is_frozen_batch_norm,
-    is_norm_layer,
-    uses_batch_stats,
-)
-from smallbn.fold import FoldReport, fold, fold_with_report
-from smallbn.layers import (
-    BatchRenorm,
-    BatchRenorm1d,
-    BatchRenorm2d,
-    BatchRenorm3d,
-    CenteredConv1d,
-    CenteredConv2d,
-    CenteredConv3d,
-    CrossIterationBatchNorm,
-    CrossIterationBatchNorm1d,
-    CrossIterationBatchNorm2d,
-    CrossIterationBatchNorm3d,
-    DomainBatchNorm,
-    DomainBatchNorm1d,
-    DomainBatchNorm2d,
-    DomainBatchNorm3d,
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    GhostBatchNorm,
-    GhostBatchNorm1d,
-    GhostBatchNorm2d,
-    GhostBatchNorm3d,
-    GroupedNorm,
-    GroupNorm,
-    InstanceNorm,
-    LayerNorm,
-    MovingAverageBatchNorm,
-    MovingAverageBatchNorm1d,
-    MovingAverageBatchNorm2d,
-    MovingAverageBatchNorm3d,
-    ShuffleBatchNorm,
-    ShuffleBatchNorm1d,
-    ShuffleBatchNorm2d,
-    ShuffleBatchNorm3d,
-    SwitchableNorm,
-    SwitchableNorm1d,
-    SwitchableNorm2d,
-    SwitchableNorm3d,
-    SyncBatchNorm,
-    check_finite,
-    set_finite_check,
-    use_domain,
-)
-from smallbn.population import FreezeNormsAt, batch_stats_eval, precise_bn
-from smallbn.recorder import Recording, StatsRecorder, plot_stats
-from smallbn.registry import available_norms, build_norm, register_norm, resolve_norm
+import importlib as _importlib
+
+from smallbn.convert import *  # noqa: F403
+from smallbn.fold import *  # noqa: F403
+from smallbn.layers import *  # noqa: F403
+from smallbn.population import *  # noqa: F403
+from smallbn.recorder import *  # noqa: F403
+from smallbn.registry import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BatchRenorm",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "CenteredConv1d",
-    "CenteredConv2d",
-    "CenteredConv3d",
-    "ConversionWarning",
-    "ConvertReport",
-    "Converted",
-    "CrossIterationBatchNorm",
-    "CrossIterationBatchNorm1d",
-    "CrossIterationBatchNorm2d",
-    "CrossIterationBatchNorm3d",
-    "FoldReport",
-    "FreezeNormsAt",
-    "DomainBatchNorm",
-    "DomainBatchNorm1d",
-    "DomainBatchNorm2d",
-    "DomainBatchNorm3d",
-    "FrozenBatchNorm",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "GhostBatchNorm",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "GroupNorm",
-    "GroupedNorm",
-    "InstanceNorm",
-    "Kept",
-    "LayerNorm",
-    "MovingAverageBatchNorm",
-    "MovingAverageBatchNorm1d",
-    "MovingAverageBatchNorm2d",
-    "MovingAverageBatchNorm3d",
-    "Recording",
-    "ShuffleBatchNorm",
-    "ShuffleBatchNorm1d",
-    "ShuffleBatchNorm2d",
-    "ShuffleBatchNorm3d",
-    "StatsRecorder",
-    "SwitchableNorm",
-    "SwitchableNorm1d",
-    "SwitchableNorm2d",
-    "SwitchableNorm3d",
-    "SyncBatchNorm",
-    "available_norms",
-    "bind_producers",
-    "batch_stats_eval",
-    "build_norm",
-    "convert",
-    "convert_with_report",
-    "fold",
-    "fold_with_report",
-    "freeze_norms",
-    "is_frozen_batch_norm",
-    "is_norm_layer",
-    "plot_stats",
-    "precise_bn",
-    "register_norm",
-    "resolve_norm",
-    "check_finite",
-    "set_finite_check",
-    "use_domain",
-    "uses_batch_stats",
-]
+#: The submodules whose ``__all__`` make up smallbn's: one list per name, kept where it is
+#: defined.
+_PUBLIC_MODULES = ("convert", "fold", "layers", "population", "recorder", "registry")
+
+__all__ = sorted(
+    {
+        name
+        for module in _PUBLIC_MODULES
+        for name in _importlib.import_module(f"smallbn.{module}").__all__
+    }
+)

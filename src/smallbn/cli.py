@@ -172,12 +172,16 @@ def _add_record_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action="store_true",
         help="record g_B, Psi_B of the raw dL/dy instead of scaling it by the batch size",
     )
-    record.add_argument("--lr", type=_positive_float, default=0.02)
-    record.add_argument("--train-samples", type=_count(1), default=6000)
+    record.add_argument("--lr", type=_positive_float, default=0.02, help="SGD learning rate")
+    record.add_argument(
+        "--train-samples", type=_count(1), default=6000, help="training images (the first ones)"
+    )
     _add_data_arguments(record, "fashion-mnist")
-    record.add_argument("--output-dir", default="runs/record")
-    record.add_argument("--format", default="pt", choices=["pt", "npz"])
-    record.add_argument("--seed", type=_seed, default=0)
+    record.add_argument("--output-dir", default="runs/record", help="where the recordings go")
+    record.add_argument(
+        "--format", default="pt", choices=["pt", "npz"], help="file format of the recordings"
+    )
+    record.add_argument("--seed", type=_seed, default=0, help="seed of the weights and batches")
     record.set_defaults(run=_record, parser=record)
 
 
@@ -250,8 +254,19 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) ->
     """The dataset and thread options every job shares."""
     from smallbn.experiments.data import DATASETS
 
-    parser.add_argument("--dataset", default=dataset, choices=list(DATASETS))
-    parser.add_argument("--data-root", default=None, help="folder of --dataset (default: Debian's)")
+    parser.add_argument(
+        "--dataset",
+        default=dataset,
+        choices=list(DATASETS),
+        help="fashion-mnist falls back to the scikit-learn digits, labelled so, without "
+        "Debian's dataset-fashion-mnist"
+        + ("" if dataset else " (default: the preset's, fashion-mnist)"),
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of --dataset (default: Debian's, for fashion-mnist)",
+    )
     parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
 
 
@@ -326,37 +341,63 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "compare",
         help="sweep methods x normalization batch sizes x seeds; table and plot of test error",
     )
-    compare.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    compare.add_argument("--full", action="store_true", help="the complete table (long; GPU)")
+    compare.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="default: the README's sweep; full: every method at b = 2..32 (long); smoke: "
+        "seconds, for tests",
+    )
+    compare.add_argument(
+        "--full", action="store_true", help="the complete table (long; GPU): --preset full"
+    )
     compare.add_argument(
         "--methods",
         type=_names(tuple(METHODS), "method"),
         default=None,
         help=f"e.g. bn,cbn,mabn (default: preset; any of {','.join(METHODS)})",
     )
-    compare.add_argument("--batch-sizes", type=_batch_sizes, default=None, help="e.g. 2,4,32")
+    compare.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=None,
+        help="normalization batch sizes, e.g. 2,4,32 (default: the preset's per method)",
+    )
     compare.add_argument(
         "--compositions",
         type=_names(COMPOSITIONS, "composition"),
         default=None,
-        help="iid,correlated (default both)",
+        help="iid,correlated (default: both)",
     )
-    compare.add_argument("--seeds", type=_seeds, default=None, help="e.g. 0,1,2")
-    compare.add_argument("--epochs", type=_positive_float, default=None)
-    compare.add_argument("--train-samples", type=_count(1), default=None)
     compare.add_argument(
-        "--lr", type=_positive_float, default=None, help="peak learning rate (default 0.2)"
+        "--seeds", type=_seeds, default=None, help="e.g. 0,1,2 (default: the preset's, 0,1,2)"
+    )
+    compare.add_argument(
+        "--epochs",
+        type=_positive_float,
+        default=None,
+        help="training epochs, fractions allowed (default: the preset's, 3)",
+    )
+    compare.add_argument(
+        "--train-samples",
+        type=_count(1),
+        default=None,
+        help="training images, the first ones (default: the preset's, 8000)",
+    )
+    compare.add_argument(
+        "--lr", type=_positive_float, default=None, help="peak learning rate (default: 0.2)"
     )
     compare.add_argument(
         "--mode",
         choices=["groups", "sgd"],
         default=None,
-        help="groups: normalize groups of b inside SGD batches of 32 (default); sgd: SGD batch b",
+        help="groups: normalize groups of b inside SGD batches of 32; sgd: SGD batch b "
+        "(default: groups)",
     )
     compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
     _add_data_arguments(compare, None)
     compare.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--output-dir", default="runs/compare", help="where results go")
     compare.add_argument(
         "--checkpoint-every", type=_count(1), default=100, help="steps between run checkpoints"
     )
@@ -364,7 +405,7 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--jobs",
         type=_count(1),
         default=2,
-        help="runs at once on CPU, one thread each (default 2; 1 = one run with --threads)",
+        help="runs at once on CPU, one thread each; 1 = one run with --threads",
     )
     compare.set_defaults(run=_compare, parser=compare)
 
@@ -779,7 +820,7 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         )
         parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-        parser.add_argument("--seed", type=_seed, default=0)
+        parser.add_argument("--seed", type=_seed, default=0, help="seed of inputs and weights")
         parser.add_argument(
             "--no-finite-check",
             action="store_true",
@@ -803,7 +844,9 @@ def _add_bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         action="store_true",
         help="skip the second conv+BN block whose ratio to BN shows the run's noise",
     )
-    network.add_argument("--batch-size", type=_count(1), default=32)
+    network.add_argument(
+        "--batch-size", type=_count(1), default=32, help="images per training step"
+    )
 
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
@@ -845,7 +888,13 @@ def _add_import_checkpoint_parser(
         "mmdetection R-50-FPN), maps it onto torchvision's ResNet with smallbn's layers and "
         "writes the state_dict; prints what was mapped, dropped and added.",
     )
-    command.add_argument("--from", dest="release", choices=list(RELEASES), required=True)
+    command.add_argument(
+        "--from",
+        dest="release",
+        choices=list(RELEASES),
+        required=True,
+        help="the release the file comes from (required)",
+    )
     command.add_argument(
         "--arch", choices=list(ARCHS), default="resnet50", help="(default: resnet50)"
     )
@@ -861,6 +910,38 @@ def _add_import_checkpoint_parser(
     command.set_defaults(run=_import_checkpoint, parser=command)
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's help ends with its default: the value (lists as typed on the command
+    line), ``off`` for a flag, or the help's own ``(default: …)`` where the default is not a
+    value (a preset's, Debian's folder)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or action.required or "(default: " in text:
+            return text
+        default = action.default
+        if default is argparse.SUPPRESS:
+            return text
+        if isinstance(default, bool):
+            shown = "on" if default else "off"
+        elif default is None:
+            shown = "none"
+        elif isinstance(default, tuple | list):
+            shown = ",".join(str(v) for v in default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown})".strip()
+
+
+def _with_defaults_help(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every subcommand's parser the :class:`_DefaultsHelp` formatter."""
+    parser.formatter_class = _DefaultsHelp
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_defaults_help(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallbn.experiments.demo import DEFAULT_METHODS
 
@@ -869,19 +950,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="convert a small ResNet to each method and train briefly"
     )
-    demo.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    demo.add_argument("--steps", type=_count(1), default=300)
-    demo.add_argument("--batch-size", type=_count(1), default=8)
-    demo.add_argument("--train-samples", type=_count(1), default=6000)
-    demo.add_argument("--eval-samples", type=_count(1), default=2000)
+    demo.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registered names"
+    )
+    demo.add_argument("--steps", type=_count(1), default=300, help="training steps per method")
+    demo.add_argument("--batch-size", type=_count(1), default=8, help="SGD batch size")
+    demo.add_argument(
+        "--train-samples", type=_count(1), default=6000, help="training images (the first ones)"
+    )
+    demo.add_argument("--eval-samples", type=_count(1), default=2000, help="test images scored")
     _add_data_arguments(demo, "fashion-mnist")
-    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the weights and batches")
     demo.set_defaults(run=_demo, parser=demo)
     _add_record_parser(commands)
     _add_compare_parser(commands)
     _add_rethink_parser(commands)
     _add_bench_parser(commands)
     _add_import_checkpoint_parser(commands)
+    _with_defaults_help(parser)
     return parser
 
 
