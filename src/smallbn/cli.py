@@ -971,6 +971,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The jobs that write plots: they check for matplotlib before any work.
+_PLOTTING = {"compare", "rethink", "record"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    from smallbn._optional import require
+
+    try:
+        if args.command in _PLOTTING:
+            require("matplotlib", f"smallbn {args.command} (its plots)")
+        return int(args.run(args))
+    except ImportError as error:
+        if "pip install 'smallbn[" not in str(error):
+            raise
+        print(f"smallbn {args.command}: error: {error}", file=sys.stderr)
+        return 1

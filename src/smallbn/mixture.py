@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from smallbn._io import atomic_write
+from smallbn._optional import require
 from smallbn.layers import SwitchableNorm
 
 __all__ = ["format_mixture_table", "mixture_weights", "plot_mixture"]
@@ -39,8 +40,7 @@ def format_mixture_table(model: nn.Module) -> str:
 
 def plot_mixture(model: nn.Module, path: Path | str) -> Path:
     """Stacked bars of IN/LN/BN importance per layer, for mean and variance (PNG)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot_mixture")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

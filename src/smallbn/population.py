@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
 from smallbn import _distributed
+from smallbn._optional import tqdm
 from smallbn.convert import freeze_norms, uses_batch_stats
 from smallbn.layers import BatchStatsNorm, DomainBatchNorm, NormBase
 from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments

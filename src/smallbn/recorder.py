@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from smallbn._io import atomic_write
+from smallbn._optional import require
 from smallbn.convert import is_norm_layer
 from smallbn.stats import channel_moments, channel_view
 
@@ -757,6 +758,7 @@ def plot_stats(
     Figure 2 of Yan et al. (ICLR 2020), which compares batch 2 with batch 32.  Uses
     matplotlib's Agg canvas directly, so neither pyplot nor the global backend is touched.
     """
+    require("matplotlib", "plot_stats")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

@@ -51,9 +51,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from smallbn._io import atomic_write, claim, exclusive_lock
+from smallbn._optional import require, tqdm
 from smallbn.convert import ConversionWarning, bind_producers, uses_batch_stats
 from smallbn.experiments.data import (
     DEFAULT_FASHION_MNIST,
@@ -1192,8 +1192,7 @@ def _gap_table(cells: dict[tuple[str, str, int], list[float]], composition: str)
 def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Error (after PreciseBN) against normalization batch size, one line per method, one
     panel per composition (the MABN paper's figure)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the comparison plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

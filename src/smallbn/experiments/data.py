@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from smallbn._optional import require
+
 __all__ = [
     "DEFAULT_FASHION_MNIST",
     "Dataset",
@@ -244,7 +246,7 @@ def load_idx_dataset(root: Path | str, *, verify: bool = True, name: str | None 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     """scikit-learn's embedded 8×8 digits (1,797 images), split deterministically."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    sklearn_digits = require("sklearn.datasets", "the digits dataset").load_digits
 
     bunch = sklearn_digits()
     images, labels = bunch.images, bunch.target
@@ -381,7 +383,7 @@ def _image_pixels(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
     grayscale is divided by 257 (65535 → 255) instead; 32-bit integer and float images have no
     fixed range and are refused.
     """
-    from PIL import Image
+    Image = require("PIL.Image", "reading image files")
 
     with Image.open(path) as image:
         sixteen = image.mode in _SIXTEEN_BIT or (image.mode == "I" and image.format == "PNG")
@@ -406,7 +408,7 @@ def load_image_folder(
     grayscale if every image is grayscale (else RGB; 16-bit grayscale scaled to 8 bits), and
     resized to ``size`` (default: the first image's size).  Hidden entries and ``__*``
     folders are skipped."""
-    from PIL import Image
+    Image = require("PIL.Image", "an image folder dataset")
 
     root = Path(root)
     classes = (

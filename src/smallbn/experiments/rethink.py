@@ -67,9 +67,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
 from smallbn._io import atomic_write
+from smallbn._optional import require, tqdm
 from smallbn.experiments import compare
 from smallbn.experiments.compare import CheckpointError
 from smallbn.experiments.data import Dataset, OptionError, load_dataset
@@ -2081,8 +2081,7 @@ def format_report(study: str, rows: Sequence[dict[str, Any]]) -> str:
 
 def plot_study(study: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The study's figure (PNG)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the rethink plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

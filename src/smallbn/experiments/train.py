@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from smallbn._optional import tqdm
 
 __all__ = ["TrainResult", "batches", "evaluate", "train_steps"]
 
