@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: compare demo rethink test test-zoo gpu-check data clean
+.PHONY: compare demo rethink test test-zoo gpu-check wheel-check data clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,20 @@ test-zoo: $(VENV)/.installed
 OUT ?= runs/gpu_check
 gpu-check:
 	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(ARGS)
+
+# The wheel a user installs: built with `python -m build`, installed into a fresh virtual
+# environment (torch pinned through constraints.txt), checked to bring only torch and numpy
+# (and what they need) and to import and run; then its test extra and the suite against it.
+WHEEL_DIR := build/wheel-check
+wheel-check:
+	rm -rf $(WHEEL_DIR) && $(PYTHON) -m venv $(WHEEL_DIR)/build-env
+	$(WHEEL_DIR)/build-env/bin/pip install --quiet build
+	$(WHEEL_DIR)/build-env/bin/python -m build --wheel --outdir $(WHEEL_DIR)/dist .
+	$(PYTHON) -m venv $(WHEEL_DIR)/env
+	$(WHEEL_DIR)/env/bin/pip install --quiet --constraint constraints.txt $(WHEEL_DIR)/dist/smallbn-*.whl
+	$(WHEEL_DIR)/env/bin/python benchmarks/wheel_check.py
+	$(WHEEL_DIR)/env/bin/pip install --quiet --constraint constraints.txt "$$(ls $(WHEEL_DIR)/dist/smallbn-*.whl)[test]"
+	cd $(WHEEL_DIR) && env/bin/python -m pytest -q -n 2 -p no:cacheprovider --rootdir=$(CURDIR) $(CURDIR)/tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
