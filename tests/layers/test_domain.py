@@ -137,8 +137,10 @@ def test_one_domain_is_batchnorm():
     torch.testing.assert_close(layer(x), bn(x))
 
 
-@given(cases(), st.integers(1, 3), st.data())
-def test_matches_reference_over_shapes_and_dtypes(case, num_domains, data):
+@given(cases(), st.integers(1, 3), st.booleans(), st.data())
+def test_matches_reference_over_shapes_and_dtypes(case, num_domains, per_domain_affine, data):
+    """One affine shared by the domains or one per domain; per-sample ids, or an int domain
+    (the fused path) where the batch is one domain."""
     n = case.shape[0]
     # any ids where every sample has >= 2 values (each then spans both signs of
     # conditioned_input); one domain for the whole batch otherwise
@@ -146,17 +148,24 @@ def test_matches_reference_over_shapes_and_dtypes(case, num_domains, data):
         ids = data.draw(st.lists(st.integers(0, num_domains - 1), min_size=n, max_size=n))
     else:
         ids = data.draw(st.sampled_from([[0] * n, [num_domains - 1] * n]))
+    as_int = data.draw(st.booleans()) and len(set(ids)) == 1
+    domain: int | Tensor = ids[0] if as_int else torch.tensor(ids)
     layer = DomainBatchNorm(
-        case.shape[1], num_domains=num_domains, momentum=0.3, dtype=case.param_dtype
+        case.shape[1],
+        num_domains=num_domains,
+        momentum=0.3,
+        per_domain_affine=per_domain_affine,
+        dtype=case.param_dtype,
     )
-    weight, bias = randomize_affine(layer, case.seed)
+    randomize = randomize_domain_affine if per_domain_affine else randomize_affine
+    weight, bias = randomize(layer, case.seed)
     ref = RefDomainBatchNorm(case.shape[1], num_domains, momentum=0.3, weight=weight, bias=bias)
     run_case(
         layer,
         ref,
         case,
         steps=2,
-        layer_call=lambda m, x, step: m(x, domain=torch.tensor(ids)),
+        layer_call=lambda m, x, step: m(x, domain=domain),
         ref_train=lambda r, x, step: r.train_step(x, ids),
         ref_eval=lambda r, x: r.eval(x, ids),
     )
@@ -630,35 +639,6 @@ def test_per_domain_affine_per_sample_ids_match_reference(shape, num_domains, sc
     weight, bias = randomize_domain_affine(layer, 2)
     ref = RefDomainBatchNorm(shape[1], num_domains, weight=weight, bias=bias)
     lockstep(layer, ref, shape, schedule)
-
-
-@given(cases(), st.integers(1, 3), st.data())
-def test_per_domain_affine_matches_reference_over_shapes_and_dtypes(case, num_domains, data):
-    n = case.shape[0]
-    if case.values_per_sample >= 2:
-        ids = data.draw(st.lists(st.integers(0, num_domains - 1), min_size=n, max_size=n))
-    else:
-        ids = data.draw(st.sampled_from([[0] * n, [num_domains - 1] * n]))
-    as_int = data.draw(st.booleans()) and len(set(ids)) == 1  # an int domain: the fused path
-    domain: int | Tensor = ids[0] if as_int else torch.tensor(ids)
-    layer = DomainBatchNorm(
-        case.shape[1],
-        num_domains=num_domains,
-        momentum=0.3,
-        per_domain_affine=True,
-        dtype=case.param_dtype,
-    )
-    weight, bias = randomize_domain_affine(layer, case.seed)
-    ref = RefDomainBatchNorm(case.shape[1], num_domains, momentum=0.3, weight=weight, bias=bias)
-    run_case(
-        layer,
-        ref,
-        case,
-        steps=2,
-        layer_call=lambda m, x, step: m(x, domain=domain),
-        ref_train=lambda r, x, step: r.train_step(x, ids),
-        ref_eval=lambda r, x: r.eval(x, ids),
-    )
 
 
 def test_per_domain_affine_matches_the_formula():
