@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from smallbn import _distributed
 from smallbn._optional import tqdm
 from smallbn.convert import freeze_norms, uses_batch_stats
-from smallbn.layers import BatchStatsNorm, DomainBatchNorm, NormBase
+from smallbn.layers import BatchStatsNorm, NormBase
 from smallbn.stats import Moments, all_gather_moments, channel_moments, merge_moments
 
 __all__ = [
@@ -107,7 +107,7 @@ def _accepts_repeated_calls(layer: nn.Module) -> bool:
     counts, so a layer called once per domain (one FPN level per domain, Wu & Johnson 2021)
     accumulates exactly what separate layers would.  Any other layer has one population, and
     several inputs in one forward would be mixed into it."""
-    return isinstance(layer, DomainBatchNorm)
+    return bool(getattr(layer, "repeated_calls_define_population", False))
 
 
 def _no_data(layer: nn.Module) -> Moments:

@@ -149,6 +149,11 @@ class NormBase(nn.Module):
     _version = 2
     _input_dim: ClassVar[int | None] = None
     _family: ClassVar[str] = ""
+    #: Whether several calls in one forward of a statistics pass (:func:`smallbn.precise_bn`)
+    #: each add to the layer's populations: true where every call names which population
+    #: its samples belong to (domain BN, one domain per FPN level); otherwise several inputs
+    #: would be mixed into one population, and the tool refuses them.
+    repeated_calls_define_population: ClassVar[bool] = False
     _affine_as_buffers: ClassVar[bool] = False
     #: Whether BN's running statistics are saved in the ``state_dict``.  Batch-independent
     #: norms (GN/LN/IN) keep BN's buffers in memory only, so that converting back to BN

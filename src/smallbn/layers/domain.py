@@ -94,6 +94,7 @@ class DomainBatchNorm(BatchStatsNorm):
     """
 
     _family = "DomainBatchNorm"
+    repeated_calls_define_population = True  # each call's samples go to their own domains
 
     def __init__(
         self,
