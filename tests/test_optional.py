@@ -22,7 +22,7 @@ def _without_optional_packages(tmp_path):  # type: ignore[no-untyped-def]
     for name in OPTIONAL:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(
-            f"raise ModuleNotFoundError(\"No module named {name}\", name={name!r})\n"
+            f'raise ModuleNotFoundError("No module named {name}", name={name!r})\n'
         )
     return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
