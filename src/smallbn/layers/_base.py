@@ -687,20 +687,28 @@ class BatchStatsNorm(NormBase):
         self._check_finite(moments, x)
         return moments
 
-    def _batch_norm(self, x: Tensor, affine: AffineFn | None = None) -> tuple[Tensor, Moments]:
+    def _batch_norm(
+        self,
+        x: Tensor,
+        affine: AffineFn | None = None,
+        *,
+        params: tuple[Tensor | None, Tensor | None] | None = None,
+    ) -> tuple[Tensor, Moments]:
         """Normalize ``x`` with its batch statistics (pooled across processes if syncing) and
-        affine ``affine(moments)`` (default ``(γ, β)``); returns the output and the moments.
+        affine ``affine(moments)``, else ``params`` (a fixed ``(γ, β)`` such as one domain's
+        rows), else the layer's ``(γ, β)``; returns the output and the moments.
 
         Unpooled, this runs torch's fused BN kernel — forward and backward at torch BN's
         speed — with ``affine`` evaluated on statistics computed beforehand without
         gradient (as Batch Renorm's r and d are); pooled, the differentiable core path.
         """
+        weight, bias = (self.weight, self.bias) if params is None else params
         if self._sync_group() is None:
             if affine is None:
                 local_count = x.numel() // x.shape[1]
                 if local_count <= 1:
                     self._raise_too_small(x, local_count)
-                y, moments = fused_batch_norm(x, self.weight, self.bias, self.eps)
+                y, moments = fused_batch_norm(x, weight, bias, self.eps)
                 self._check_finite(moments, x)
                 return y, moments
             with torch.no_grad():
@@ -708,7 +716,8 @@ class BatchStatsNorm(NormBase):
             weight, bias = affine(moments)
             return fused_batch_norm(x, weight, bias, self.eps)[0], moments
         moments = self._batch_moments(x)
-        weight, bias = (self.weight, self.bias) if affine is None else affine(moments.detach())
+        if affine is not None:
+            weight, bias = affine(moments.detach())
         return normalize(x, moments.mean, moments.var, self.eps, weight, bias), moments
 
     def _grouped_moments(self, x: Tensor, index: Tensor, num_groups: int) -> Moments:

@@ -50,7 +50,6 @@ from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
 from smallbn.stats import (
     Moments,
     SampleNormalization,
-    fused_batch_norm,
     merge_moments,
     normalize,
     normalize_from_sample_moments,
@@ -482,16 +481,7 @@ class DomainBatchNorm(BatchStatsNorm):
         moving only ``d``'s running statistics (the same numbers as the per-sample path, whose
         ``index_add`` over a constant index inductor's CPU code generation fails on, torch
         2.13)."""
-        if self.per_domain_affine:
-            # The kernel with d's rows directly, as _batch_norm does with the shared affine:
-            # its affine= callable is for affines computed from the batch statistics (BRN's
-            # r, d) and would compute them a second time.  Unsynchronized here (the caller's
-            # condition), and the batch has more than one value per channel.
-            weight, bias = self._domain_affine(domain)
-            y, moments = fused_batch_norm(x, weight, bias, self.eps)
-            self._check_finite(moments, x)
-        else:
-            y, moments = self._batch_norm(x)
+        y, moments = self._batch_norm(x, params=self._domain_affine(domain))
         if factor is not None:
             running_mean, running_var = self.running_stats()
             update_running_stats(

@@ -68,7 +68,10 @@ class SwitchableNorm(BatchStatsNorm):
             above.  ``True`` does the same, so that the release's trained models
             (:mod:`smallbn.checkpoints`) give their own outputs; ``False`` (default) uses the
             paper's population moments.  On a single spatial value the corrected variance is
-            undefined and the IN branch is left out (the release returns NaN there).
+            undefined and the IN branch is left out (the release returns NaN there).  The
+            running statistics keep BN's update (momentum, Bessel correction of the batch
+            branch's variance) either way: the release's keep-factor convention and estimator
+            differ there, which changes training, not the inference of a loaded model.
 
     State: BN's keys plus ``mean_weight`` and ``var_weight`` (the logits λ, λ'); a BN
     checkpoint without them loads with equal logits.
