@@ -596,3 +596,17 @@ def test_shuffle_bn_normalizes_groups_of_b_drawn_from_the_shuffled_batch():
     assert isinstance(layer, smallbn.ShuffleBatchNorm) and layer.norm_batch_size == 2
     whole = compare._norm_factory(compare.RunConfig("shufflebn", 32, "correlated", 0), 10)(8)
     assert whole.norm_batch_size is None  # one group of the whole batch: BN
+
+
+def test_shuffle_bn_steps_travel_with_the_checkpoint_and_their_absence_is_said():
+    import smallbn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), smallbn.ShuffleBatchNorm2d(4))
+    model[1].shuffle_step = 7
+    state = compare._host_state(model)
+    assert state == {"1": 7}
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), smallbn.ShuffleBatchNorm2d(4))
+    compare._load_host_state(fresh, state)
+    assert fresh[1].shuffle_step == 7
+    with pytest.warns(RuntimeWarning, match="from step 0 again.*'1'|'1'.*from step 0 again"):
+        compare._load_host_state(fresh, None)  # a checkpoint written before steps were kept

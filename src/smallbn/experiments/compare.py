@@ -429,7 +429,7 @@ def _resume(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        _load_host_state(model, state.get("host_state", {}))
+        _load_host_state(model, state.get("host_state"))
         return step, float(state["elapsed"]), float(state["loss"])
     except Exception as error:  # any failure to resume: the file is the problem
         raise unusable(f"{type(error).__name__}: {error}") from error
@@ -444,9 +444,22 @@ def _host_state(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _load_host_state(model: nn.Module, state: dict[str, int]) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, ShuffleBatchNorm) and name in state:
+def _load_host_state(model: nn.Module, state: dict[str, int] | None) -> None:
+    """Restore :func:`_host_state`; a checkpoint written before it was kept (``None``) resumes
+    with every Shuffle BN's permutations from step 0, said with a warning."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ShuffleBatchNorm)}
+    if state is None:
+        if layers:
+            warnings.warn(
+                f"the checkpoint does not hold Shuffle BN's step counters ({len(layers)} "
+                f"layers, e.g. '{next(iter(layers))}'): the resumed run draws its permutations "
+                f"from step 0 again, not those an uninterrupted run would draw",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
+    for name, module in layers.items():
+        if name in state:
             module.shuffle_step = int(state[name])
 
 
