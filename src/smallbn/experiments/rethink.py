@@ -103,6 +103,26 @@ STUDIES = ("ema", "inconsistency", "domain", "leakage")
 LEAKAGE_VARIANTS = ("per-device", "ghost", "shuffle", "sync")
 #: The leakage study's Ghost BN normalizes the samples of this many devices together.
 GHOST_DEVICES = 4
+#: The domain study's part-b trainings: statistics shared or specific, ``+affine`` with one
+#: affine per domain (:func:`_domain_variant`).
+_DOMAIN_TRAININGS = ("shared", "specific", "shared+affine", "specific+affine")
+
+
+def _leakage_norm_batch(variant: str, device_batch: int, sgd_batch: int) -> int:
+    """The samples a leakage variant normalizes together: one device's, :data:`GHOST_DEVICES`
+    devices', a device's share of the shuffled batch, or the whole SGD batch (SyncBN)."""
+    return {
+        "per-device": device_batch,
+        "ghost": GHOST_DEVICES * device_batch,
+        "shuffle": device_batch,
+        "sync": sgd_batch,
+    }[variant]
+
+
+def _where(world: int) -> str:
+    return "one process" if world == 1 else f"{world} processes (torchrun)"
+
+
 #: Shifted copies of the test images (domain study): intensities inverted, contrast lowered
 #: (u → 0.3 + 0.4 u on the [0, 1] pixel scale), Gaussian pixel noise (σ = 0.25, clipped).
 SHIFTS = ("invert", "contrast", "noise")
@@ -240,12 +260,7 @@ class StudyConfig(compare.RunIdentity):
             raise ValueError(
                 f"a device's batch ({d} samples) must divide the SGD batch of {self.sgd_batch}"
             )
-        expected = {
-            "per-device": d,
-            "shuffle": d,
-            "ghost": GHOST_DEVICES * d,
-            "sync": self.sgd_batch,
-        }[self.variant]
+        expected = _leakage_norm_batch(self.variant, d, self.sgd_batch)
         if self.norm_batch != expected:
             raise ValueError(
                 f"leakage variant {self.variant} normalizes {expected} samples, not "
@@ -449,9 +464,11 @@ def plan(
             for name in ("lr", "device_batch"):
                 if name in given:
                     base[name] = given[name]
-            d, everyone = base["device_batch"], base.get("sgd_batch", 32)
-            sizes = {"per-device": d, "ghost": GHOST_DEVICES * d, "shuffle": d, "sync": everyone}
-            variants = [(v, {"norm_batch": sizes[v]}) for v in LEAKAGE_VARIANTS]
+            sgd_batch = base.get("sgd_batch", StudyConfig.sgd_batch)
+            variants = [
+                (v, {"norm_batch": _leakage_norm_batch(v, base["device_batch"], sgd_batch)})
+                for v in LEAKAGE_VARIANTS
+            ]
         else:
             shifts = tuple(dict.fromkeys(given.get("shifts", base.pop("shifts"))))
             base.pop("shifts", None)
@@ -1816,7 +1833,7 @@ def _leakage_cells(
 def _leakage_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     found = []
     for world, cells in _leakage_cells(rows).items():
-        where = "one process" if world == 1 else f"{world} processes (torchrun)"
+        where = _where(world)
         if "per-device" not in cells:
             continue
         leaky = cells["per-device"]["precise"][0]
@@ -1982,10 +1999,12 @@ def format_report(study: str, rows: Sequence[dict[str, Any]]) -> str:
         )
         for world, cells in _leakage_cells(rows).items():
             out.append("")
+            device = next(r.get("device", "cpu") for r in rows if r["world_size"] == world)
+            backend = "gloo on CPU" if device.startswith("cpu") else f"NCCL on {device}"
             where = (
                 "one process, the devices simulated as groups of the batch"
                 if world == 1
-                else f"{world} processes under torchrun (gloo on CPU), "
+                else f"{world} processes under torchrun ({backend}), "
                 f"{row['sgd_batch'] // world} samples each: Shuffle BN exchanges samples and "
                 f"SyncBN statistics across them"
             )
@@ -2035,11 +2054,7 @@ def format_report(study: str, rows: Sequence[dict[str, Any]]) -> str:
                     )
                     + " |"
                 )
-        trained = [
-            v
-            for v in ("shared", "specific", "shared+affine", "specific+affine")
-            if any(k[0] == v for k in cells)
-        ]
+        trained = [v for v in _DOMAIN_TRAININGS if any(k[0] == v for k in cells)]
         if trained:
             second = next(r for r in rows if r["variant"] != "shift")["shifts"][0]
             out.append("")
@@ -2194,8 +2209,7 @@ def plot_study(study: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
                 fontsize=8,
             )
             ax.set_ylabel("test error (%)")
-            where = "one process" if world == 1 else f"{world} processes (torchrun)"
-            ax.set_title(f"correlated per-device batches, {where}")
+            ax.set_title(f"correlated per-device batches, {_where(world)}")
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=8)
     else:
@@ -2237,7 +2251,7 @@ def plot_study(study: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax = axes[0][1]
         combos = [
             (t, p)
-            for t in ("shared", "specific", "shared+affine", "specific+affine")
+            for t in _DOMAIN_TRAININGS
             for p in ("shared", "specific")
             if (t, f"{p}/original") in cells
         ]
