@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from smallbn.convert import ConversionWarning, convert
-from smallbn.registry import NormSpec
+from smallbn.registry import NormSpec, resolve_norm
 
 __all__ = [
     "ARCHS",
@@ -119,7 +119,7 @@ class ImportReport:
 
     def norm_spec(self) -> NormSpec:
         """The norm layer to convert a torchvision ResNet to before loading."""
-        return functools.partial(_registry_class(self.norm), **self.norm_options)
+        return functools.partial(resolve_norm(self.norm, 2), **self.norm_options)
 
     def summary(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.norm_options.items())
@@ -149,12 +149,6 @@ def _grouped(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
             suffixes = sorted({k.rsplit(".", 1)[-1] for k in keys})
             out.append((f"{', '.join('*.' + s for s in suffixes)} ({len(keys)} keys)", why))
     return out
-
-
-def _registry_class(name: str) -> Callable[..., nn.Module]:
-    from smallbn.registry import resolve_norm
-
-    return resolve_norm(name, 2)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -248,10 +242,6 @@ def _conv_norm_pairs(arch: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _norm_prefixes(arch: str) -> list[str]:
-    return [norm for _, norm in _conv_norm_pairs(arch)]
-
-
 def _conv_keys(arch: str) -> list[str]:
     return [f"{conv}.weight" for conv, _ in _conv_norm_pairs(arch)]
 
@@ -297,15 +287,6 @@ def _take(
     )
 
 
-def _expect_channels(value: Tensor, key: str, channels: int, release: str) -> Tensor:
-    if value.numel() != channels:
-        raise ReleaseLayoutError(
-            f"{release} release: '{key}' has {value.numel()} channels, its convolution "
-            f"{channels}: the file is damaged or of another architecture"
-        )
-    return value
-
-
 def _copy_convs_and_fc(
     state: dict[str, Tensor],
     out: dict[str, Tensor],
@@ -324,10 +305,31 @@ def _copy_convs_and_fc(
         report.notes.append("the file has no classifier (fc): the model's own fc is kept")
 
 
-def _output_channels(out: dict[str, Tensor], prefix: str) -> int:
-    """Channels of the norm ``prefix`` from the convolution that feeds it."""
-    conv = dict((norm, conv) for conv, norm in _conv_norm_pairs("resnet101"))[prefix]
-    return int(out[f"{conv}.weight"].shape[0])
+def _carry(
+    state: dict[str, Tensor],
+    source: str,
+    target: str,
+    shapes: tuple[tuple[int, ...], ...],
+    channels: int | None,
+    out: dict[str, Tensor],
+    report: ImportReport,
+) -> None:
+    """``out[target]`` ← the release's ``state[source]`` reshaped from one of ``shapes`` to
+    (C,) (:func:`_take`), checked to have its convolution's ``channels`` (``None``: no
+    check), and reported as mapped."""
+    value = _take(state, source, report.release, shapes)
+    if channels is not None and value.numel() != channels:
+        raise ReleaseLayoutError(
+            f"{report.release} release: '{source}' has {value.numel()} channels, its "
+            f"convolution {channels}: the file is damaged or of another architecture"
+        )
+    out[target] = value
+    report.mapped.append((source, target))
+
+
+def _norms_with_channels(out: dict[str, Tensor], arch: str) -> list[tuple[str, int]]:
+    """Every norm of ``arch`` with the output channels of the convolution that feeds it."""
+    return [(norm, int(out[f"{conv}.weight"].shape[0])) for conv, norm in _conv_norm_pairs(arch)]
 
 
 # -- the releases --------------------------------------------------------------------------------
@@ -368,27 +370,18 @@ def _sn(state: dict[str, Tensor], arch: str) -> tuple[dict[str, Tensor], ImportR
     )
     out: dict[str, Tensor] = {}
     _copy_convs_and_fc(state, out, report, rename)
-    for prefix in _norm_prefixes(arch):
+    for prefix, channels in _norms_with_channels(out, arch):
         source = rename(prefix)
-        channels = _output_channels(out, prefix)
-        for name, shapes in (
-            ("weight", ((1, -1, 1, 1), (-1,))),
-            ("bias", ((1, -1, 1, 1), (-1,))),
-        ):
-            value = _take(state, f"{source}.{name}", "sn", shapes)
-            out[f"{prefix}.{name}"] = _expect_channels(value, f"{source}.{name}", channels, "sn")
-            report.mapped.append((f"{source}.{name}", f"{prefix}.{name}"))
+        for name in ("weight", "bias"):
+            shapes = ((1, -1, 1, 1), (-1,))
+            _carry(state, f"{source}.{name}", f"{prefix}.{name}", shapes, channels, out, report)
         for name in ("mean_weight", "var_weight"):
-            value = _take(state, f"{source}.{name}", "sn", ((len(branches),),))
-            out[f"{prefix}.{name}"] = value
-            report.mapped.append((f"{source}.{name}", f"{prefix}.{name}"))
+            shapes = ((len(branches),),)
+            _carry(state, f"{source}.{name}", f"{prefix}.{name}", shapes, None, out, report)
         for name, default in (("running_mean", 0.0), ("running_var", 1.0)):
             if "bn" in branches:
-                value = _take(state, f"{source}.{name}", "sn", ((1, -1, 1), (-1,)))
-                out[f"{prefix}.{name}"] = _expect_channels(
-                    value, f"{source}.{name}", channels, "sn"
-                )
-                report.mapped.append((f"{source}.{name}", f"{prefix}.{name}"))
+                shapes = ((1, -1, 1), (-1,))
+                _carry(state, f"{source}.{name}", f"{prefix}.{name}", shapes, channels, out, report)
             else:
                 out[f"{prefix}.{name}"] = torch.full((channels,), default)
                 report.added.append((f"{prefix}.{name}", "no BN branch (using_bn=False): unused"))
@@ -414,46 +407,54 @@ def _from_detectron(key: str) -> str:
 
 
 def _mabn(state: dict[str, Tensor], arch: str) -> tuple[dict[str, Tensor], ImportReport]:
-    layout = "ImageNet classification (cls/)"
-    stride_in_1x1 = False
-    if any(k.startswith("backbone.body.") for k in state):
-        layout = "maskrcnn-benchmark detection backbone (det/)"
-        stride_in_1x1 = True
-        kept = {}
-        for key, value in state.items():
-            if key.startswith("backbone.body."):
-                kept[re.sub(r"^stem\.", "", key[len("backbone.body.") :])] = value
-        detector = sorted(k for k in state if not k.startswith("backbone.body."))
-        state = kept
-    else:
-        detector = []
-    _check_arch(set(state), arch, "mabn")
+    detection = any(k.startswith("backbone.body.") for k in state)
+
+    def rename(key: str) -> str:  # torchvision name → the release's
+        if not detection:
+            return key
+        return "backbone.body." + re.sub(r"^(conv1|bn1)(\.|$)", r"stem.\1\2", key)
+
+    layout = (
+        "maskrcnn-benchmark detection backbone (det/)"
+        if detection
+        else "ImageNet classification (cls/)"
+    )
+    torchvision_names = (
+        {
+            re.sub(r"^stem\.", "", k[len("backbone.body.") :])
+            for k in state
+            if k.startswith("backbone.body.")
+        }
+        if detection
+        else set(state)
+    )
+    _check_arch(torchvision_names, arch, "mabn")
     report = ImportReport("mabn", arch, layout, "mabn", {"eps": RELEASE_EPS})
-    report.stride_in_1x1 = stride_in_1x1
-    for key in detector:
-        report.dropped.append((key, "FPN and heads of the detector: not a torchvision backbone"))
+    report.stride_in_1x1 = detection
+    if detection:
+        for key in sorted(k for k in state if not k.startswith("backbone.body.")):
+            report.dropped.append(
+                (key, "FPN and heads of the detector: not a torchvision backbone")
+            )
     out: dict[str, Tensor] = {}
-    _copy_convs_and_fc(state, out, report, lambda key: key)
-    for prefix in _norm_prefixes(arch):
-        channels = _output_channels(out, prefix)
-        for name in ("weight", "bias"):
-            value = _take(state, f"{prefix}.{name}", "mabn", ((-1,),))
-            out[f"{prefix}.{name}"] = _expect_channels(value, f"{prefix}.{name}", channels, "mabn")
-            report.mapped.append((f"{prefix}.{name}", f"{prefix}.{name}"))
-        value = _take(state, f"{prefix}.running_var", "mabn", ((-1,), (1, -1, 1, 1)))
-        out[f"{prefix}.running_var"] = _expect_channels(
-            value, f"{prefix}.running_var", channels, "mabn"
-        )
-        report.mapped.append((f"{prefix}.running_var", f"{prefix}.running_var"))
+    _copy_convs_and_fc(state, out, report, rename)
+    for prefix, channels in _norms_with_channels(out, arch):
+        source = rename(prefix)
+        for name, shapes in (
+            ("weight", ((-1,),)),
+            ("bias", ((-1,),)),
+            ("running_var", ((-1,), (1, -1, 1, 1))),
+        ):
+            _carry(state, f"{source}.{name}", f"{prefix}.{name}", shapes, channels, out, report)
         out[f"{prefix}.running_mean"] = torch.zeros(channels)
         report.added.append(
             (f"{prefix}.running_mean", "MABN does not centre: BN's eval map with a zero mean")
         )
         for extra in _MABN_TRAINING:
-            if f"{prefix}.{extra}" in state:
+            if f"{source}.{extra}" in state:
                 report.dropped.append(
                     (
-                        f"{prefix}.{extra}",
+                        f"{source}.{extra}",
                         "moving-average windows of training (eval reads running_var alone); "
                         "smallbn's start empty",
                     )
@@ -463,7 +464,7 @@ def _mabn(state: dict[str, Tensor], arch: str) -> tuple[dict[str, Tensor], Impor
         "every convolution is weight-centred (smallbn's CenteredConv2d centres the stored, "
         "uncentred weight in each forward, as the release's CenConv2d)"
     )
-    if stride_in_1x1:
+    if detection:
         report.notes.append(
             "maskrcnn-benchmark strides a downsampling block on its 1×1 convolution "
             "(STRIDE_IN_1X1): load_release moves each stride from conv2 to conv1"
@@ -509,19 +510,18 @@ def _cbn(state: dict[str, Tensor], arch: str, part: str) -> tuple[dict[str, Tens
         return out, report
     if part != "backbone":
         raise ValueError(f"part must be 'backbone' or 'detector', got {part!r}")
-    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    _check_arch(set(backbone), arch, "cbn")
+    _check_arch({k[len("backbone.") :] for k in state if k.startswith("backbone.")}, arch, "cbn")
     report = ImportReport("cbn", arch, "mmdetection detector, backbone", "bn")
     out = {}
-    _copy_convs_and_fc(backbone, out, report, lambda key: key)
-    for prefix in _norm_prefixes(arch):
-        channels = _output_channels(out, prefix)
+    _copy_convs_and_fc(state, out, report, lambda key: f"backbone.{key}")
+    for prefix, channels in _norms_with_channels(out, arch):
         for name in _NORM_STATE:
-            value = _take(backbone, f"{prefix}.{name}", "cbn", ((-1,),))
-            out[f"{prefix}.{name}"] = _expect_channels(value, f"{prefix}.{name}", channels, "cbn")
-            report.mapped.append((f"backbone.{prefix}.{name}", f"{prefix}.{name}"))
-        tracked = backbone.get(f"{prefix}.num_batches_tracked")
-        out[f"{prefix}.num_batches_tracked"] = torch.tensor(0) if tracked is None else tracked
+            source = f"backbone.{prefix}.{name}"
+            _carry(state, source, f"{prefix}.{name}", ((-1,),), channels, out, report)
+        tracked = f"backbone.{prefix}.num_batches_tracked"
+        if tracked in state:  # a 0-dim count, kept as it is
+            out[f"{prefix}.num_batches_tracked"] = state[tracked]
+            report.mapped.append((tracked, f"{prefix}.num_batches_tracked"))
     for key in sorted(state):
         if not key.startswith("backbone."):
             report.dropped.append(
@@ -575,7 +575,24 @@ def release_state_dict(
     else:
         out, report = _cbn(state, arch, part)
     report.dropped[:0] = top_level
+    if part == "backbone":
+        _add_layer_state(out, report)
     return out, report
+
+
+def _add_layer_state(out: dict[str, Tensor], report: ImportReport) -> None:
+    """Add the state each norm layer of :meth:`ImportReport.norm_spec` has and the release
+    does not store (MABN's moving-average windows and their counts, ``num_batches_tracked``):
+    a freshly built layer's values, reported, so that ``out`` loads strictly into the
+    converted model."""
+    spec = report.norm_spec()
+    for prefix, channels in _norms_with_channels(out, report.arch):
+        for name, value in spec(channels).state_dict().items():
+            if f"{prefix}.{name}" not in out:
+                out[f"{prefix}.{name}"] = value
+                report.added.append(
+                    (f"{prefix}.{name}", "training state the release does not store: initial value")
+                )
 
 
 def sn_state_dict(
@@ -635,13 +652,13 @@ def load_release(
     any weights) to the release's method and load ``source`` into it; returns the model and
     the :class:`ImportReport`.
 
-    The norm layers become :meth:`ImportReport.norm_spec` (SN with the release's variance,
-    MABN with centred convolutions, BN for CBN's backbone); a maskrcnn-benchmark MABN file
-    also moves every stride of a downsampling block to its 1×1 convolution (reported).  The
-    load is strict: every tensor of the model comes from the file, or is one the report
-    lists as added, or (for layers whose training state the release does not store, such as
-    MABN's moving-average windows) keeps the converted layer's initial value, listed too.
-    The classifier must have the file's number of classes."""
+    ``model`` is changed in place, as :func:`smallbn.convert` changes it: its norm layers
+    become :meth:`ImportReport.norm_spec` (SN with the release's variance, MABN with centred
+    convolutions, BN for CBN's backbone), and for a maskrcnn-benchmark MABN file every
+    downsampling block's stride moves to its 1×1 convolution (a note of the report says so).
+    The load is strict: every tensor of the model comes from the file or is one the report
+    lists as added; a backbone file without a classifier keeps the model's ``fc`` (listed
+    too).  The classifier must have the file's number of classes."""
     arch = _arch_of(model)
     state, report = release_state_dict(release, source, arch)
     if report.norm != "bn":
@@ -655,33 +672,23 @@ def load_release(
     current = model.state_dict()
     missing = sorted(set(current) - set(state))
     for key in missing:
-        if key in ("fc.weight", "fc.bias") and "fc.weight" not in state:  # a backbone file
-            state[key] = current[key]
-            report.added.append((key, "the file has no classifier: the model's own"))
-            continue
-        if not _training_state(key):
+        if key not in ("fc.weight", "fc.bias") or "fc.weight" in state:
             raise ReleaseLayoutError(
                 f"{release} release: the model has '{key}', which the file does not provide"
             )
-        state[key] = current[key]
-        report.added.append((key, "training state the release does not store: initial value"))
+        state[key] = current[key]  # a backbone file
+        report.added.append((key, "the file has no classifier: the model's own"))
     for key, value in state.items():
         if key in current and current[key].shape != value.shape:
+            hint = (
+                f"a classifier of another number of classes: build the model with "
+                f"num_classes={value.shape[0]}"
+                if key.startswith("fc.")
+                else "a model of another architecture"
+            )
             raise ReleaseLayoutError(
                 f"{release} release: '{key}' has shape {tuple(value.shape)} in the file and "
-                f"{tuple(current[key].shape)} in the model (a classifier of another number of "
-                f"classes? build the model with num_classes={value.shape[0]})"
+                f"{tuple(current[key].shape)} in the model ({hint})"
             )
     model.load_state_dict(state, strict=True)
     return model, report
-
-
-#: Buffers of smallbn layers that only training uses (MABN's SMA windows, CBN's history).
-_TRAINING_BUFFERS = re.compile(
-    r"\.(num_batches_tracked|chi2_window|psi_window|chi2_count|psi_count|sma_steps|"
-    r"iteration|window_fill)$"
-)
-
-
-def _training_state(key: str) -> bool:
-    return _TRAINING_BUFFERS.search(key) is not None

@@ -853,23 +853,28 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
     from smallbn._io import atomic_write
     from smallbn.checkpoints import ReleaseLayoutError, release_state_dict
 
+    out = Path(args.out)
+    if not out.parent.is_dir():  # before reading the file
+        print(f"smallbn import-checkpoint: error: {out.parent} is not a folder", file=sys.stderr)
+        return 1
     try:
         state, report = release_state_dict(args.release, args.file, args.arch, part=args.part)
     except (ReleaseLayoutError, FileNotFoundError) as error:
         print(f"smallbn import-checkpoint: error: {error}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        print(f"smallbn import-checkpoint: error: {out.parent} is not a folder", file=sys.stderr)
-        return 1
     atomic_write(out, lambda handle: torch.save(state, handle))
     print(report.summary())
-    options = "".join(f", {k}={v!r}" for k, v in report.norm_options.items())
     if args.part == "backbone":
+        options = "".join(f", {k}={v!r}" for k, v in report.norm_options.items())
         build = f"torchvision.models.{args.arch}()"
         if report.norm != "bn":
             build = f"smallbn.convert({build}, {report.norm!r}{options})"
-        print(f"load it into: {build}  (smallbn.checkpoints.load_release does both)")
+        steps = [f"load it into {build}"]
+        if report.stride_in_1x1:
+            steps.append("stride every downsampling block on its conv1, not conv2")
+        if "fc.weight" not in state:
+            steps.append("load_state_dict(state, strict=False): the file has no classifier")
+        print("; ".join(steps) + " (smallbn.checkpoints.load_release does all of it)")
     print(f"written: {out}")
     return 0
 
