@@ -334,8 +334,10 @@ def _device(text: str) -> str:
 
 
 def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from smallbn.experiments.compare import METHODS, PRESETS
+    from smallbn.experiments.compare import METHODS, PRESETS, RunConfig
     from smallbn.experiments.sampling import COMPOSITIONS
+
+    default = PRESETS["default"][1]  # the help's defaults, from the preset itself
 
     compare = commands.add_parser(
         "compare",
@@ -370,29 +372,35 @@ def _add_compare_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="iid,correlated (default: both)",
     )
     compare.add_argument(
-        "--seeds", type=_seeds, default=None, help="e.g. 0,1,2 (default: the preset's, 0,1,2)"
+        "--seeds",
+        type=_seeds,
+        default=None,
+        help=f"e.g. 0,1,2 (default: the preset's, {','.join(map(str, default['seeds']))})",
     )
     compare.add_argument(
         "--epochs",
         type=_positive_float,
         default=None,
-        help="training epochs, fractions allowed (default: the preset's, 3)",
+        help=f"training epochs, fractions allowed (default: the preset's, {default['epochs']:g})",
     )
     compare.add_argument(
         "--train-samples",
         type=_count(1),
         default=None,
-        help="training images, the first ones (default: the preset's, 8000)",
+        help=f"training images, the first ones (default: the preset's, {default['train_samples']})",
     )
     compare.add_argument(
-        "--lr", type=_positive_float, default=None, help="peak learning rate (default: 0.2)"
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"peak learning rate (default: {RunConfig.lr:g})",
     )
     compare.add_argument(
         "--mode",
         choices=["groups", "sgd"],
         default=None,
-        help="groups: normalize groups of b inside SGD batches of 32; sgd: SGD batch b "
-        "(default: groups)",
+        help=f"groups: normalize groups of b inside SGD batches of {RunConfig.sgd_batch}; sgd: "
+        f"SGD batch b (default: {RunConfig.mode})",
     )
     compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
     _add_data_arguments(compare, None)
@@ -513,7 +521,7 @@ def _counts(minimum: int) -> Callable[[str], tuple[int, ...]]:
 
 def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from smallbn.experiments.data import DATASETS
-    from smallbn.experiments.rethink import PRESETS, SHIFTS, STUDIES
+    from smallbn.experiments.rethink import PRESETS, SHIFTS, STUDIES, StudyConfig
 
     default = PRESETS["default"]
     ema, inconsistency, domain, leakage = (default[s] for s in STUDIES)
@@ -582,13 +590,14 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         type=_count(1),
         default=None,
         help="samples of every PreciseBN pass (population statistics) except the sample "
-        "sweep's (default: 4096)",
+        f"sweep's (default: {StudyConfig.precise_samples})",
     )
     rethink.add_argument(
         "--eval-samples",
         type=_count(1),
         default=None,
-        help="test images the errors are measured on (default: 10000, the whole test set)",
+        help=f"test images the errors are measured on (default: {StudyConfig.eval_samples}, "
+        f"the whole test set)",
     )
     rethink.add_argument(
         "--ema-batch",
@@ -642,15 +651,15 @@ def _add_rethink_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--lr",
         type=_positive_float,
         default=None,
-        help="inconsistency, domain and leakage: peak learning rate (warm-up, cosine decay) "
-        "of SGD batches of 32 (default: 0.2)",
+        help=f"inconsistency, domain and leakage: peak learning rate (warm-up, cosine decay) "
+        f"of SGD batches of {StudyConfig.sgd_batch} (default: {StudyConfig.lr:g})",
     )
     rethink.add_argument(
         "--device-batch",
         type=_count(2),
         default=None,
         help=f"leakage: samples of one simulated device, all of one class; it divides the SGD "
-        f"batch of 32 (default: {leakage['device_batch']})",
+        f"batch of {StudyConfig.sgd_batch} (default: {leakage['device_batch']})",
     )
     rethink.add_argument(
         "--shifts",
