@@ -47,17 +47,19 @@ def lockstep(layer, ref, shape, schedule, seed=0):
     evaluate on every domain; compares outputs, gradients and per-domain running stats."""
     gen = torch.Generator().manual_seed(seed)
     params = [("weight", layer.weight, ref.weight), ("bias", layer.bias, ref.bias)]
-    for step, domains in enumerate(schedule):
+
+    def compare(domains, x, reference):  # domains: an int or a per-sample list
         arg = domains if isinstance(domains, int) else torch.tensor(domains)
-        x = make_input(shape, seed + step, loc=float(step), scale=1.0 + step)
         g = upstream(shape, gen)
         check_step(
-            lambda u, arg=arg: layer(u, domain=arg),
-            lambda u, domains=domains: ref.train_step(u, domains),
-            x,
-            g,
-            1e-6,
-            params,
+            lambda u: layer(u, domain=arg), lambda u: reference(u, domains), x, g, 1e-6, params
+        )
+
+    for step, domains in enumerate(schedule):
+        compare(
+            domains,
+            make_input(shape, seed + step, loc=float(step), scale=1.0 + step),
+            ref.train_step,
         )
         for name in ("running_mean", "running_var"):
             expected = torch.stack(getattr(ref, name))
@@ -65,17 +67,7 @@ def lockstep(layer, ref, shape, schedule, seed=0):
     layer.eval()
     per_sample = [n % layer.num_domains for n in range(shape[0])]
     for domains in [*range(layer.num_domains), per_sample]:
-        arg = domains if isinstance(domains, int) else torch.tensor(domains)
-        x = make_input(shape, seed + 77, loc=0.5)
-        g = upstream(shape, gen)
-        check_step(
-            lambda u, arg=arg: layer(u, domain=arg),
-            lambda u, domains=domains: ref.eval(u, domains),
-            x,
-            g,
-            1e-6,
-            params,
-        )
+        compare(domains, make_input(shape, seed + 77, loc=0.5), ref.eval)
 
 
 @pytest.mark.parametrize("per_domain_affine", [False, True])
