@@ -8,8 +8,11 @@ summaries:
 * BN / SyncBN: one summary over the reduction set ``R = (N, *spatial)`` (:func:`channel_moments`),
   merged across processes (:func:`all_gather_moments` + :func:`merge_moments`).
 * Ghost BN, simulated small normalization batches: per-sample summaries
-  (:func:`sample_moments`) merged by group index.
+  (:func:`sample_moments`) merged by group index (:func:`sample_groups`: consecutive groups
+  of ``b`` samples of the batch, or of the concatenation of all processes' batches).
 * PreciseBN and cross-iteration pooling: summaries of several batches merged by count.
+* Running averages: BN's exponential moving average (:func:`update_running_stats`), and
+  several consecutive updates at once (:func:`ema_sequence`, one per group of a batch).
 
 Merging uses the parallel-variance formula of Chan, Golub & LeVeque (1979),
 
@@ -34,6 +37,7 @@ from smallbn import _distributed
 
 __all__ = [
     "Moments",
+    "SampleGroups",
     "SampleNormalization",
     "affine_from_moments",
     "all_gather_moments",
@@ -42,6 +46,7 @@ __all__ = [
     "channel_moments",
     "detached_channel_moments",
     "channel_view",
+    "ema_sequence",
     "exporting",
     "first_order_only",
     "fused_batch_norm",
@@ -52,6 +57,7 @@ __all__ = [
     "normalize_from_sample_moments",
     "normalize_with_population",
     "sample_grad_sums",
+    "sample_groups",
     "sample_moments",
     "scale_shift",
     "stats_dtype",
@@ -586,3 +592,93 @@ def update_running_stats(
     """BN's exponential moving average: ``r ← (1 − factor)·r + factor·batch`` in place."""
     running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
     running_var.lerp_(unbiased_var.detach().to(running_var.dtype), factor)
+
+
+# -- groups of samples and running averages over several updates ----------------------------
+
+
+@dataclass(frozen=True)
+class SampleGroups:
+    """Consecutive groups of ``group_size`` samples of a batch of ``total`` samples (the last
+    group may be smaller), seen from a process that holds samples ``offset … offset + local − 1``
+    of it (the whole batch, ``offset = 0``, without synchronization; with it, the concatenation
+    of all processes' batches in rank order, so that a group may span two processes and
+    "normalization batch of b" means the same for every layer).
+
+    ``index``: each local sample's group, ``(local,)``; ``count``: the number of groups
+    (``⌈total / group_size⌉``, at least 1); ``sizes``: the samples of each group (host ints).
+    """
+
+    index: Tensor
+    count: int
+    sizes: tuple[int, ...]
+    offset: int
+    total: int
+    group_size: int
+
+    @property
+    def equal(self) -> bool:
+        """Every group holds ``group_size`` samples and this process holds all of them: the
+        batch reshapes to ``(count, group_size, ...)`` without merging."""
+        return self.offset == 0 and self.total == self.index.shape[0] == self.count * self.group_size
+
+
+def sample_groups(
+    local: int, group_size: int, device: torch.device, offset: int = 0, total: int | None = None
+) -> SampleGroups:
+    """The groups of ``group_size`` consecutive samples (:class:`SampleGroups`) of a batch of
+    ``total`` samples (default ``local``) of which this process holds ``local`` from
+    ``offset`` on (:func:`smallbn._distributed.rank_offset` gives both under synchronization).
+    No host read: every number is a host int, the index is built on ``device``."""
+    if group_size < 1:
+        raise ValueError(f"sample_groups: group_size must be >= 1, got {group_size}")
+    total = local if total is None else total
+    count = max(-(-total // group_size), 1)
+    sizes = tuple(min(group_size, total - g * group_size) for g in range(count)) if total else (0,)
+    index = torch.div(
+        torch.arange(offset, offset + local, device=device), group_size, rounding_mode="floor"
+    )
+    return SampleGroups(index, count, sizes, offset, total, group_size)
+
+
+def ema_sequence(
+    start: Tensor, values: Tensor, step: int | Tensor, momentum: float | None
+) -> tuple[Tensor, Tensor]:
+    """``G`` consecutive running-average updates at once: the average before each update
+    (``(G, C)``; ``start`` itself for ``G = 1``) and after the last (``(C,)``).
+
+    Update ``k`` is ``a ← (1 − f_k)·a + f_k·values[k]`` with ``f_k = momentum`` (BN's
+    exponential moving average), or ``f_k = 1/(step + k + 1)`` for ``momentum=None`` (BN's
+    cumulative average, ``step`` updates seen before, a host int or a 0-dim device tensor).
+    This is what ``G`` calls of a layer on ``G`` groups of a batch would leave (Ghost BN,
+    simulated normalization batches, MABN's and CBN's per-group iterations).
+
+    Closed forms instead of a loop over groups: ``a_k = q^k·a_0 + Σ_{j<k} f·q^{k−1−j}·v_j``
+    (``q = 1 − f``) as one small matrix product, and for the cumulative average
+    ``a_k = (t₀·a_0 + Σ_{j<k} v_j)/(t₀ + k)``.
+    """
+    groups = values.shape[0]
+    if groups == 1:
+        if momentum is not None:
+            return start, torch.lerp(start, values[0], momentum)
+        if isinstance(step, Tensor):
+            return start, torch.lerp(start, values[0], 1.0 / (step + 1).to(values.dtype))
+        return start, torch.lerp(start, values[0], 1.0 / (step + 1))
+    k = torch.arange(groups + 1, device=values.device, dtype=values.dtype)
+    if momentum is None:
+        prefix = torch.cat([values.new_zeros(1, values.shape[1]), values.cumsum(0)])
+        seen = (step + k).unsqueeze(1)
+        sequence = (step * start + prefix) / seen.clamp_min(1)
+        # nothing seen before the first update (step 0): the start value
+        if isinstance(step, Tensor):
+            sequence = torch.where(seen == 0, start, sequence)
+        elif step == 0:
+            sequence = torch.cat([start.unsqueeze(0), sequence[1:]])
+    else:
+        keep = 1.0 - momentum
+        exponent = k.unsqueeze(1) - 1 - k[:-1].unsqueeze(0)  # (G + 1, G): k − 1 − j
+        weights = torch.where(
+            exponent >= 0, momentum * keep ** exponent.clamp_min(0), torch.zeros_like(exponent)
+        )
+        sequence = (keep**k).unsqueeze(1) * start + weights @ values
+    return sequence[:-1], sequence[-1]
