@@ -21,11 +21,14 @@ from smallbn.stats import (
     apply_channel_affine,
     channel_moments,
     detached_channel_moments,
+    ema_sequence,
+    group_sizes,
     merge_equal_moments,
     merge_moments,
     normalize,
     normalize_from_sample_moments,
     normalize_with_population,
+    sample_groups,
     sample_moments,
     stats_dtype,
     update_running_stats,
@@ -530,6 +533,52 @@ def test_normalize_with_population_matches_the_formula(dtype, affine):
         )
         torch.testing.assert_close(w.grad.double(), (grad * normalized).sum((0, 2, 3)), **tolerance)
         torch.testing.assert_close(b.grad.double(), grad.sum((0, 2, 3)), **tolerance)
+
+
+@given(group_size=st.integers(1, 9), ranks=st.lists(st.integers(0, 12), min_size=1, max_size=4))
+def test_sample_groups_are_consecutive_groups_of_the_global_batch(group_size, ranks):
+    """Each process's view of the groups of the concatenated batch equals a naive loop over
+    the whole batch: sample n (global) is in group n // b, sizes count the members."""
+    total = sum(ranks)  # the global batch: the concatenation of the ranks' batches
+    naive_group = [n // group_size for n in range(total)]
+    naive_sizes = [naive_group.count(g) for g in range(max(naive_group, default=0) + 1)]
+    offset = 0
+    for local in ranks:
+        groups = sample_groups(local, group_size, torch.device("cpu"), offset, total)
+        assert groups.index.tolist() == naive_group[offset : offset + local]
+        assert list(groups.sizes) == naive_sizes and groups.count == len(naive_sizes)
+        assert groups.equal == (local == total and total % group_size == 0 and total > 0)
+        offset += local
+    assert group_sizes(total, group_size) == tuple(naive_sizes)
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        sample_groups(3, 0, torch.device("cpu"))
+
+
+@given(
+    groups=st.integers(1, 7),
+    step=st.integers(0, 5),
+    momentum=st.sampled_from([None, 0.0, 0.1, 0.5, 1.0]),
+    on_device=st.booleans(),
+)
+def test_ema_sequence_equals_one_update_per_group(groups, step, momentum, on_device):
+    """The closed forms equal G updates in a loop (float64 numpy): BN's EMA with the
+    momentum, or the cumulative average 1/(t + 1) counting ``step`` earlier updates."""
+    rng = np.random.default_rng(groups * 31 + step)
+    start, values = rng.normal(size=3), rng.normal(size=(groups, 3))
+    running, before = start.copy(), []
+    for k in range(groups):
+        before.append(running.copy())
+        factor = momentum if momentum is not None else 1.0 / (step + k + 1)
+        running = (1 - factor) * running + factor * values[k]
+    given_step = torch.tensor(step) if on_device else step
+    got_before, got_after = ema_sequence(
+        torch.from_numpy(start), torch.from_numpy(values), given_step, momentum
+    )
+    np.testing.assert_allclose(got_after.numpy(), running, rtol=1e-12, atol=1e-12)
+    if groups == 1:
+        np.testing.assert_allclose(got_before.numpy(), start)
+    else:
+        np.testing.assert_allclose(got_before.numpy(), np.stack(before), rtol=1e-12, atol=1e-12)
 
 
 def test_update_running_stats_is_bn_ema():

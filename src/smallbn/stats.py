@@ -50,6 +50,7 @@ __all__ = [
     "exporting",
     "first_order_only",
     "fused_batch_norm",
+    "group_sizes",
     "mean_var",
     "merge_equal_moments",
     "merge_moments",
@@ -620,7 +621,9 @@ class SampleGroups:
     def equal(self) -> bool:
         """Every group holds ``group_size`` samples and this process holds all of them: the
         batch reshapes to ``(count, group_size, ...)`` without merging."""
-        return self.offset == 0 and self.total == self.index.shape[0] == self.count * self.group_size
+        return (
+            self.offset == 0 and self.total == self.index.shape[0] == self.count * self.group_size
+        )
 
 
 def sample_groups(
@@ -633,12 +636,22 @@ def sample_groups(
     if group_size < 1:
         raise ValueError(f"sample_groups: group_size must be >= 1, got {group_size}")
     total = local if total is None else total
-    count = max(-(-total // group_size), 1)
-    sizes = tuple(min(group_size, total - g * group_size) for g in range(count)) if total else (0,)
+    sizes = group_sizes(total, group_size)
     index = torch.div(
         torch.arange(offset, offset + local, device=device), group_size, rounding_mode="floor"
     )
-    return SampleGroups(index, count, sizes, offset, total, group_size)
+    return SampleGroups(index, len(sizes), sizes, offset, total, group_size)
+
+
+def group_sizes(total: int, group_size: int) -> tuple[int, ...]:
+    """The samples of each of the ``⌈total / group_size⌉`` consecutive groups of a batch of
+    ``total`` (the last may be smaller; ``(0,)``, one empty group, for an empty batch)."""
+    if group_size < 1:
+        raise ValueError(f"group_sizes: group_size must be >= 1, got {group_size}")
+    if total <= 0:
+        return (0,)
+    full, rest = divmod(total, group_size)
+    return (group_size,) * full + ((rest,) if rest else ())
 
 
 def ema_sequence(

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from smallbn import _distributed
-from smallbn.layers import _base
 from smallbn.layers._base import BatchStatsNorm, _affine_from_stats
+from smallbn.layers._finite_check import deferred_interval
 from smallbn.stats import (
     Moments,
     SampleNormalization,
@@ -403,7 +403,7 @@ class DomainBatchNorm(BatchStatsNorm):
             f"{who}: {when} of this layer had {' and '.join(causes)}. Found by "
             f"the deferred check of per-sample domain ids (on CUDA and in compiled graphs a "
             f"check of the ids' values would read them back every step); it is read every "
-            f"{_base._DEFERRED_INTERVAL} training calls, in eval() and in "
+            f"{deferred_interval()} training calls, in eval() and in "
             f"smallbn.check_finite(model), and the running statistics may have moved since.{also} "
             f"Rerun on CPU or with smallbn.set_finite_check('step') to stop at that step."
         )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from smallbn.stats import group_sizes
+
 __all__ = ["GroupedNorm"]
 
 
@@ -38,11 +40,13 @@ class GroupedNorm(nn.Module):
         declares = getattr(self.norm, "accepts_sample_slice", False)
         outputs = []
         try:
-            for start in range(0, x.shape[0], self.group_size):
-                stop = min(start + self.group_size, x.shape[0])
+            start = 0
+            for size in group_sizes(x.shape[0], self.group_size):
+                stop = start + size
                 if declares:
                     setattr(self.norm, "sample_slice", slice(start, stop))  # noqa: B010
                 outputs.append(self.norm(x[start:stop]))
+                start = stop
         finally:
             if declares:
                 setattr(self.norm, "sample_slice", None)  # noqa: B010
