@@ -122,7 +122,7 @@ from smallbn.layers.centered_conv import (
     centering_obstacle,
 )
 from smallbn.layers.frozen import FrozenBatchNorm
-from smallbn.stats import Moments, first_order_only, stats_dtype
+from smallbn.stats import Moments, ema_sequence, first_order_only, sample_groups, stats_dtype
 
 __all__ = [
     "HostCount",
@@ -469,55 +469,17 @@ def _split(x: Tensor, group_size: int | None, process_group: Any) -> _Groups:
     per_sample = math.prod(x.shape[2:])
     if group_size is None or (group_size >= n and process_group is None):
         return _Groups(1, None, [n * per_sample])
-    groups = -(-n // group_size)
-    if process_group is not None:
-        # Ranks may hold different batch sizes: agree on the number of groups (groups a rank
-        # lacks get zero counts there).  A shape, hence a host read: the one read of a
-        # synchronized step with simulated groups.
-        agreed = torch.tensor([groups], dtype=torch.long, device=x.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
-        groups = int(agreed.item())
+    if process_group is None:
+        local = sample_groups(n, group_size, x.device)
+        return _Groups(local.count, group_size, [k * per_sample for k in local.sizes])
+    # Ranks may hold different batch sizes: agree on the number of groups (groups a rank
+    # lacks get zero counts there).  A shape, hence a host read: the one read of a
+    # synchronized step with simulated groups.
+    agreed = torch.tensor([-(-n // group_size)], dtype=torch.long, device=x.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
+    groups = int(agreed.item())
     sizes = [min(group_size, max(n - k * group_size, 0)) * per_sample for k in range(groups)]
     return _Groups(groups, group_size, sizes)
-
-
-def _ema_sequence(
-    start: Tensor, values: Tensor, step: int | Tensor, momentum: float | None
-) -> tuple[Tensor, Tensor]:
-    """The running average before each of ``G`` consecutive updates (``(G, C)``, or ``start``
-    itself for ``G = 1``) and after the last (``(C,)``); update ``k`` is
-    ``a ← (1 − f_k)·a + f_k·values[k]`` with ``f_k = momentum``, or ``1/(step + k + 1)``
-    (cumulative average) for ``None``; ``step`` is a host int or a 0-dim device tensor.
-
-    Closed forms instead of a loop over groups: ``a_k = q^k·a_0 + Σ_{j<k} f·q^{k−1−j}·v_j``
-    (``q = 1 − f``) as one small matrix product, and for the cumulative average
-    ``a_k = (t₀·a_0 + Σ_{j<k} v_j)/(t₀ + k)``.
-    """
-    groups = values.shape[0]
-    if groups == 1:
-        if momentum is not None:
-            return start, torch.lerp(start, values[0], momentum)
-        if isinstance(step, Tensor):
-            return start, torch.lerp(start, values[0], 1.0 / (step + 1).to(values.dtype))
-        return start, torch.lerp(start, values[0], 1.0 / (step + 1))
-    k = torch.arange(groups + 1, device=values.device, dtype=values.dtype)
-    if momentum is None:
-        prefix = torch.cat([values.new_zeros(1, values.shape[1]), values.cumsum(0)])
-        seen = (step + k).unsqueeze(1)
-        sequence = (step * start + prefix) / seen.clamp_min(1)
-        # nothing seen before the first update (step 0): the start value
-        if isinstance(step, Tensor):
-            sequence = torch.where(seen == 0, start, sequence)
-        elif step == 0:
-            sequence = torch.cat([start.unsqueeze(0), sequence[1:]])
-    else:
-        keep = 1.0 - momentum
-        exponent = k.unsqueeze(1) - 1 - k[:-1].unsqueeze(0)  # (G + 1, G): k − 1 − j
-        weights = torch.where(
-            exponent >= 0, momentum * keep ** exponent.clamp_min(0), torch.zeros_like(exponent)
-        )
-        sequence = (keep**k).unsqueeze(1) * start + weights @ values
-    return sequence[:-1], sequence[-1]
 
 
 def _select(flags: Flags, when: Callable[[], Tensor], otherwise: Callable[[], Tensor]) -> Tensor:
@@ -603,7 +565,7 @@ def _statistics(x: Tensor, plan: MABNPlan) -> _Statistics:
     r = None
     running_after = var.new_empty(0)
     if plan.running_var is not None:
-        before, running_after = _ema_sequence(
+        before, running_after = ema_sequence(
             _as(_snapshot(plan.running_var), var.dtype), var, step, plan.momentum
         )
 
