@@ -336,7 +336,7 @@ def run_mismatches(rank: int, world: int) -> dict[str, dict[str, Any]]:
     results = {}
     for name, case in MISMATCHES.items():
         layer, x, args = case.build(rank)
-        layer._smallbn_name = f"backbone.{name}"  # as smallbn.convert names the layers it makes
+        layer.model_path = f"backbone.{name}"  # as smallbn.convert names the layers it makes
         layer.train()
         error: tuple[str, str] | None = None
         try:

@@ -226,7 +226,7 @@ def build(case: Case) -> nn.Module:
             case.method, case.shape[1], dim=case.dim, dtype=case.param_dtype,
             **OPTIONS.get(case.method, {}),
         )  # fmt: skip
-    layer._smallbn_name = PATH  # as smallbn.convert names the layers it installs
+    layer.model_path = PATH  # as smallbn.convert names the layers it installs
     return layer
 
 

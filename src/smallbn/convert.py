@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smallbn.graph import trace_producers
-from smallbn.layers import BatchStatsNorm, FrozenBatchNorm, GroupedNorm, NormBase
+from smallbn.layers import BatchStatsNorm, GroupedNorm, NormBase
 from smallbn.layers.norm_act import NormActivation, post_ops_of, with_activation
 from smallbn.registry import NormSpec, resolve_norm
 
@@ -146,7 +146,7 @@ def _input_dim(module: nn.Module) -> int | None:
         for dim in (1, 2, 3):
             if f"{dim}d" in type(module).__name__.lower():
                 return dim
-    return getattr(module, "_input_dim", None) or getattr(module, "_smallbn_dim", None)
+    return module.input_dim() if isinstance(module, NormBase) else None
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
@@ -249,15 +249,13 @@ def _post_ops(name: str, module: nn.Module) -> dict[str, nn.Module] | None:
 
 def _lost_on_conversion(source: nn.Module, target: nn.Module) -> str:
     """What the eval function of ``source`` loses in ``target`` (empty if nothing)."""
-    if hasattr(source, "mean_weight") and not hasattr(target, "mean_weight"):
-        return (
-            "its learned mixture of IN/LN/BN statistics (Switchable Norm) is dropped: the eval "
-            "output changes"
-        )
+    lost = source.lost_on_replacement(target) if isinstance(source, NormBase) else ""
+    if lost:
+        return lost
     has_population = (
-        uses_batch_stats(source)
-        or isinstance(source, FrozenBatchNorm)
-        or is_frozen_batch_norm(source)
+        source.holds_population_statistics()
+        if isinstance(source, NormBase)
+        else uses_batch_stats(source) or is_frozen_batch_norm(source)
     )
     if uses_batch_stats(target) and not has_population:
         return (
@@ -319,9 +317,9 @@ def _replacement(
             setattr(target, child_name, child)
     target.train(module.training)
     if isinstance(target, NormBase):
-        target._smallbn_name = name  # type: ignore[assignment]
-        if target._input_dim is None and source_dim is not None:
-            target._smallbn_dim = source_dim  # type: ignore[assignment]
+        target.model_path = name
+        if target.input_dim() is None:
+            target.replaced_input_dim = source_dim
     return target
 
 

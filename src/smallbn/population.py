@@ -203,7 +203,7 @@ def _preserved(model: nn.Module, layers: list[nn.Module]) -> Iterator[None]:
                         current.copy_(value)
         for module in model.modules():
             if isinstance(module, NormBase):
-                module._reload_host_state()
+                module.buffers_restored()
         for module, training in modes.items():
             module.training = training
         for module, (sync, group) in syncs.items():

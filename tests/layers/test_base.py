@@ -59,7 +59,7 @@ BATCH_STATS_METHODS = ["syncbn", "brn", "ghostbn", "sn", "mabn", "cbn", "domainb
 def _named(name: str, channels: int) -> nn.Module:
     options = {"group_size": 2} if name == "ghostbn" else {}
     layer = build_norm(name, channels, **options)
-    layer._smallbn_name = "block.norm"
+    layer.model_path = "block.norm"
     return layer.train()
 
 
@@ -138,7 +138,7 @@ def test_a_checkpoint_with_invalid_values_is_refused_naming_the_layer_and_key(
     source = build_norm(name, 4, **options)
     state = _damaged(source, key, value)
     target = build_norm(name, 4, **options)
-    target._smallbn_name = "block.norm"
+    target.model_path = "block.norm"
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(RuntimeError, match=rf"at 'block.norm': the checkpoint's values .*'{key}'"):
         target.load_state_dict(state)

@@ -1011,7 +1011,7 @@ def test_conv_subclasses_with_their_own_forward_are_refused_at_bind_time():
     # Bound to timm's Conv2dSame, CBN crashed at its first training step with a oneDNN error
     # that named nothing.
     layer = CrossIterationBatchNorm2d(4, window=2)
-    layer._smallbn_name = "blocks.0.bn1"
+    layer.model_path = "blocks.0.bn1"
     with pytest.raises(ValueError, match=r"at 'blocks.0.bn1': bind_producer got a _Conv2dSame"):
         layer.bind_producer(_Conv2dSame(3, 4, 3, stride=2))
     # convert pairs only exact conv types: the layer is left unpaired, with the reason

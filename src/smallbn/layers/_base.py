@@ -261,11 +261,33 @@ class NormBase(FiniteCheckMixin):
         )
         return text + (", bias=False" if self.affine and self.bias is None else "")
 
+    #: The layer's path in its model (``"layer1.0.bn1"``), which errors and warnings name;
+    #: :func:`smallbn.convert` sets it on the layers it installs (any code may).
+    model_path: str | None = None
+    #: For a layer that accepts any input rank (``_input_dim = None``): the rank of the
+    #: layer it replaced, set by :func:`smallbn.convert`, so that converting back gives
+    #: ``BatchNorm1d/2d/3d`` as before.
+    replaced_input_dim: int | None = None
+
+    def input_dim(self) -> int | None:
+        """The input rank this layer is for: 1 (``(N, C[, L])``), 2 or 3, or ``None`` (any)."""
+        return self._input_dim or self.replaced_input_dim
+
     def describe(self) -> str:
         """How error messages name this layer: its path in the model when known."""
-        name = getattr(self, "_smallbn_name", None)
         short = f"{type(self).__name__}({self.num_features})"
-        return f"{short} at '{name}'" if name else short
+        return f"{short} at '{self.model_path}'" if self.model_path else short
+
+    def holds_population_statistics(self) -> bool:
+        """Whether the running statistics describe data this layer saw (BN-style layers), not
+        placeholders kept for a round trip back to BN (batch-independent norms)."""
+        return self._running_stats_in_state_dict and self.running_mean is not None
+
+    def lost_on_replacement(self, replacement: nn.Module) -> str:
+        """What this layer's eval function loses when ``replacement`` takes its place and
+        keeps its state (:func:`smallbn.convert` warns with it), ``""`` for nothing beyond
+        the method itself (e.g. Switchable Norm's learned mixture)."""
+        return ""
 
     # -- checks --------------------------------------------------------------------------
 
@@ -393,9 +415,14 @@ class NormBase(FiniteCheckMixin):
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""
 
+    def buffers_restored(self) -> None:
+        """Tell the layer that its buffers were written directly (restored by a tool such as
+        :func:`smallbn.precise_bn`), so it re-reads the host-side copies it keeps of them."""
+        self._reload_host_state()
+
     def _reload_host_state(self) -> None:
-        """Re-read any host-side copy of buffer state (kept to avoid a device read per step)
-        after the buffers were written directly, e.g. restored by :func:`smallbn.precise_bn`."""
+        """Re-read any host-side copy of buffer state (kept to avoid a device read per step):
+        the override point of :meth:`buffers_restored`."""
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
         """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the

@@ -313,6 +313,14 @@ class SwitchableNorm(BatchStatsNorm):
         on the sample, so the eval output is not a fixed per-channel map)."""
         return super().eval_affine() if self.branches == ("bn",) else None
 
+    def lost_on_replacement(self, replacement: nn.Module) -> str:
+        if getattr(replacement, "mean_weight", None) is not None:  # another SN keeps λ, λ'
+            return ""
+        return (
+            "its learned mixture of IN/LN/BN statistics (Switchable Norm) is dropped: the eval "
+            "output changes"
+        )
+
 
 class SwitchableNorm1d(SwitchableNorm):
     """Switchable Normalization for ``(N, C)`` or ``(N, C, L)`` inputs."""
