@@ -19,6 +19,8 @@ import torch
 import smallbn
 from smallbn import cli
 from smallbn.experiments import compare, data
+from smallbn.experiments.compare.results import _append_result
+from smallbn.experiments.compare.training import _host_state, _load_host_state, _norm_factory
 
 SMOKE = ["--preset", "smoke", "--dataset", "digits", "--threads", "1"]
 
@@ -45,7 +47,7 @@ def test_tiny_sweep_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(compare, "run_one", no_training)
+    monkeypatch.setattr(compare.sweep, "run_one", no_training)
     again = compare.run_sweep(configs, tmp_path, progress=False)
     assert again == rows
     assert len(compare.read_results(tmp_path / "results.jsonl")) == 3
@@ -140,7 +142,6 @@ def test_default_data_keys_are_those_of_the_committed_results(tmp_path, monkeypa
     # The committed sweep read Debian's Fashion-MNIST: stand a folder in for it, so that the
     # test does not depend on whether this machine has the package (without it, the job
     # falls back to the digits, a different run: test_fallback_to_digits_is_labelled_digits).
-    monkeypatch.setattr(compare, "DEFAULT_FASHION_MNIST", tmp_path)
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST", tmp_path)
     docs = Path(__file__).resolve().parents[2] / "docs" / "compare_results.jsonl"
     committed = {json.loads(line)["key"] for line in docs.read_text().splitlines()}
@@ -150,7 +151,6 @@ def test_default_data_keys_are_those_of_the_committed_results(tmp_path, monkeypa
 
 
 def test_fallback_to_digits_is_labelled_digits(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(compare, "DEFAULT_FASHION_MNIST", tmp_path / "absent")
     monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST", tmp_path / "absent")
     seen = []
 
@@ -158,8 +158,8 @@ def test_fallback_to_digits_is_labelled_digits(tmp_path, monkeypatch, capsys):
         seen.append((config.dataset, dataset.name))
         return {**config.identity(), "key": config.key, "error_ema": 0.5, "error_precise": 0.5}
 
-    monkeypatch.setattr(compare, "run_one", fake_run)
-    monkeypatch.setattr(compare, "plot_results", lambda rows, path: path)
+    monkeypatch.setattr(compare.sweep, "run_one", fake_run)
+    monkeypatch.setattr(compare.sweep, "plot_results", lambda rows, path: path)
     configs = compare.preset_configs("smoke")
     assert {c.dataset for c in configs} == {"fashion-mnist"}
     rows = compare.run_sweep(configs, tmp_path / "out", progress=False)
@@ -288,13 +288,13 @@ def test_a_failing_run_in_a_parallel_sweep_keeps_the_others_results(tmp_path):
 
 def _append_many(path: Path, name: str, count: int) -> None:
     for i in range(count):
-        compare._append_result(path, {**_row("bn", 2, "iid", i, 0.5), "key": f"{name}-{i}"})
+        _append_result(path, {**_row("bn", 2, "iid", i, 0.5), "key": f"{name}-{i}"})
 
 
 def test_append_result_holds_a_lock_around_the_read_modify_write(tmp_path, monkeypatch):
     fcntl = pytest.importorskip("fcntl")
     path = tmp_path / "results.jsonl"
-    write = compare.atomic_write
+    write = compare.results.atomic_write
     held = []
 
     def checking_write(target, writer):
@@ -308,7 +308,7 @@ def test_append_result_holds_a_lock_around_the_read_modify_write(tmp_path, monke
                 held.append(False)
         return write(target, writer)
 
-    monkeypatch.setattr(compare, "atomic_write", checking_write)
+    monkeypatch.setattr(compare.results, "atomic_write", checking_write)
     _append_many(path, "a", 2)
     assert held == [True, True]
 
@@ -335,7 +335,7 @@ def test_mabn_averages_over_32_samples_at_every_normalization_batch(mode, b, win
     """The release's B = 32/b: the moving averages cover the samples of one SGD batch of 32,
     not 16 steps whatever b is (at b = 32 that spanned 16 weight updates and diverged)."""
     config = compare.RunConfig("mabn", b, "iid", 0, mode=mode)
-    norm = compare._norm_factory(config, sgd_steps=100)(8)
+    norm = _norm_factory(config, sgd_steps=100)(8)
     assert norm.window == window
     assert norm.norm_batch_size == (b if mode == "groups" and b < 32 else None)
 
@@ -344,7 +344,7 @@ def test_mabn_averages_over_32_samples_at_every_normalization_batch(mode, b, win
 def test_naive_pooling_is_cbn_without_compensation_at_every_batch(b, window):
     """The ablation differs from CBN in the compensation only: the same window k and burn-in."""
     built = {
-        method: compare._norm_factory(compare.RunConfig(method, b, "iid", 0), sgd_steps=100)(8)
+        method: _norm_factory(compare.RunConfig(method, b, "iid", 0), sgd_steps=100)(8)
         for method in ("cbn", "naive")
     }
     assert built["cbn"].window == built["naive"].window == window
@@ -474,8 +474,8 @@ def test_damaged_lines_are_moved_aside_with_their_line_numbers_and_the_job_carri
         trained.append(config.key)
         return {**config.identity(), "key": config.key, "error_ema": 0.5, "error_precise": 0.4}
 
-    monkeypatch.setattr(compare, "run_one", fake_run)
-    monkeypatch.setattr(compare, "plot_results", lambda rows, path: path)
+    monkeypatch.setattr(compare.sweep, "run_one", fake_run)
+    monkeypatch.setattr(compare.sweep, "plot_results", lambda rows, path: path)
     with pytest.warns(compare.ResultsWarning) as caught:
         rows = compare.run_sweep(configs, tmp_path, progress=False)
     messages = "\n".join(str(w.message) for w in caught)
@@ -499,7 +499,7 @@ def test_reading_warns_about_a_damaged_line_in_the_middle(tmp_path):
     with pytest.warns(compare.ResultsWarning, match=rf"{path}:2: not JSON"):
         assert [row["seed"] for row in compare.read_results(path)] == [0, 1]
     with pytest.warns(compare.ResultsWarning, match=rf"{path}:2: .*moved verbatim"):
-        compare._append_result(path, _row("bn", 2, "iid", 2, 0.5))  # moved, not deleted
+        _append_result(path, _row("bn", 2, "iid", 2, 0.5))  # moved, not deleted
     assert (tmp_path / "results.jsonl.damaged").read_text() == "{not json\n"
     assert [row["seed"] for row in compare.read_results(path)] == [0, 1, 2]
 
@@ -521,7 +521,7 @@ def _interrupted_after_training(config, checkpoint, monkeypatch):
         raise _Stopped
 
     with monkeypatch.context() as patch:
-        patch.setattr(compare, "evaluate", stop)
+        patch.setattr(compare.training, "evaluate", stop)
         with pytest.raises(_Stopped):
             compare.run_one(
                 config,
@@ -572,9 +572,9 @@ def test_a_run_stopped_after_training_resumes_without_training_and_gives_the_sam
     checkpoint = tmp_path / f"{config.tag}.pt"
     _interrupted_after_training(config, checkpoint, monkeypatch)
     steps = []
-    loss = compare.F.cross_entropy
+    loss = compare.training.F.cross_entropy
     monkeypatch.setattr(
-        compare.F, "cross_entropy", lambda *a, **k: steps.append(1) or loss(*a, **k)
+        compare.training.F, "cross_entropy", lambda *a, **k: steps.append(1) or loss(*a, **k)
     )
     resumed = compare.run_one(
         config, data.load_digits(), checkpoint, device=torch.device("cpu"), progress=False
@@ -592,9 +592,9 @@ def test_a_run_that_would_train_nothing_is_rejected(field, value):
 
 def test_shuffle_bn_normalizes_groups_of_b_drawn_from_the_shuffled_batch():
     config = compare.RunConfig("shufflebn", 2, "correlated", 0)
-    layer = compare._norm_factory(config, sgd_steps=10)(8)
+    layer = _norm_factory(config, sgd_steps=10)(8)
     assert isinstance(layer, smallbn.ShuffleBatchNorm) and layer.norm_batch_size == 2
-    whole = compare._norm_factory(compare.RunConfig("shufflebn", 32, "correlated", 0), 10)(8)
+    whole = _norm_factory(compare.RunConfig("shufflebn", 32, "correlated", 0), 10)(8)
     assert whole.norm_batch_size is None  # one group of the whole batch: BN
 
 
@@ -603,10 +603,10 @@ def test_shuffle_bn_steps_travel_with_the_checkpoint_and_their_absence_is_said()
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), smallbn.ShuffleBatchNorm2d(4))
     model[1].shuffle_step = 7
-    state = compare._host_state(model)
+    state = _host_state(model)
     assert state == {"1": 7}
     fresh = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), smallbn.ShuffleBatchNorm2d(4))
-    compare._load_host_state(fresh, state)
+    _load_host_state(fresh, state)
     assert fresh[1].shuffle_step == 7
     with pytest.warns(RuntimeWarning, match="from step 0 again.*'1'|'1'.*from step 0 again"):
-        compare._load_host_state(fresh, None)  # a checkpoint written before steps were kept
+        _load_host_state(fresh, None)  # a checkpoint written before steps were kept

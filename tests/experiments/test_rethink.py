@@ -184,10 +184,10 @@ def test_an_interrupted_leakage_run_resumes_to_the_row_of_an_uninterrupted_one(
         if len(saves) == 3:
             raise _Killed
 
-    monkeypatch.setattr(compare, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(compare.training, "_save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=2, progress=False)
-    monkeypatch.setattr(compare, "_save_checkpoint", save)
+    monkeypatch.setattr(compare.training, "_save_checkpoint", save)
     row = rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=2, progress=False)
     assert f"from its checkpoint at step {saves[-1]} of" in capsys.readouterr().err
     assert _same(row, expected)
