@@ -22,6 +22,13 @@ import torch
 from smallbn import cli
 from smallbn.experiments import compare, rethink
 from smallbn.experiments.data import OptionError, load_digits
+from smallbn.experiments.models import SmallResNet
+from smallbn.experiments.rethink import running
+from smallbn.experiments.rethink.checkpoint import _Checkpoint
+from smallbn.experiments.rethink.domain import _domain_variant
+from smallbn.experiments.rethink.ema import _EmaShadows
+from smallbn.experiments.rethink.images import _pixel_range
+from smallbn.experiments.rethink.leakage import _leakage_run_config
 
 #: The smoke preset on the digits, smaller still where it costs.
 TINY = {"dataset": "digits", "eval_samples": 96}
@@ -73,7 +80,7 @@ def test_every_study_records_rows_with_its_fields(finished):
     for row in inconsistency.values():
         for name in ("error_ema", "error_precise", "error_batch_stats", "error_frozen"):
             assert 0 <= row[name] <= 1
-    domain = {rethink._domain_variant(row): row for row in results["domain"]}
+    domain = {_domain_variant(row): row for row in results["domain"]}
     assert set(domain) == {"shift", "shared", "specific", "shared+affine", "specific+affine"}
     assert set(domain["shift"]["errors"]) == {"original/source"} | {
         f"{s}/{m}" for s in ("invert", "contrast") for m in ("source", "target", "batch_stats")
@@ -115,7 +122,7 @@ def test_a_rerun_skips_finished_runs(finished, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(rethink, "run_one", no_training)
+    monkeypatch.setattr(running, "run_one", no_training)
     again = rethink.run_studies(_tiny(), out, progress=False, jobs=1)
     assert again == results
 
@@ -147,7 +154,7 @@ def test_an_interrupted_run_resumes_to_the_row_of_an_uninterrupted_one(
     (expected,) = [row for row in results[study] if row["key"] == config.key]
     checkpoint = tmp_path / "run.pt"
     saves = []
-    save = rethink._Checkpoint.save
+    save = _Checkpoint.save
 
     def save_then_die(self, state):
         save(self, state)
@@ -155,10 +162,10 @@ def test_an_interrupted_run_resumes_to_the_row_of_an_uninterrupted_one(
         if len(saves) == after:
             raise _Killed
 
-    monkeypatch.setattr(rethink._Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(_Checkpoint, "save", save_then_die)
     with pytest.raises(_Killed):
         rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=1, progress=False)
-    monkeypatch.setattr(rethink._Checkpoint, "save", save)
+    monkeypatch.setattr(_Checkpoint, "save", save)
     row = rethink.run_one(config, load_digits(), checkpoint, checkpoint_every=1, progress=False)
     assert (
         f"resuming {config.tag} from its checkpoint at step {saves[-1]}" in capsys.readouterr().err
@@ -202,7 +209,7 @@ def test_leakage_rules():
     with pytest.raises(ValueError, match="only the leakage study runs"):
         rethink.plan(["domain"], "smoke", world_size=2)
     two = {c.variant: c for c in rethink.plan(["leakage"], "smoke", world_size=2)}
-    run = rethink._leakage_run_config
+    run = _leakage_run_config
     assert run(two["sync"]).sync and not run(two["shuffle"]).sync
     assert {c.world_size for c in two.values()} == {2} and "-w2-" in two["sync"].tag
     # a single process's keys leave out the settings added after results were recorded
@@ -242,9 +249,9 @@ def test_a_checkpoint_of_another_run_is_an_error(tmp_path):
     first, second = _tiny(("domain",))[:2]
     checkpoint = tmp_path / "run.pt"
     total = 4
-    rethink._Checkpoint(checkpoint, first, total).save({"step": 1, "stage": "train"})
+    _Checkpoint(checkpoint, first, total).save({"step": 1, "stage": "train"})
     with pytest.raises(compare.CheckpointError, match="written for another run.*delete the file"):
-        rethink._Checkpoint(checkpoint, second, total).load(("train",))
+        _Checkpoint(checkpoint, second, total).load(("train",))
 
 
 def test_damaged_lines_are_set_aside_and_the_rows_kept(finished, tmp_path):
@@ -484,7 +491,7 @@ def test_the_report_states_the_verdicts_it_computes():
 
 def test_shifts_on_the_pixel_scale():
     data = load_digits()
-    bounds = rethink._pixel_range(data)
+    bounds = _pixel_range(data)
     x = data.test_x[:16]
     back = rethink.shift_images(rethink.shift_images(x, "invert", bounds), "invert", bounds)
     assert torch.allclose(back, x, atol=1e-5)
@@ -500,8 +507,8 @@ def test_shifts_on_the_pixel_scale():
 
 def test_ema_shadows_match_bn_running_statistics():
     torch.manual_seed(0)
-    model = rethink.SmallResNet(10, 1, (8, 16), 1)
-    shadows = rethink._EmaShadows(model, (0.1, 0.5))
+    model = SmallResNet(10, 1, (8, 16), 1)
+    shadows = _EmaShadows(model, (0.1, 0.5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
         loss = model(torch.randn(8, 1, 8, 8)).sum()
