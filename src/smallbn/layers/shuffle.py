@@ -112,6 +112,7 @@ from smallbn.stats import (
     merge_moments,
     normalize,
     normalize_from_sample_moments,
+    sample_groups,
     stats_dtype,
 )
 
@@ -340,13 +341,12 @@ class ShuffleBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type
     def _normalize_part_groups(self, part: Tensor, size: int) -> tuple[Tensor, Moments]:
         """Consecutive groups of ``size`` samples of the part, each with its own statistics;
         returns the output and the groups' moments (checked and averaged by the caller)."""
-        n = part.shape[0]
-        num_groups = -(-n // size)
-        index = torch.div(torch.arange(n, device=part.device), size, rounding_mode="floor")
+        grouping = sample_groups(part.shape[0], size, part.device)
+        index = grouping.index
         found: list[Moments] = []
 
         def statistics(instance: Moments) -> SampleNormalization:
-            groups = merge_moments(instance, index, num_groups)
+            groups = merge_moments(instance, index, grouping.count)
             found.append(groups)
             return groups.mean[index], groups.var[index], self.weight, self.bias
 
