@@ -75,6 +75,8 @@ def init_params(layer: Any) -> None:
 _BRN_RAMP: dict[str, Any] = dict(
     momentum=0.3, r_max=1.5, d_max=0.5, warmup_steps=1, r_max_ramp_end=3, d_max_ramp_end=2
 )
+# MABN's SMA from the second step and r clamped from the third (the defaults wait 100 and 1000).
+_MABN_SCHEDULE: dict[str, Any] = dict(window=3, warmup=1, clamp_start=2, momentum=0.1)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ SCENARIOS: dict[str, Scenario] = {
     "switchable_norm_groups_straddle_ranks": Scenario(
         lambda **kw: smallbn.SwitchableNorm2d(C, norm_batch_size=2, **kw),
         lambda: smallbn.SwitchableNorm2d(C, norm_batch_size=2, sync=False),
+    ),
+    "mabn_groups_straddle_ranks": Scenario(
+        lambda **kw: smallbn.MovingAverageBatchNorm2d(C, norm_batch_size=2, **_MABN_SCHEDULE, **kw),
+        lambda: smallbn.MovingAverageBatchNorm2d(C, norm_batch_size=2, **_MABN_SCHEDULE),
     ),
     "syncbn_explicit_process_group": Scenario(
         lambda **kw: smallbn.SyncBatchNorm(C, **kw),

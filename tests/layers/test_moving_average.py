@@ -668,10 +668,21 @@ def test_center_producer_false_leaves_the_conv():
 
 WORLD = 2
 # Local batch sizes per step and rank: unequal, empty, 1, empty on every rank (no state
-# changes, decided on the device); and norm_batch_size per scenario.
+# changes, decided on the device); and norm_batch_size per scenario.  With groups of 2 and 3
+# several groups span both ranks (e.g. step 0: samples 2, 3 of the 8 are on rank 0 and 1).
 DIST_SIZES = [[3, 5], [0, 2], [1, 1], [0, 0], [4, 3], [2, 0], [5, 4]]
-DIST_SCENARIOS = {"whole_batch": None, "groups_of_2": 2}
+DIST_SCENARIOS = {"whole_batch": None, "groups_of_2": 2, "groups_of_3": 3}
 DIST_KW = dict(window=3, warmup=1, clamp_start=2, momentum=0.1, dtype=torch.float64)
+DIST_STATE = (
+    "running_var",
+    "running_mean",
+    "num_batches_tracked",
+    "chi2_window",
+    "psi_window",
+    "chi2_count",
+    "psi_count",
+    "sma_steps",
+)
 
 
 def _dist_batch(step: int, rank: int, size: int) -> tuple[Tensor, Tensor]:
@@ -701,56 +712,57 @@ def _dist_worker(rank: int, store_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def test_dist_scenarios_have_groups_spanning_both_ranks():
+    """The data pin the meaning of norm_batch_size under sync: groups of the concatenated
+    batch, several of which hold samples of both ranks (per-process groups would differ)."""
+    for name, b in DIST_SCENARIOS.items():
+        if b is None:
+            continue
+        spanning = sum(
+            1
+            for n0, n1 in DIST_SIZES
+            for k in range(-(-(n0 + n1) // b))
+            if k * b < n0 < min((k + 1) * b, n0 + n1)
+        )
+        assert spanning >= 3, name
+
+
 @pytest.mark.distributed
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_sync_over_two_processes_equals_one_process(tmp_path):
-    """sync=True pools group k of every rank (samples [k·b, (k+1)·b) of each): the result is
-    one process calling MABN on each pooled group in turn (rank order), forward then backward."""
+    """sync=True normalizes the concatenation of the ranks' batches (rank order) as one process
+    would, with the same norm_batch_size (groups of b consecutive samples of the global
+    batch, a group may span both ranks): outputs, input gradients, the whole state after every
+    step, and the weight/bias gradients summed over ranks (what DDP's all-reduce gives)."""
     mp.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for name, b in DIST_SCENARIOS.items():
-        ref = MovingAverageBatchNorm2d(C, **DIST_KW)
+        ref = MovingAverageBatchNorm2d(C, norm_batch_size=b, **DIST_KW)
         for step, sizes in enumerate(DIST_SIZES):
             batches = [_dist_batch(step, r, sizes[r]) for r in range(WORLD)]
-            size = b or max(*sizes, 1)
-            # an empty batch everywhere: no call on the reference, empty outputs, zero grads
-            empty = torch.empty(0, C, 2, 3, dtype=torch.float64)
-            pieces: list[list[tuple[Tensor, Tensor]]] = [[(empty, empty)] for _ in range(WORLD)]
-            grad_w = grad_b = torch.zeros(C, dtype=torch.float64)
-            for start in range(0, max(sizes), size):
-                x = torch.cat([bx[start : start + size] for bx, _ in batches])
-                g = torch.cat([bg[start : start + size] for _, bg in batches])
-                y, gx, gw, gb = _train_step(ref, x, g)
-                grad_w, grad_b = grad_w + gw, grad_b + gb
-                offset = 0
-                for r, (bx, _) in enumerate(batches):
-                    k = len(bx[start : start + size])
-                    pieces[r].append((y[offset : offset + k], gx[offset : offset + k]))
-                    offset += k
+            x = torch.cat([bx for bx, _ in batches])
+            g = torch.cat([bg for _, bg in batches])
+            y, gx, grad_w, grad_b = _train_step(ref, x, g)
+            expected_state = ref.state_dict()
+            start = 0
             for r in range(WORLD):
-                y, gx, _, _, state = ranks[r][name][step]
-                what = f"{name}, step {step}, rank {r}"
+                part = slice(start, start + sizes[r])
+                start += sizes[r]
+                got_y, got_gx, _, _, state = ranks[r][name][step]
+                what = f"{name}, step {step} (sizes {sizes}), rank {r}"
                 if max(sizes) == 0:  # nothing anywhere: the whole state as before, uncounted
                     before = ranks[r][name][step - 1][4]
                     assert all(torch.equal(v, before[k]) for k, v in state.items()), what
-                torch.testing.assert_close(y, torch.cat([p[0] for p in pieces[r]]), **TOL, msg=what)
-                torch.testing.assert_close(
-                    gx, torch.cat([p[1] for p in pieces[r]]), **TOL, msg=what
-                )
-                for key in (
-                    "running_var",
-                    "chi2_window",
-                    "psi_window",
-                    "chi2_count",
-                    "psi_count",
-                    "sma_steps",
-                ):
+                torch.testing.assert_close(got_y, y[part], **TOL, msg=what)
+                torch.testing.assert_close(got_gx, gx[part], **TOL, msg=what)
+                for key in DIST_STATE:
                     torch.testing.assert_close(
-                        state[key], ref.state_dict()[key], **TOL, msg=f"{key}, {what}"
+                        state[key], expected_state[key], **TOL, msg=f"{key}, {what}"
                     )
+            what = f"{name}, step {step}: summed over ranks"
             torch.testing.assert_close(
-                sum(ranks[r][name][step][2] for r in range(WORLD)), grad_w, **TOL
+                sum(ranks[r][name][step][2] for r in range(WORLD)), grad_w, **TOL, msg=what
             )
             torch.testing.assert_close(
-                sum(ranks[r][name][step][3] for r in range(WORLD)), grad_b, **TOL
+                sum(ranks[r][name][step][3] for r in range(WORLD)), grad_b, **TOL, msg=what
             )

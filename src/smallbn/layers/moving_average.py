@@ -69,13 +69,17 @@ Design decisions where the paper is silent (and where the authors' release diffe
   window *at backward time*: with gradient accumulation over several forwards before one
   backward the Ψ values enter in backward order.  A training forward without backward
   (``torch.no_grad``) advances the χ² window and the step but adds nothing to the Ψ window.
-* ``sync=True``: groups are formed *per process* (samples ``[k·b, (k+1)·b)`` of every rank form
-  pooled group ``k``; without ``norm_batch_size`` the pooled group is the whole global batch).
-  The per-group sums ``Σx²`` (forward) and ``Σ dL/dy·x`` (backward, for ``Ψ``) and the counts
-  are all-reduced, so every rank holds the same windows and running variance.  With groups,
-  the number of groups is agreed by one extra all-reduce (ranks may have different batch
-  sizes).  ``∂L/∂γ``, ``∂L/∂β`` stay local (DDP sums them).  An empty batch on every
-  process changes no state (decided on the device).
+* ``sync=True``: the batch is the concatenation of all processes' batches in rank order, and
+  groups of ``norm_batch_size`` are formed over it, as for every layer with
+  ``norm_batch_size`` (a group may span two processes; without ``norm_batch_size`` the one
+  group is the whole global batch).  So a synchronized call equals one process calling MABN
+  on the concatenated batch.  Each process sums ``Σx²`` (forward) and ``Σ dL/dy·x``
+  (backward, for ``Ψ``) and the counts into the global groups (zero for groups it holds no
+  sample of); these are all-reduced, so every rank holds the same windows and running
+  variance.  With groups, where a process's samples start is one extra all-reduce of the
+  ranks' batch sizes (they may differ).  ``∂L/∂γ``, ``∂L/∂β`` stay local (DDP sums them).
+  An empty batch on every process changes no state (decided on the device without groups,
+  from the batch sizes with them).
 
 Host reads and ``torch.compile``.  A step makes no host read (on CUDA each would be a
 synchronization) with the finite check deferred (:func:`smallbn.set_finite_check`):
@@ -89,8 +93,9 @@ synchronization) with the finite check deferred (:func:`smallbn.set_finite_check
   means masked sums over the stored rows.  The same numbers; a compiled graph then depends
   on no Python integer that changes every step, so it is not recompiled as training goes
   on.  The host copies are re-read once by the next eager step.
-* The one read left is the agreement on the number of groups of a synchronized layer with
-  ``norm_batch_size`` (a shape, the ranks' batch sizes may differ).
+* The one read left is the ranks' batch sizes for a synchronized layer with
+  ``norm_batch_size`` (where this process's samples start in the global batch: the groups'
+  shapes depend on it).
 
 Cost: the forward reads ``x`` twice (per-sample ``Σx²``, then ``y = a·x + β``) and the backward
 three times (one fused pass for ``Σ dy·x`` and ``Σ dy`` per sample and channel, then
@@ -426,60 +431,90 @@ def _dots(dy: Tensor, x: Tensor, per_sample: bool) -> tuple[Tensor, Tensor]:
 
 @dataclass(slots=True)
 class _Groups:
-    """How a batch splits into simulated normalization batches: ``count`` groups of
-    ``size`` consecutive samples (``size=None``: one group, the whole batch); ``sizes`` are
-    the local values per channel in each group."""
+    """How a batch splits into simulated normalization batches (consecutive SMA steps):
+    ``count`` groups of ``size`` consecutive samples (:func:`smallbn.stats.sample_groups`;
+    synchronized, of the concatenation of all processes' batches in rank order, this
+    process's samples starting at ``offset``), or ``size=None``: one group, the whole batch
+    (all processes' batches, synchronized).  ``index``: each local sample's group, ``(N,)``
+    (``None`` for one group); ``sizes``: this process's values per channel in each group."""
 
-    count: int  # number of groups (pooled across processes)
+    count: int  # number of groups (of the global batch, synchronized)
     size: int | None
     sizes: list[int]
+    offset: int = 0
+    index: Tensor | None = None
 
 
-def _group_total(per_sample: Tensor, count: int, size: int | None) -> Tensor:
+def _group_total(per_sample: Tensor, count: int, size: int | None, offset: int = 0) -> Tensor:
     """Sum ``(N, C)`` per-sample values into ``(count, C)`` group values (groups of ``size``
-    consecutive samples; groups without local samples sum to 0).  A reshape of the rows
-    padded to ``count·size``, not an ``index_add`` (inductor's CPU code for an index_add
-    with a constant index fails, torch 2.13)."""
+    consecutive samples, this process's first sample at position ``offset`` of the global
+    batch; groups without local samples sum to 0).  A reshape of the rows padded to whole
+    groups, not an ``index_add`` (inductor's CPU code for an index_add with a constant index
+    fails, torch 2.13)."""
     if size is None:
         return per_sample.sum(0, keepdim=True)
     n, c = per_sample.shape
-    rows = count * size
-    if rows != n:
-        per_sample = torch.cat([per_sample, per_sample.new_zeros(rows - n, c)])
-    return per_sample.reshape(count, size, c).sum(1)
+    if n == 0:
+        return per_sample.new_zeros(count, c)
+    first = offset // size  # the first group holding a local sample
+    before = offset - first * size  # its samples on earlier processes
+    held = -(-(before + n) // size)  # the groups holding local samples
+    parts = [per_sample]
+    if before:
+        parts.insert(0, per_sample.new_zeros(before, c))
+    if held * size != before + n:
+        parts.append(per_sample.new_zeros(held * size - before - n, c))
+    padded = parts[0] if len(parts) == 1 else torch.cat(parts)
+    totals = padded.reshape(held, size, c).sum(1)
+    if held == count:
+        return totals
+    # synchronized: zeros for the groups that other processes hold alone
+    return torch.cat(
+        [totals.new_zeros(first, c), totals, totals.new_zeros(count - first - held, c)]
+    )
 
 
-def _group_spread(per_group: Tensor, size: int | None, n: int) -> Tensor:
-    """``(count, C)`` → per sample ``(N, C)`` (or ``(1, C)`` for a single group)."""
-    if size is None:
-        return per_group
-    return per_group.repeat_interleave(size, dim=0)[:n]
+def _group_spread(per_group: Tensor, index: Tensor | None) -> Tensor:
+    """``(count, C)`` → per sample ``(N, C)`` by each sample's group ``index`` (or
+    ``(1, C)`` for a single group, ``index=None``)."""
+    return per_group if index is None else per_group.index_select(0, index)
 
 
-def _group_dots(dy: Tensor, x: Tensor, count: int, size: int | None) -> tuple[Tensor, Tensor]:
+def _group_dots(
+    dy: Tensor, x: Tensor, count: int, size: int | None, offset: int
+) -> tuple[Tensor, Tensor]:
     """``(Σ dy·x, Σ dy)`` per group and channel, ``(count, C)`` each."""
     if size is None:
         return _dots(dy, x, per_sample=False)
     dots, sums = _dots(dy, x, per_sample=True)
-    return _group_total(dots, count, size), _group_total(sums, count, size)
+    return _group_total(dots, count, size, offset), _group_total(sums, count, size, offset)
 
 
 def _split(x: Tensor, group_size: int | None, process_group: Any) -> _Groups:
+    """The groups of a call (:class:`_Groups`).  Synchronized with ``group_size``, groups are
+    formed over the concatenation of all processes' batches in rank order (as for every
+    layer with ``norm_batch_size``), so a group may span two processes; where this process's
+    samples start is one host read (the ranks' batch sizes), and an empty global batch gives
+    no group (``count = 0``)."""
     n = x.shape[0]
     per_sample = math.prod(x.shape[2:])
     if group_size is None or (group_size >= n and process_group is None):
         return _Groups(1, None, [n * per_sample])
-    if process_group is None:
-        local = sample_groups(n, group_size, x.device)
-        return _Groups(local.count, group_size, [k * per_sample for k in local.sizes])
-    # Ranks may hold different batch sizes: agree on the number of groups (groups a rank
-    # lacks get zero counts there).  A shape, hence a host read: the one read of a
-    # synchronized step with simulated groups.
-    agreed = torch.tensor([-(-n // group_size)], dtype=torch.long, device=x.device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
-    groups = int(agreed.item())
-    sizes = [min(group_size, max(n - k * group_size, 0)) * per_sample for k in range(groups)]
-    return _Groups(groups, group_size, sizes)
+    offset, total = 0, n
+    if process_group is not None:
+        offset, total = _distributed.rank_offset(n, process_group, x.device)
+        if total == 0:
+            return _Groups(0, group_size, [])
+        if total <= group_size:
+            return _Groups(1, None, [n * per_sample])
+    groups = sample_groups(n, group_size, x.device, offset, total)
+    end = offset + n
+    # this process's samples in group k: the overlap of [k·b, (k+1)·b) with [offset, end)
+    local = [
+        max(min((k + 1) * group_size, end) - max(k * group_size, offset), 0)
+        for k in range(groups.count)
+    ]
+    return _Groups(groups.count, group_size, [k * per_sample for k in local], offset, groups.index)
 
 
 def _select(flags: Flags, when: Callable[[], Tensor], otherwise: Callable[[], Tensor]) -> Tensor:
@@ -526,12 +561,14 @@ def _statistics(x: Tensor, plan: MABNPlan) -> _Statistics:
     compute = stats_dtype(x.dtype)
     group = plan.process_group
     groups = _split(x, plan.group_size, group)
-    sums = _group_total(_per_sample_square_sums(x, compute), groups.count, groups.size)
+    sums = _group_total(
+        _per_sample_square_sums(x, compute), groups.count, groups.size, groups.offset
+    )
     counts: Tensor | float
     valid = None
     if group is None or groups.count == 0:
-        # Only an empty batch or no spatial extent has no values (synchronized: no groups
-        # on any process, from the agreed number of groups).
+        # Only an empty batch or no spatial extent has no values (synchronized with groups:
+        # an empty batch on every process, known from the ranks' batch sizes).
         empty = groups.count == 0 or groups.sizes[0] == 0
         # host counts: a Python divisor for one group, a small tensor for several
         counts = (
@@ -584,8 +621,9 @@ class _MABNFunction(torch.autograd.Function):
     docstring, formulas), for statistics computed beforehand (:func:`_statistics`).
 
     Inputs ``x, weight, bias`` (differentiable), the per-group ``inv_std = 1/sqrt(v + eps)``
-    and ``r`` (``None``: 1), the counts, the SMA switches, the Ψ window (``None``: Ψ̄ = Ψ_t) and
-    the constants of :class:`_Backward`.  The backward pushes ``Ψ`` into the Ψ window.
+    and ``r`` (``None``: 1), the counts, each sample's group (``None``: one group), the SMA
+    switches, the Ψ window (``None``: Ψ̄ = Ψ_t) and the constants of :class:`_Backward`.  The
+    backward pushes ``Ψ`` into the Ψ window.
 
     The ctx holds only tensors, Python constants and plain functions' inputs, so that
     ``torch.compile`` traces forward and backward (dynamo cannot trace method calls on
@@ -602,6 +640,7 @@ class _MABNFunction(torch.autograd.Function):
         inv_std: Tensor,
         r: Tensor | None,
         counts: Tensor | float,
+        index: Tensor | None,
         use_sma: Tensor | None,
         psi_values: Tensor | None,
         psi_count: Tensor | None,
@@ -612,11 +651,11 @@ class _MABNFunction(torch.autograd.Function):
         scale = inv_std if r is None else r * inv_std  # ∂y/∂x / γ with v and r constant
         slope = scale if weight is None else scale * _as(weight, compute)
         xs = _as(x, compute)
-        n = x.shape[0]
-        y = xs * _stat_view(_group_spread(slope, static.group_size, n), x)
+        y = xs * _stat_view(_group_spread(slope, index), x)
         if bias is not None:
             y = y.add_(_stat_view(_as(bias, compute), x))
         ctx.save_for_backward(x)
+        ctx.index = index
         ctx.scale, ctx.slope, ctx.inv_std, ctx.counts = scale, slope, inv_std, counts
         ctx.use_sma, ctx.valid, ctx.static = use_sma, valid, static
         ctx.psi_values, ctx.psi_count = psi_values, psi_count
@@ -633,13 +672,14 @@ class _MABNFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         static: _Backward = ctx.static
         compute = stats_dtype(x.dtype)
-        n = x.shape[0]
         # An unused output still takes part: a synchronized backward must run the collective
         # on every rank, and Ψ = 0 is what a zero gradient gives.
         dy = torch.zeros_like(x) if grad_y is None else grad_y
         dys, xs = _as(dy, compute), _as(x, compute)
         # Σ dy·x and Σ dy per group, this process
-        local, sums = _group_dots(dys, xs, static.group_count, static.group_size)
+        local, sums = _group_dots(
+            dys, xs, static.group_count, static.group_size, static.group_offset
+        )
         pooled = local
         if static.process_group is not None:
             pooled = local.clone()
@@ -660,24 +700,26 @@ class _MABNFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # (ĝ − z Ψ̄)/sqrt(v + eps) = dy·(γ r inv) − x·(Ψ̄ inv²): one pass after the product
             shift = psi_bar * ctx.inv_std.square().neg_()
-            grad = xs * _stat_view(_group_spread(shift, static.group_size, n), x)
-            grad = grad.addcmul_(dys, _stat_view(_group_spread(ctx.slope, static.group_size, n), x))
+            grad = xs * _stat_view(_group_spread(shift, ctx.index), x)
+            grad = grad.addcmul_(dys, _stat_view(_group_spread(ctx.slope, ctx.index), x))
             grad_x = _as(grad, x.dtype)
         if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
             grad_weight = _as(_sum_groups(ctx.scale * local), ctx.weight_dtype)  # Σ dy·r·z
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = _as(_sum_groups(sums), ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, *([None] * 8)
+        return grad_x, grad_weight, grad_bias, *([None] * 9)
 
 
 @dataclass(frozen=True, slots=True)
 class _Backward:
-    """The Python constants of one :class:`_MABNFunction` call: the grouping, the host
+    """The Python constants of one :class:`_MABNFunction` call: the grouping (number and
+    size of the groups, where this process's samples start in the global batch), the host
     switches to the SMA (when the step is on the host), the Ψ window's host count (eager
     only) and whether it is frozen, and the process group."""
 
     group_count: int
     group_size: int | None
+    group_offset: int
     use_sma: tuple[bool, ...]
     psi_host: HostCount | None
     psi_frozen: bool
@@ -697,6 +739,7 @@ def _mabn(
     static = _Backward(
         stats.groups.count,
         stats.groups.size,
+        stats.groups.offset,
         tuple(stats.use_sma) if host_flags else (),  # type: ignore[arg-type]
         None if psi is None else psi.host,
         psi is None or psi.frozen,
@@ -709,6 +752,7 @@ def _mabn(
         stats.inv_std,
         stats.r,
         stats.counts,
+        stats.groups.index,
         None if host_flags else stats.use_sma,
         None if psi is None else psi.values,
         None if psi is None else psi.count,
@@ -752,11 +796,14 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             ``[r_min, r_max]``); ``None``: ``max(1000, warmup)``, as the release.
         r_min, r_max: clamping bounds of ``r`` (release: 1/5 and 5).
         norm_batch_size: simulate normalization batches of this many samples inside a larger
-            batch (consecutive groups are consecutive SMA steps); ``None``: the whole batch.
+            batch (consecutive groups are consecutive SMA steps; with ``sync``, groups of the
+            global batch); ``None``: the whole batch.
         center_producer: let :func:`smallbn.convert` / :func:`smallbn.bind_producers` replace
             the ``nn.Conv{1,2,3}d`` producing this layer's input by the weight-centred
             :class:`~smallbn.layers.centered_conv.CenteredConv2d` (same Parameters).
-        sync: pool the statistics across processes (groups are formed per process).
+        sync: pool the statistics across processes: the batch is the concatenation of all
+            processes' batches in rank order, and ``norm_batch_size`` groups are formed over
+            it (a group may span two processes), as for every smallbn layer.
 
     State: BN's keys plus ``chi2_window``, ``psi_window`` (``(window, C)``, newest last),
     ``chi2_count``, ``psi_count`` (valid rows) and ``sma_steps``, so that resumed training
