@@ -910,7 +910,7 @@ ROW_SHAPES = [(1, 3, 4), (2, 3), (3, 2, 4, 3), (2, 2, 3, 2, 2)]
 def test_window_norm_gradcheck(
     shape: tuple[int, ...], past: int | str, inside: bool, drop: bool
 ) -> None:
-    from smallbn.layers.cross_iteration import _WindowNorm
+    from smallbn.layers._cross_iteration_functions import WindowNorm
 
     # "masked": three entries, the middle one masked out (the compiled step's form).
     masked = past == "masked"
@@ -923,7 +923,7 @@ def test_window_norm_gradcheck(
     def run(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         moments = x.detach()  # given without gradient: the backward accounts for them
         mean, var = moments.mean(dims), moments.var(dims, unbiased=False)
-        return _WindowNorm.apply(
+        return WindowNorm.apply(
             x, mean, var, weight, bias, past_mean, past_var, valid, 1e-3, inside, drop
         )
 
@@ -935,15 +935,15 @@ def test_window_norm_gradcheck(
 def test_masked_pool_equals_the_pool_of_the_valid_entries(drop: bool) -> None:
     """The compiled step pools every slot with a mask: the same window as the eager step's
     gather of the valid slots alone (an all-false mask: the current batch alone, BN)."""
-    from smallbn.layers.cross_iteration import _pool
+    from smallbn.layers._cross_iteration_functions import pool
 
     mean, var = _past_entries((), 5, seed=1)
     var = var.abs()  # the current batch's own variance is >= 0
     past_mean, past_var = _past_entries((4,), 5, seed=2)
     for mask in ([True, False, True, True], [False] * 4, [True] * 4):
         valid = torch.tensor(mask)
-        masked = _pool(mean, var, past_mean, past_var, drop, valid)
-        chosen = _pool(mean, var, past_mean[valid], past_var[valid], drop)
+        masked = pool(mean, var, past_mean, past_var, drop, valid)
+        chosen = pool(mean, var, past_mean[valid], past_var[valid], drop)
         for got, want in zip(masked, chosen, strict=True):
             torch.testing.assert_close(got, want.expand_as(got), rtol=1e-12, atol=1e-12)
 
@@ -969,7 +969,7 @@ def test_grouped_window_norm_gradcheck(
 ) -> None:
     """Groups of unequal sizes (a group of one sample included, where it has spatial
     values), some entries of each group's window invalid."""
-    from smallbn.layers.cross_iteration import _GroupedWindowNorm
+    from smallbn.layers._cross_iteration_functions import GroupedWindowNorm
 
     num, c = len(sizes), 2
     x, weight, bias = _gradcheck_inputs((sum(sizes), c, *spatial), seed=sum(sizes))
@@ -985,7 +985,7 @@ def test_grouped_window_norm_gradcheck(
         mean = total / count.unsqueeze(1)
         spread = (rows - mean[index].unsqueeze(-1)).square().sum(-1)
         var = torch.zeros(num, c, dtype=x.dtype).index_add_(0, index, spread) / count.unsqueeze(1)
-        return _GroupedWindowNorm.apply(
+        return GroupedWindowNorm.apply(
             x, mean, var, count, index, weight, bias, past_mean, past_var, valid, 1e-3,
             inside, drop,
         )  # fmt: skip

@@ -360,13 +360,13 @@ def test_derivatives_for_the_last_k_recorded_groups_only_in_one_batched_call(
     window: int, burnin: int, expected: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    original = cross_iteration._group_derivatives
+    original = cross_iteration.group_derivatives
 
     def counting(producer: nn.Module, u: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
         calls.append(u.shape[0])
         return original(producer, u, *args)
 
-    monkeypatch.setattr(cross_iteration, "_group_derivatives", counting)
+    monkeypatch.setattr(cross_iteration, "group_derivatives", counting)
     native, wrapped = _pair("conv2d", 2, window=window, burnin=burnin)
     for groups in expected:
         calls.clear()
