@@ -149,8 +149,6 @@ def _run_ema(run: _Run) -> dict[str, Any]:
         model,
         optimizer,
         start=start,
-        end=total,
-        per_epoch=per_epoch,
         loss=_cross_entropy(data.train_x, data.train_y, device),
         state=lambda: {**record, "shadows": shadows.state()},
         clock=clock,

@@ -134,32 +134,31 @@ class _Run:
         optimizer: torch.optim.Optimizer,
         *,
         start: int,
-        end: int,
-        per_epoch: int,
         loss: Callable[[nn.Module, Tensor], Tensor],
         state: Callable[[], dict[str, Any]],
         clock: _Clock,
         on_epoch: Callable[[int], None] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        """SGD steps ``start`` … ``end − 1`` of the run's ``checkpoint.total`` on i.i.d.
-        batches of ``sgd_batch`` training samples (the order a pure function of the seed and
-        the step, so a resumed run sees the batches it would have seen).  ``loss(model,
-        index)`` computes a batch's loss; ``on_epoch(step)`` runs at the end of every epoch
-        and ``on_step(step)`` after every step, both before the checkpoint of that step;
-        ``state()`` is what the run has to keep beside the weights (its stage, what it has
-        measured), taken at every checkpoint."""
+        """SGD steps ``start`` … ``checkpoint.total − 1`` of the run on i.i.d. batches of
+        ``sgd_batch`` training samples (the order a pure function of the seed and the step, so
+        a resumed run sees the batches it would have seen).  ``loss(model, index)`` computes a
+        batch's loss; ``on_epoch(step)`` runs at the end of every epoch and ``on_step(step)``
+        after every step, both before the checkpoint of that step; ``state()`` is what the run
+        has to keep beside the weights (its stage, what it has measured), taken at every
+        checkpoint."""
         config, total = self.config, self.checkpoint.total
+        per_epoch = _total(config, self.data)[0]
         stream = batch_indices(self.data.train_y, config.sgd_batch, 1, "iid", config.seed, start)
         bar = tqdm(
-            total=end,
+            total=total,
             initial=start,
             desc=self.config.tag.rsplit("-", 1)[0],
             leave=False,
             disable=not self.progress,
         )
         model.train()
-        for step in range(start, end):
+        for step in range(start, total):
             index = next(stream)
             for group in optimizer.param_groups:
                 group["lr"] = _lr(config, step, total)
@@ -179,7 +178,7 @@ class _Run:
             epoch_end = done % per_epoch == 0
             if epoch_end and on_epoch is not None:
                 on_epoch(done)
-            if epoch_end or done % self.checkpoint_every == 0 or done == end:
+            if epoch_end or done % self.checkpoint_every == 0 or done == total:
                 self.save(state(), done, model, optimizer, clock)
         bar.close()
 
