@@ -547,6 +547,82 @@ def test_bn_checkpoint_loads_strictly_and_back():
     torch.testing.assert_close(back(x), layer(x))
 
 
+_MABN_STATE = ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps")
+
+
+def _trained(steps: int = 5, **kwargs) -> MovingAverageBatchNorm2d:
+    layer = MovingAverageBatchNorm2d(
+        C, norm_batch_size=2, window=3, warmup=2, clamp_start=3, momentum=0.1, **kwargs
+    )
+    for step in range(steps):
+        _train_step(layer, *_batch(step, BATCHES[step % 6], (3, 3), dtype=torch.float32))
+    return layer
+
+
+def test_versioned_checkpoint_round_trips_exactly(tmp_path):
+    """The state_dict says its layout (version 3, in torch's metadata, also inside a model and
+    through torch.save); loaded, it gives the same state and the same next step, bit for bit."""
+    layer = _trained()
+    assert MovingAverageBatchNorm2d._version == 3 > nn.BatchNorm2d._version
+    assert layer.state_dict()._metadata[""]["version"] == 3
+    model = nn.Sequential(nn.Conv2d(C, C, 1), _trained())
+    assert model.state_dict()._metadata["1"]["version"] == 3
+    torch.save(layer.state_dict(), tmp_path / "mabn.pt")
+    loaded = MovingAverageBatchNorm2d(
+        C, norm_batch_size=2, window=3, warmup=2, clamp_start=3, momentum=0.1
+    )
+    loaded.load_state_dict(torch.load(tmp_path / "mabn.pt"))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    x, g = _batch(9, 5, (3, 3), dtype=torch.float32)
+    for a, e in zip(_train_step(loaded, x, g), _train_step(layer, x, g), strict=True):
+        assert torch.equal(a, e)
+
+
+def test_a_current_checkpoint_must_hold_the_windows():
+    """Version 3 is complete: a state without the windows is reported missing (strict) instead
+    of being taken for a BN checkpoint; strict=False keeps the layer's own windows."""
+    state = _trained().state_dict()
+    for name in _MABN_STATE:
+        del state[name]
+    layer = _trained(steps=2)
+    windows = {name: getattr(layer, name).clone() for name in _MABN_STATE}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict(state)
+    result = layer.load_state_dict(state, strict=False)
+    assert set(result.missing_keys) == set(_MABN_STATE)
+    for name, value in windows.items():
+        assert torch.equal(getattr(layer, name), value), name
+
+
+@pytest.mark.parametrize("version", [None, 2], ids=["no_metadata", "version2"])
+def test_an_old_checkpoint_loads_as_before_versions(version):
+    """No version (a state_dict copied without torch's metadata) or version 2 (BN's, or MABN's
+    before versions) is upgraded: missing windows are the layer's own, float16 windows (saved
+    by a half-precision module before they were kept in float32) become float32, also by
+    assignment."""
+    trained = _trained()
+    state = trained.state_dict()
+    for name in ("chi2_window", "psi_window"):
+        state[name] = state[name].half()
+    if version is None:
+        state = dict(state)  # no torch metadata
+    else:
+        state._metadata[""]["version"] = version
+    layer = MovingAverageBatchNorm2d(C, window=3).half()
+    layer.load_state_dict(state, assign=True)
+    assert layer.chi2_window.dtype == layer.psi_window.dtype == torch.float32
+    assert torch.equal(layer.chi2_window, trained.chi2_window.half().float())
+    assert int(layer.sma_steps) == int(trained.sma_steps)
+    bn_state = nn.BatchNorm2d(C).state_dict()  # version 2, BN's keys only
+    assert bn_state._metadata[""]["version"] == 2
+    if version is None:
+        bn_state = dict(bn_state)
+    fresh = MovingAverageBatchNorm2d(C, window=3)
+    fresh.load_state_dict(bn_state)  # strict: the windows keep their (empty) values
+    assert int(fresh.chi2_count) == int(fresh.sma_steps) == 0
+
+
 def test_checkpoint_with_another_window_keeps_the_latest_values():
     small = MovingAverageBatchNorm2d(C, window=2, warmup=0)
     for step in range(3):

@@ -807,7 +807,8 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
 
     State: BN's keys plus ``chi2_window``, ``psi_window`` (``(window, C)``, newest last),
     ``chi2_count``, ``psi_count`` (valid rows) and ``sma_steps``, so that resumed training
-    continues identically; a BN checkpoint (without them) loads with the current values.
+    continues identically.  The layout is versioned (:attr:`_version` 3): a BN checkpoint
+    (version 2 or none, without them) loads strictly with the current values.
     """
 
     _family = "MovingAverageBatchNorm"
@@ -944,6 +945,13 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         self._psi_fill.value = min(int(self.psi_count), self.window)
         self._host_stale = False
 
+    #: The state_dict layout, saved as ``state_dict._metadata[prefix]["version"]`` and handed
+    #: back to :meth:`_load_from_state_dict` (torch's ``_NormBase`` is at 2).  3: BN's entries,
+    #: the windows in the statistics dtype (float32 at least) and their counts and the step
+    #: count, all present.  2 or none (no metadata): a BN checkpoint, without windows, or a
+    #: MABN one from before versions, whose windows may be float16 (see :meth:`_upgrade`).
+    _version = 3
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -954,10 +962,28 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        version = local_metadata.get("version")
+        if version is None or version < 3:
+            self._upgrade(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._reload_host_state()
+
+    def _upgrade(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A version-2 (or unversioned) state in this layer's current layout, in place.
+
+        A BN checkpoint has no windows: the layer keeps its own (empty before any MABN step),
+        so a BN checkpoint loads strictly and evaluates as that BN.  Windows saved by a
+        half-precision module before they were kept in float32 load in this layer's
+        statistics dtype, also with ``load_state_dict(assign=True)``.
+        """
+        for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        for name in self._float32_buffers:
+            key = prefix + name
+            if isinstance(state_dict[key], Tensor):
+                state_dict[key] = _as(state_dict[key], getattr(self, name).dtype)
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -965,12 +991,12 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
             self.reset_moving_averages()
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        # A BN checkpoint has no windows: keep the current (initially empty) ones.  A checkpoint
-        # made with another window size keeps its most recent values.
+        """A checkpoint made with another ``window`` (any version) keeps its most recent
+        values: a layer option, not a layout, so not a matter of versions."""
         for name in ("chi2", "psi"):
             key = f"{prefix}{name}_window"
             values = state_dict.get(key)
-            if values is not None and values.shape[0] != self.window:
+            if isinstance(values, Tensor) and values.shape[0] != self.window:
                 kept = min(values.shape[0], self.window)
                 resized = values.new_zeros(self.window, *values.shape[1:])
                 if kept:
@@ -979,14 +1005,6 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
                 count_key = f"{prefix}{name}_count"
                 if count_key in state_dict:
                     state_dict[count_key] = state_dict[count_key].clamp(max=kept)
-        for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
-            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
-        # Windows saved by a half-precision module (before they were kept in float32) load in
-        # this layer's statistics dtype, also with load_state_dict(assign=True).
-        for name in self._float32_buffers:
-            key = prefix + name
-            if isinstance(state_dict[key], Tensor):
-                state_dict[key] = _as(state_dict[key], getattr(self, name).dtype)
 
     @torch.no_grad()
     def set_population_stats(self, population: Moments) -> None:
