@@ -103,21 +103,66 @@ def test_tables_report_mean_std_and_gap_recovered():
     text = compare.format_tables(rows)
     assert "| bn | 51.0 ± 1.4 | 11.0 ± 1.4 |" in text
     # GN closes (51 - 15) / (51 - 11) = 90% of BN's gap
-    assert "| gn | 90% |" in text
+    assert "| gn (any b) | 90% |" in text
 
 
 def test_presets_and_overrides():
     default = compare.preset_configs("default")
-    assert {c.seed for c in default} == {0, 1, 2}
-    assert {(c.method, c.norm_batch) for c in default if c.composition == "iid"} == {
-        ("bn", 2),
+    assert {c.seed for c in default} == {0, 1}
+    assert {(c.epochs, c.train_samples) for c in default} == {(3.0, 6_000)}
+    plan = {(c.composition, c.method, c.norm_batch) for c in default}
+    assert {(m, b) for composition, m, b in plan if composition == "iid"} == {("bn", 2), ("bn", 32)}
+    correlated = {(m, b) for composition, m, b in plan if composition == "correlated"}
+    # each method a line over b = 2, 4, 8; BN also at 32 (the reference); GN once
+    assert correlated == {
+        *((m, b) for m in ("bn", "brn", "sn", "cbn", "mabn") for b in (2, 4, 8)),
         ("bn", 32),
-        ("sn", 2),
+        ("gn", 2),
     }
+    assert len(default) == 38
     subset = compare.preset_configs("default", methods=("gn",), batch_sizes=(4,), seeds=(9,))
     assert {(c.method, c.norm_batch, c.seed) for c in subset} == {("gn", 4, 9)}
     with pytest.raises(ValueError, match="unknown method"):
         compare.preset_configs("default", methods=("nope",))
+
+
+def test_a_batch_independent_method_gives_the_same_run_at_every_b(tmp_path):
+    """GN in groups mode sees SGD batches of 32 whatever b is: the default runs it once."""
+    rows = [
+        compare.run_one(
+            compare.RunConfig("gn", b, "correlated", 0, **TINY),
+            data.load_digits(),
+            tmp_path / f"b{b}.pt",
+            device=torch.device("cpu"),
+            progress=False,
+        )
+        for b in (2, 8)
+    ]
+    for field in ("steps", "error_ema", "error_precise", "final_loss"):
+        assert rows[0][field] == rows[1][field], field
+    assert compare.batch_independent("gn", "groups")
+    assert not compare.batch_independent("gn", "sgd") and not compare.batch_independent(
+        "bn", "groups"
+    )
+
+
+def test_a_batch_independent_method_is_shown_at_every_b(tmp_path):
+    rows = [
+        _row("bn", 2, "correlated", 0, 0.50),
+        _row("bn", 8, "correlated", 0, 0.20),
+        _row("bn", 32, "correlated", 0, 0.10),
+        _row("gn", 2, "correlated", 0, 0.15),
+        _row("mabn", 2, "correlated", 0, 0.12),
+        _row("mabn", 8, "correlated", 0, 0.11),
+    ]
+    text = compare.format_tables(rows)
+    assert "| gn (any b) | 15.0 | 15.0 | 15.0 |" in text
+    assert "| gn (any b) | 88% | 50% |" in text  # (50 - 15) / (50 - 10), (20 - 15) / (20 - 10)
+    assert "| mabn | 12.0 | 11.0 | – |" in text
+    # in sgd mode b is the SGD batch: GN's runs at different b differ, nothing is spread
+    sgd = [{**row, "mode": "sgd"} for row in rows]
+    assert "| gn | 15.0 | – | – |" in compare.format_tables(sgd)
+    assert compare.plot_results(rows, tmp_path / "plot.png").stat().st_size > 1000
 
 
 @pytest.mark.distributed
@@ -146,7 +191,10 @@ def test_default_data_keys_are_those_of_the_committed_results(tmp_path, monkeypa
     docs = Path(__file__).resolve().parents[2] / "docs" / "compare_results.jsonl"
     committed = {json.loads(line)["key"] for line in docs.read_text().splitlines()}
     configs = compare.bind_data(compare.preset_configs("default"), None)
-    assert {c.key for c in configs} == committed
+    assert {c.key for c in configs} == committed, (
+        "docs/compare_results.jsonl is not the default plan's results: make them with "
+        "`make compare` (smallbn compare) and copy runs/compare/results.jsonl there"
+    )
     assert all("data_root" not in json.loads(c.key) for c in configs)
 
 
