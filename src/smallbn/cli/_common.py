@@ -8,9 +8,11 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from smallbn.cli._types import _count
+import torch
+
+from smallbn.cli._types import _count, _device
 
 
 def _usage_error(args: argparse.Namespace, option: str, message: str) -> NoReturn:
@@ -64,6 +66,32 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) ->
         help="folder of --dataset (default: Debian's, for fashion-mnist)",
     )
     parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the runs of a job that trains many (``compare``, ``rethink``) train: the device,
+    and how many at once on CPU."""
+    parser.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_count(1),
+        default=2,
+        help="runs at once on CPU, one thread each; 1 = one run at a time with --threads "
+        "(default: 2)",
+    )
+
+
+def _sweep_settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The keyword arguments the options give a job's sweep (``run_sweep``,
+    ``run_studies``): the device, the data folder, the checkpoint interval, the workers."""
+    return {
+        "device": device,
+        "dataset_root": args.data_root,
+        "checkpoint_every": args.checkpoint_every,
+        "jobs": args.jobs,
+    }
 
 
 class _DefaultsHelp(argparse.HelpFormatter):

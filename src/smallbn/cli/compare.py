@@ -7,11 +7,15 @@ import argparse
 
 import torch
 
-from smallbn.cli._common import _add_data_arguments, _check_output_dir
+from smallbn.cli._common import (
+    _add_data_arguments,
+    _add_run_arguments,
+    _check_output_dir,
+    _sweep_settings,
+)
 from smallbn.cli._types import (
     _batch_sizes,
     _count,
-    _device,
     _names,
     _positive_float,
     _seeds,
@@ -55,14 +59,7 @@ def run(args: argparse.Namespace) -> int:
     # runs before it (a DatasetError, OptionError or CheckpointError ends the command: main)
     configs = bind_data(configs, args.data_root)
     check_data(configs)
-    rows = run_sweep(
-        configs,
-        output,
-        device=device,
-        dataset_root=args.data_root,
-        checkpoint_every=args.checkpoint_every,
-        jobs=args.jobs,
-    )
+    rows = run_sweep(configs, output, **_sweep_settings(args, device))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print()
         print(format_tables(rows))
@@ -146,15 +143,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     compare.add_argument("--sync", action="store_true", help="pool statistics across processes")
     _add_data_arguments(compare, None)
-    compare.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    _add_run_arguments(compare)
     compare.add_argument("--output-dir", default="runs/compare", help="where results go")
     compare.add_argument(
         "--checkpoint-every", type=_count(1), default=100, help="steps between run checkpoints"
-    )
-    compare.add_argument(
-        "--jobs",
-        type=_count(1),
-        default=2,
-        help="runs at once on CPU, one thread each; 1 = one run with --threads",
     )
     compare.set_defaults(run=run, parser=compare)

@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
-from smallbn.cli._common import _check_output_dir
+from smallbn.cli._common import _add_run_arguments, _check_output_dir, _sweep_settings
 from smallbn.cli._types import (
     _count,
     _counts,
-    _device,
     _floats,
     _names,
     _positive_float,
@@ -66,14 +65,7 @@ def run(args: argparse.Namespace) -> int:
     # a DatasetError, OptionError or CheckpointError ends the command (main)
     configs = bind_data(configs, args.data_root)  # type: ignore[arg-type,assignment]
     check_data(configs)
-    results = run_studies(
-        configs,
-        output,
-        device=device,
-        dataset_root=args.data_root,
-        checkpoint_every=args.checkpoint_every,
-        jobs=args.jobs,
-    )
+    results = run_studies(configs, output, **_sweep_settings(args, device))
     for study, rows in results.items():
         if rank != 0:
             continue
@@ -254,16 +246,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="folder of --dataset (default: none, Debian's /usr/share/datasets/fashion-mnist)",
     )
-    rethink.add_argument(
-        "--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)"
-    )
-    rethink.add_argument(
-        "--jobs",
-        type=_count(1),
-        default=2,
-        help="runs at once on CPU, one thread each; 1 = one run at a time with --threads "
-        "(default: 2)",
-    )
+    _add_run_arguments(rethink)
     rethink.add_argument(
         "--threads",
         type=_count(1),
