@@ -92,7 +92,7 @@ class RunConfig(RunIdentity):
     sgd_batch: int = 32
     epochs: float = 3.0
     train_samples: int = 10_000
-    lr: float = 0.2  # the best of 0.05/0.1/0.2/0.4 for the BN@32 reference (README)
+    lr: float = 0.2  # the best of 0.05/0.1/0.2/0.4 for the BN@32 reference (docs/results.md)
     widths: tuple[int, ...] = (16, 32, 64)
     blocks: int = 1
     precise_samples: int = 2048

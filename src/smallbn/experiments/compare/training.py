@@ -45,8 +45,8 @@ def _norm_factory(config: RunConfig, sgd_steps: int) -> Callable[..., nn.Module]
     iterations, i.e. groups (its burn-in is a quarter of the groups seen in training).  MABN's
     moving averages span 32 samples, the release's ``B = 32/b`` (16 at b = 2): a fixed window of
     16 steps would average over 16 weight updates at b = 32, stale enough to make training
-    unstable (README, "Two processes").  ``naive`` is CBN without compensation and with CBN's
-    window, so that the two differ in the compensation only.
+    unstable (docs/results.md, "Two processes").  ``naive`` is CBN without compensation and
+    with CBN's window, so that the two differ in the compensation only.
     """
     spec, b = METHODS[config.method], config.norm_batch
     grouped = config.mode == "groups" and b < config.sgd_batch
