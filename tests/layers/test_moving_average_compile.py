@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 import smallbn
 from reference import RefMovingAverageBatchNorm
-from smallbn.layers import moving_average
+from smallbn.layers import _moving_average_functions, moving_average
 from smallbn.layers.moving_average import MovingAverageBatchNorm2d
 
 C = 3
@@ -195,7 +195,8 @@ def test_device_bookkeeping_matches_reference(
     """The path compiled graphs run (switches as masks on the device step, window means as
     masked sums over the device count, snapshots of the buffers), taken eagerly: the same
     numbers as the float64 reference over 30 steps that cross every switch."""
-    monkeypatch.setattr(moving_average, "_compiling", lambda: True)
+    for module in (moving_average, _moving_average_functions):  # the layer and its kernels
+        monkeypatch.setattr(module, "_compiling", lambda: True)
     schedule = dict(window=4, warmup=5, clamp_start=8)
     layer = MovingAverageBatchNorm2d(
         C, momentum=momentum, norm_batch_size=norm_batch_size, dtype=torch.float64, **schedule
