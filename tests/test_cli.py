@@ -183,3 +183,21 @@ def test_every_option_of_every_command_has_help_with_its_default(capsys):
         ]
         assert not missing, (command, missing)
         assert text.count("(default: ") >= sum(1 for a in options if not a.required), command
+
+
+def test_the_console_script_and_python_m_run_the_same_main():
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    scripts = [e for e in entry_points(group="console_scripts") if e.name == "smallbn"]
+    if not scripts:
+        pytest.skip("smallbn is not installed here (run from the source tree)")
+    assert scripts[0].load() is cli.main
+    result = subprocess.run(
+        [sys.executable, "-m", "smallbn", "compare", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("usage: smallbn compare")
