@@ -98,7 +98,7 @@ import copy
 import math
 import warnings
 import weakref
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -152,6 +152,15 @@ Aggregation = Literal["max", "drop"]
 EpsPlacement = Literal["inside", "outside"]
 
 _Layer = TypeVar("_Layer", bound="CrossIterationBatchNorm")
+
+
+class _GroupSamples(NamedTuple):
+    """Where iterations recorded from groups of ``group_size`` samples lie: from sample
+    ``first`` of the (global) batch on, of which this process holds samples from ``offset``."""
+
+    first: int
+    offset: int
+    group_size: int
 
 
 def recommended_window(batch_size: int) -> int:
@@ -656,7 +665,9 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         else:
             moments = self._batch_moments(x)  # pooled across processes, with gradient
         if plan.record:
-            self._record(x, moments.detach(), captured, plan.slot, plan.keep)
+            own = moments.detach()  # stored as G = 1 iterations
+            stacked = Moments(own.count.unsqueeze(0), own.mean.unsqueeze(0), own.var.unsqueeze(0))
+            self._record(x, stacked, captured, plan.slot, plan.keep)
         products = None
         if self._compensating() and (plan.record or plan.past > 0):
             products = self._inner_products()
@@ -765,7 +776,14 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         # Records that a later call can read: the last k groups' (records are monotone in t).
         recorded = [g for g in range(max(num - k, 0), num) if records[g]]
         if recorded:
-            slots = self._record_groups(x, current, captured, step, k, recorded[0], offset)
+            first = recorded[0]
+            slots = window.cached_index(
+                ("slots", (step + first) % k, num - first, k),
+                lambda: [(step + g) % k for g in range(first, num)],
+                device,
+            )
+            samples = _GroupSamples(first * size, offset, size)
+            self._record(x, current[first:], captured, slots, samples=samples)
             if self._compensating():
                 # ⟨∂, θ⟩ at record time, from the batched product that later calls repeat.
                 window.store_products(slots, self._inner_products())
@@ -784,78 +802,6 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
             self._update_running_groups(current)
         window.advance(num, fill)
         return y
-
-    @torch.no_grad()
-    def _record_groups(
-        self,
-        x: Tensor,
-        groups: Moments,
-        captured: tuple[Any, Any] | None,
-        step: int,
-        k: int,
-        first: int,
-        offset: int,
-    ) -> Tensor:
-        """Store groups ``first … G − 1`` (iterations ``step + first …``) in their slots, as
-        :meth:`_record` stores one iteration; the derivatives of all of them come from one
-        batched computation (:func:`group_derivatives`).  Returns the slots."""
-        size = self.norm_batch_size
-        assert size is not None
-        window = self._stored
-        chosen = groups.mean.shape[0] - first
-        slots = window.cached_index(
-            ("slots", (step + first) % k, chosen, k),
-            lambda: [(step + first + g) % k for g in range(chosen)],
-            x.device,
-        )
-        producer = self.producer
-        if producer is None:
-            window.store(slots, groups.mean[first:], groups.var[first:], None)
-            window.drop_grads()  # as in _record
-            if self.compensate:
-                self._warn_once(
-                    "no_producer",
-                    "no producing layer is bound (call smallbn.bind_producers(model) after "
-                    "building the model, or layer.bind_producer(conv)): statistics are pooled "
-                    "across iterations without Taylor compensation (naive cross-iteration BN).",
-                )
-            return slots
-        if not window.has_grads:
-            window.store(slots, groups.mean[first:], groups.var[first:], None)
-            return slots  # compensate=False
-        assert self.window_mean_grad is not None and self.window_var_grad is not None
-        dtype = self.window_var_grad.dtype
-        u = self._producer_input(x, captured)
-        if u is not None:
-            # This process's samples of the recorded groups, laid out (chosen, b, ...).
-            begin = first * size
-            start = max(begin - offset, 0)
-            lead = max(offset - begin, 0) if start < x.shape[0] else 0
-            with torch.autocast(x.device.type, enabled=False):
-                grads = group_derivatives(
-                    producer,
-                    as_groups(u, start, lead, chosen, size),
-                    as_groups(x, start, lead, chosen, size),
-                    groups.mean[first:],
-                    groups.count[first:],
-                    dtype,
-                )
-        else:
-            grads = (
-                self.window_mean_grad.new_zeros(chosen, *self.window_mean_grad[:, 0].shape),
-                self.window_var_grad.new_zeros(chosen, *self.window_var_grad[:, 0].shape),
-            )
-        group = self._sync_group()
-        if group is not None:  # each process's share is divided by the pooled count
-            mean_grad, var_grad = grads
-            flat = torch.cat([mean_grad.flatten(), var_grad.flatten()])
-            dist.all_reduce(flat, group=group)
-            grads = (
-                flat[: mean_grad.numel()].view_as(mean_grad),
-                flat[mean_grad.numel() :].view_as(var_grad),
-            )
-        window.store(slots, groups.mean[first:], groups.var[first:], grads)
-        return slots
 
     @torch.no_grad()
     def _update_running_groups(self, groups: Moments) -> None:
@@ -894,19 +840,26 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         x: Tensor,
         moments: Moments,
         captured: tuple[Any, Any] | None,
-        slot: Tensor,
+        slots: Tensor,
         keep: Tensor | None = None,
+        samples: _GroupSamples | None = None,
     ) -> None:
-        """Store this iteration's statistics and derivatives in ``slot`` (a one-element
-        index), where ``keep`` (a 0-dim bool on the device, if given) is true."""
-        window = self._stored
-        mean, var = moments.mean.unsqueeze(0), moments.var.unsqueeze(0)
+        """Store ``G ≥ 1`` iterations' statistics (``moments``, ``(G, C)``) and derivatives
+        in ``slots`` (``(G,)``), where ``keep`` (a 0-dim bool on the device, if given) is true.
+
+        One iteration (``samples=None``): ``x`` is its batch.  Groups of ``b`` samples of
+        one call (``norm_batch_size``): ``samples`` says where they lie in this process's
+        batch; their derivatives come from one batched computation.
+        """
         producer = self.producer
+        grads = None
+        if producer is not None and self._stored.has_grads:  # else compensate=False
+            grads = self._derivatives(producer, x, moments, captured, samples)
+        self._stored.store(slots, moments.mean, moments.var, grads, keep)
         if producer is None:
-            window.store(slot, mean, var, None, keep)
             # Entries stored from now on have no derivatives: drop stale ones (e.g. loaded
             # before a producer was bound), so that a later binding restarts the window.
-            window.drop_grads()
+            self._stored.drop_grads()
             if self.compensate:
                 self._warn_once(
                     "no_producer",
@@ -914,23 +867,47 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
                     "building the model, or layer.bind_producer(conv)): statistics are pooled "
                     "across iterations without Taylor compensation (naive cross-iteration BN).",
                 )
-            return
-        if not window.has_grads:
-            window.store(slot, mean, var, None, keep)
-            return  # compensate=False
+
+    def _derivatives(
+        self,
+        producer: Producer,
+        x: Tensor,
+        moments: Moments,
+        captured: tuple[Any, Any] | None,
+        samples: _GroupSamples | None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(∂μ/∂W, ∂σ²/∂W)`` of the ``G`` iterations of :meth:`_record`, ``(G, groups, P)``
+        and ``(G, C_out, P)``, pooled across processes when syncing; zeros (uncompensated
+        entries) where ``x`` is not the producer's output."""
         assert self.window_mean_grad is not None and self.window_var_grad is not None
-        dtype = self.window_var_grad.dtype
+        mean_buffer, var_buffer = self.window_mean_grad, self.window_var_grad
+        dtype, num = var_buffer.dtype, moments.mean.shape[0]
         u = self._producer_input(x, captured)
         group = self._sync_group()
-        with torch.autocast(x.device.type, enabled=False):
-            if u is not None:
-                # Unsynchronized, the count is this batch's, known on the host from the shape.
-                count = moments.count if group is not None else float(x.numel() // x.shape[1])
-                grads = producer_derivatives(producer, u, x, moments.mean, count, dtype)
-            else:
-                grads = (
-                    self.window_mean_grad.new_zeros(self.window_mean_grad[:, 0].shape),
-                    self.window_var_grad.new_zeros(self.window_var_grad[:, 0].shape),
+        if u is None:
+            grads = (
+                mean_buffer.new_zeros(num, *mean_buffer[:, 0].shape),
+                var_buffer.new_zeros(num, *var_buffer[:, 0].shape),
+            )
+        elif samples is None:
+            # Unsynchronized, the count is this batch's, known on the host from the shape.
+            count = moments.count[0] if group is not None else float(x.numel() // x.shape[1])
+            with torch.autocast(x.device.type, enabled=False):
+                one = producer_derivatives(producer, u, x, moments.mean[0], count, dtype)
+            grads = (one[0].unsqueeze(0), one[1].unsqueeze(0))
+        else:
+            # This process's samples of the recorded groups, laid out (G, b, ...).
+            size = samples.group_size
+            start = max(samples.first - samples.offset, 0)
+            lead = max(samples.offset - samples.first, 0) if start < x.shape[0] else 0
+            with torch.autocast(x.device.type, enabled=False):
+                grads = group_derivatives(
+                    producer,
+                    as_groups(u, start, lead, num, size),
+                    as_groups(x, start, lead, num, size),
+                    moments.mean,
+                    moments.count,
+                    dtype,
                 )
         if group is not None:
             # Each process's share is already divided by the pooled count: sum them.
@@ -941,7 +918,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
                 flat[: mean_grad.numel()].view_as(mean_grad),
                 flat[mean_grad.numel() :].view_as(var_grad),
             )
-        window.store(slot, mean, var, (grads[0].unsqueeze(0), grads[1].unsqueeze(0)), keep)
+        return grads
 
     def _compensating(self) -> bool:
         return self.compensate and self.producer is not None and self._stored.has_grads
