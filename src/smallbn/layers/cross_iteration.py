@@ -52,15 +52,15 @@ only (the backward of the one-iteration path, per group).  Only the last k group
 read by a later call (a step reads at most k − 1 stored entries), so only they are stored,
 and their derivatives come from one weight-gradient convolution with the groups as conv
 groups.  The running statistics take one EMA step per group, in closed form
-``r ← (1 − m)^G r + Σ_g m (1 − m)^(G−1−g) s_g`` (``momentum=None``: the cumulative average
-over groups); ``iteration`` and ``num_batches_tracked`` count groups, so burn-in and
+(:func:`smallbn.stats.ema_sequence`; ``momentum=None``: the cumulative average over groups);
+``iteration`` and ``num_batches_tracked`` count groups, so burn-in and
 ``window=None`` (k from the group size b) mean what they mean for ``GroupedNorm``.  A batch of
 N ≤ b samples is one iteration.  A group of a single value per channel is an error before any
 state changes (``GroupedNorm`` would fail at that group, after updating the earlier ones).
 With ``sync=True`` the groups are formed over the concatenation of every process's batch in
-rank order (as Ghost BN, BRN and SN form them; a group may span two processes), the groups'
-moments and derivatives pooled across processes: two processes equal one process on the
-concatenated batch.  (``GroupedNorm`` around a synchronized layer instead pools group g of
+rank order (:func:`smallbn.stats.sample_groups`; a group may span two processes), the
+groups' moments and derivatives pooled across processes: two processes equal one process on
+the concatenated batch.  (``GroupedNorm`` around a synchronized layer instead pools group g of
 every process into one iteration of ``world·b`` samples, a different experiment.)
 
 **The producer** is found by :func:`smallbn.bind_producers` (which :func:`smallbn.convert`
@@ -136,7 +136,9 @@ from smallbn.stats import (
     Moments,
     affine_from_moments,
     apply_affine,
+    ema_sequence,
     mean_var,
+    sample_groups,
     stats_dtype,
 )
 
@@ -719,18 +721,18 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         assert size is not None
         device, samples = x.device, x.shape[0]
         window = self._stored
-        num = -(-total // size)
-        smallest = (total - (num - 1) * size) * math.prod(x.shape[2:])
+        # Cached per batch layout: no index built per step.
+        split = window.cached(
+            ("samples", offset, samples, size, total, device),
+            lambda: sample_groups(samples, size, device, offset, total),
+        )
+        num, index = split.count, split.index
+        smallest = split.sizes[-1] * math.prod(x.shape[2:])
         if smallest <= 1:
             what = f"its smallest group of samples (norm_batch_size={size}, batch {total})"
             self._raise_too_small(x, smallest, what)
-        index = window.cached_index(
-            ("samples", offset, samples, size),
-            lambda: [(offset + n) // size for n in range(samples)],
-            device,
-        )
         local = self._sync_group() is None
-        if local and samples == num * size:  # equal groups: two passes over x, no merging
+        if local and split.equal:  # equal groups: two passes over x, no merging
             with torch.no_grad():  # the gradient through them is GroupedWindowNorm's
                 xs = x.to(stats_dtype(x.dtype)).reshape(num, size, *x.shape[1:])
                 mean, var = mean_var(xs, [1, *range(3, xs.dim())])
@@ -805,34 +807,22 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
 
     @torch.no_grad()
     def _update_running_groups(self, groups: Moments) -> None:
-        """BN's running average updated once per group, in order, as ``G`` calls would: in
-        closed form, ``r ← (1 − m)^G r + Σ_g m (1 − m)^(G−1−g) s_g`` (``momentum=None``:
-        the cumulative average, counting groups); ``num_batches_tracked`` counts the groups."""
+        """BN's running average updated once per group, in order, as ``G`` calls would
+        (:func:`~smallbn.stats.ema_sequence`, in closed form; ``momentum=None``: the
+        cumulative average, counting groups); ``num_batches_tracked`` counts the groups."""
         running_mean, running_var = self.running_stats()
         assert self.num_batches_tracked is not None
-        num, channels = groups.mean.shape
+        channels = groups.mean.shape[1]
         dtype = torch.promote_types(running_mean.dtype, groups.mean.dtype)
         start = torch.cat([running_mean.to(dtype), running_var.to(dtype)])
         values = torch.cat([groups.mean, groups.unbiased_var()], dim=1).to(dtype)
-        momentum = self.momentum
-        if momentum is None:
-            # The forward template counted one step already: ``seen`` came before (factor
-            # 1/(seen + g + 1) for group g), so r ← (seen·r + Σ_g s_g) / (seen + G).  A
-            # device tensor (an exact integer, promoted as a host int would be): no host read.
-            seen = self.num_batches_tracked - 1
-            after = (start * seen + values.sum(0)) / (seen + num)
-        else:
-            keep = 1.0 - momentum
-            weights = self._stored.cached_index(
-                ("ema", num, momentum),
-                lambda: [momentum * keep ** (num - 1 - g) for g in range(num)],
-                values.device,
-                dtype,
-            )
-            after = torch.addmv(start, values.t(), weights, beta=keep**num)
+        # The forward template counted one step already, so the cumulative average had seen
+        # num_batches_tracked − 1 before the first group: a device tensor, no host read.
+        seen = self.num_batches_tracked - 1
+        _, after = ema_sequence(start, values, seen, self.momentum)
         running_mean.copy_(after[:channels])
         running_var.copy_(after[channels:])
-        self.num_batches_tracked.add_(num - 1)
+        self.num_batches_tracked.add_(groups.mean.shape[0] - 1)
 
     @torch.no_grad()
     def _record(
