@@ -424,6 +424,7 @@ def test_bn_checkpoint_loads_strict_as_an_empty_window(window: int | None) -> No
     block[1].load_state_dict(bn.state_dict())  # before any training
     _train(block, torch.optim.SGD(block.parameters(), lr=0.1), range(4))
     assert int(block[1].window_fill) == min(4, block[1].window_size) > 1
+    assert bn.state_dict()._metadata[""]["version"] == 2  # type: ignore[attr-defined]
     block[1].load_state_dict(bn.state_dict())  # into a filled window: it empties
     norm = block[1]
     assert int(norm.window_fill) == 0 and int(norm.iteration) == 0
@@ -434,6 +435,67 @@ def test_bn_checkpoint_loads_strict_as_an_empty_window(window: int | None) -> No
     x = block[0](u)
     expected = F.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
     torch.testing.assert_close(norm(x), expected)
+
+
+def test_a_checkpoint_of_the_current_version_round_trips_exactly() -> None:
+    """CBN's state_dict records its version (3, above BN's 2), and such a checkpoint loads as
+    it is: the same state, host counters included, and the same next training steps."""
+    block = _block(window=3)
+    smallbn.bind_producers(block)
+    opt = torch.optim.SGD(block.parameters(), lr=0.3)
+    _train(block, opt, range(5))
+    state = copy.deepcopy(block.state_dict())
+    assert state._metadata["1"]["version"] == CrossIterationBatchNorm._version == 3  # type: ignore[attr-defined]
+    assert nn.BatchNorm2d._version == 2
+    resumed = _block(seed=1, window=3)  # other weights: all comes from the checkpoint
+    smallbn.bind_producers(resumed)
+    resumed.load_state_dict(state)
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert (resumed[1]._iteration, resumed[1]._fill) == (block[1]._iteration, block[1]._fill)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.3)
+    for got, want in zip(
+        _train(resumed, resumed_opt, range(5, 8)), _train(block, opt, range(5, 8)), strict=True
+    ):
+        assert torch.equal(got, want)
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, block.state_dict()[key]), key
+
+
+def test_a_current_checkpoint_without_its_counters_is_incomplete_not_a_bn_one() -> None:
+    """Version 3 is read as it is: a missing counter is a missing key of a strict load (the
+    version, not the keys, tells a BN checkpoint)."""
+    block = _block(window=3)
+    smallbn.bind_producers(block)
+    _train(block, torch.optim.SGD(block.parameters(), lr=0.1), range(4))
+    state = block[1].state_dict()
+    del state["iteration"]
+    fresh = _block(window=3)
+    smallbn.bind_producers(fresh)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"iteration\""):
+        fresh[1].load_state_dict(state)
+
+
+def test_a_state_dict_without_a_version_loads_as_an_old_one() -> None:
+    """torch passes ``version=None`` when ``_metadata`` lacks it (e.g. a state_dict rebuilt
+    as a plain dict): read as version ≤ 2, missing counters start the window afresh at
+    iteration 0, as for a BN checkpoint, and a complete one loads exactly."""
+    block = _block(window=3)
+    smallbn.bind_producers(block)
+    _train(block, torch.optim.SGD(block.parameters(), lr=0.1), range(4))
+    state = block[1].state_dict()
+    target = _block(window=3)
+    smallbn.bind_producers(target)
+    norm = target[1]
+    norm.load_state_dict(dict(state))  # no _metadata at all: every key as it is
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert int(norm.window_fill) == 3 and int(norm.iteration) == 4
+    del state._metadata[""]["version"]  # type: ignore[attr-defined]
+    del state["iteration"]
+    norm.load_state_dict(state)  # strict, no missing key: migrated
+    assert int(norm.iteration) == 0 and int(norm.window_fill) == 0 and norm._fill == 0
+    assert torch.equal(norm.running_var, state["running_var"])
 
 
 def test_state_holds_no_producer_and_is_bounded() -> None:

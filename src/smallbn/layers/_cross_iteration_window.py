@@ -121,9 +121,9 @@ class IterationWindow:
 
     ``buffers`` is the layer's own buffer dict (``module._buffers``): the window's tensors
     are registered there, under the layer's ``state_dict`` keys; the derivative buffers are
-    ``None`` without a producer, the statistics ones until k is known.  ``iteration`` and
-    ``fill`` are the host copies of the counters (:meth:`counters` re-reads them when
-    ``stale``, after compiled steps).
+    ``None`` without a producer, the statistics ones until k is known (``window=None``).
+    ``iteration`` and ``fill`` are the host copies of the counters (:meth:`counters`
+    re-reads them when ``stale``, after compiled steps).
     """
 
     def __init__(self, buffers: dict[str, Tensor | None]) -> None:
@@ -377,10 +377,12 @@ class IterationWindow:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def adapt_state_dict(self, state_dict: dict[str, Any], prefix: str, dtype: torch.dtype) -> None:
-        """Make the window buffers fit the checkpoint: create those it has (their shapes
-        depend on the producer and the window, so this layer may not have them yet), and
-        give those it lacks an empty window (a BN checkpoint starts CBN afresh)."""
+    def fit_checkpoint(self, state_dict: dict[str, Any], prefix: str, dtype: torch.dtype) -> None:
+        """Make the window buffers fit a checkpoint of any version: create those it has
+        (their shapes depend on the producer and the window, so this layer may not have them
+        yet, and new ones take ``dtype``); where it lacks buffers this layer holds (saved
+        without a producer, or before k was known), its stored entries cannot be used or
+        compensated, so the window restarts empty."""
         fresh = False
         device = self._tensor("iteration").device
         for name in (*STAT_BUFFERS, *GRAD_BUFFERS):
@@ -392,11 +394,16 @@ class IterationWindow:
                     kept = mine.dtype if mine is not None else dtype
                     self.buffers[name] = torch.zeros(stored.shape, dtype=kept, device=device)
             elif mine is not None:
-                # Without these the stored entries cannot be used (or compensated).
                 state_dict[key] = torch.zeros_like(mine)
                 fresh = True
+        if fresh:
+            state_dict[prefix + "window_fill"] = torch.zeros_like(self._tensor("window_fill"))
+
+    def migrate_before_version_3(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A checkpoint of version ≤ 2 (a BN one, or CBN's from before the version) may lack
+        the counters: without ``iteration`` it starts at iteration 0 with an empty window, as
+        a freshly built layer does (a BN checkpoint starts CBN afresh)."""
         if prefix + "iteration" not in state_dict:
             state_dict[prefix + "iteration"] = torch.zeros_like(self._tensor("iteration"))
-            fresh = True
-        if fresh or prefix + "window_fill" not in state_dict:
             state_dict[prefix + "window_fill"] = torch.zeros_like(self._tensor("window_fill"))
+        state_dict.setdefault(prefix + "window_fill", torch.zeros_like(self._tensor("window_fill")))

@@ -90,6 +90,12 @@ Limitations: every training forward is an iteration, so activation checkpointing
 the forward twice) and ``nn.DataParallel`` replicas (which share the hook) are not supported;
 with DDP, keep ``broadcast_buffers=False`` or ``sync=True`` (rank 0's window would otherwise
 overwrite the others').  Double backward is not supported.
+
+Why this module is long: the layer's two training paths (one iteration per call, with the
+schedule computed on the device when compiled; ``G`` groups of one call) and its producer
+binding (the hook that captures the producer's input, the checks that name the fix) share
+the layer's state; the derivatives, the autograd Functions and the window live in their own
+modules.
 """
 
 from __future__ import annotations
@@ -230,13 +236,19 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     ``(groups, k, C_in/groups·K)`` and ``window_var_grad`` ``(C_out, k, C_in/groups·K)``;
     slot ``t mod k`` holds iteration t.  The window buffers appear once their shapes are
     known (construction with an explicit ``window``; binding; the first training step) and a
-    checkpoint creates them when it has them, so loading works before or after binding; a
-    BN checkpoint loads (strict) as an empty window at iteration 0.  Each training forward
+    checkpoint creates them when it has them, so loading works before or after binding.
+    Checkpoints carry a version (:attr:`_version`): a BN checkpoint (version 2) loads
+    (strict) as an empty window at iteration 0.  Each training forward
     is an iteration (micro-batches of gradient accumulation included); with
     ``norm_batch_size``, each group of a training batch is.
     """
 
     _family = "CrossIterationBatchNorm"
+    #: The state_dict version (``state_dict._metadata[prefix]["version"]``, as torch's BN
+    #: has 2): 3 holds the window as stored now, and loads as it is; a checkpoint of version
+    #: ≤ 2 or without one (a BN checkpoint, CBN's from before the version) is migrated
+    #: (:meth:`_load_from_state_dict`).
+    _version = 3
     wants_producer = True
     #: GroupedNorm may call this layer on consecutive groups of its producer's output; it
     #: then sets ``sample_slice`` so the matching rows of the producer's input are used.
@@ -931,6 +943,15 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        """Load a checkpoint, migrated by its version (as torch's ``_NormBase`` migrates
+        ``num_batches_tracked``): before 3 (a BN checkpoint, CBN's from before the version,
+        or a state_dict without ``_metadata``, which torch passes as ``None``) missing
+        counters start the window afresh; 3 loads the counters as they are.  The window
+        buffers take the checkpoint's shapes whatever the version (they depend on the
+        producer and the window size), and a window of another size is an error."""
+        version = local_metadata.get("version")
+        if version is None or version < 3:
+            self._stored.migrate_before_version_3(state_dict, prefix)
         stored = state_dict.get(prefix + "window_mean")
         if stored is not None and self.window is not None and stored.shape[0] != self.window:
             error_msgs.append(
@@ -949,7 +970,8 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         self._stored.reload()
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        self._stored.adapt_state_dict(state_dict, prefix, self._state_dtype())
+        """The window's buffers take the checkpoint's shapes (any version)."""
+        self._stored.fit_checkpoint(state_dict, prefix, self._state_dtype())
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
