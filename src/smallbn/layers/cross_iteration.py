@@ -238,9 +238,9 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     known (construction with an explicit ``window``; binding; the first training step) and a
     checkpoint creates them when it has them, so loading works before or after binding.
     Checkpoints carry a version (:attr:`_version`): a BN checkpoint (version 2) loads
-    (strict) as an empty window at iteration 0.  Each training forward
-    is an iteration (micro-batches of gradient accumulation included); with
-    ``norm_batch_size``, each group of a training batch is.
+    (strict) as an empty window at iteration 0.  Each training forward is an iteration
+    (micro-batches of gradient accumulation included); with ``norm_batch_size``, each group
+    of a training batch is.
     """
 
     _family = "CrossIterationBatchNorm"
