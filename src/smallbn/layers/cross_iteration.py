@@ -813,12 +813,12 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
             scale, shift = affine_from_moments(mean, inv_std, self.weight, self.bias)
             y = apply_affine(x, scale[index], shift[index])
         if factor is not None:
-            self._update_running_groups(current)
+            self._update_running_per_iteration(current)
         window.advance(num, fill)
         return y
 
     @torch.no_grad()
-    def _update_running_groups(self, groups: Moments) -> None:
+    def _update_running_per_iteration(self, groups: Moments) -> None:
         """BN's running average updated once per group, in order, as ``G`` calls would
         (:func:`~smallbn.stats.ema_sequence`, in closed form; ``momentum=None``: the
         cumulative average, counting groups); ``num_batches_tracked`` counts the groups."""
