@@ -5,8 +5,8 @@ Two bases:
 * :class:`NormBase` owns BN's state (``weight``, ``bias``, ``running_mean``, ``running_var``,
   ``num_batches_tracked``, same names and shapes as ``torch.nn.BatchNorm2d``), the input
   checks, the checkpoint checks (:mod:`smallbn.layers._checkpoint_checks`) and the NaN/Inf
-  check of batch statistics (:mod:`smallbn.layers._finite_check`).  Every layer derives from it, so a pretrained BN
-  checkpoint loads into any of them and back.
+  check of batch statistics (:mod:`smallbn.layers._finite_check`).  Every layer derives
+  from it, so a pretrained BN checkpoint loads into any of them and back.
 * :class:`BatchStatsNorm` adds the training path of layers that normalize with batch
   statistics: local moments from :mod:`smallbn.stats`, optional synchronization across
   processes, the "batch too small" and "non-finite statistics" checks, and BN's running
@@ -326,10 +326,6 @@ class NormBase(FiniteCheckMixin, CheckpointChecksMixin):
         """Tell the layer that its buffers were written directly (restored by a tool such as
         :func:`smallbn.precise_bn`), so it re-reads the host-side copies it keeps of them."""
         self._reload_host_state()
-
-    def _reload_host_state(self) -> None:
-        """Re-read any host-side copy of buffer state (kept to avoid a device read per step):
-        the override point of :meth:`buffers_restored`."""
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Any:
         """``Module._apply`` (``.half()``, ``.to(dtype)``, ``.cuda()``, …) keeping the

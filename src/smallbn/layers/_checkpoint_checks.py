@@ -4,8 +4,9 @@ Every value is validated before anything is copied, so a damaged file (a NaN run
 variance, a negative step count, an infinite window entry) is refused with the layer's name
 instead of surfacing steps later, elsewhere; shape mismatches say which option of the layer
 differs; BN checkpoints from before ``num_batches_tracked`` load as torch's BN loads them.
-Layers add their own entries to ``_checkpoint_rules`` and adapt checkpoints of other
-layouts in ``_adapt_state_dict``; :class:`smallbn.layers._base.NormBase` derives from
+Layers add their own entries to ``_checkpoint_rules``, migrate checkpoints of older
+layouts by their state_dict ``_version`` in ``_migrate`` and fit them to their options in
+``_adapt_state_dict``; :class:`smallbn.layers._base.NormBase` derives from
 :class:`CheckpointChecksMixin`.
 """
 
@@ -44,14 +45,7 @@ class CheckpointChecksMixin(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before BN had this buffer (torch < 0.4.1) load as torch's BN
-            # does: the layer keeps its own count (a restart of BRN's ramp would be silent).
-            current = self.num_batches_tracked
-            keep = current is not None and current.device != torch.device("meta")
-            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
+        self._migrate(state_dict, prefix, local_metadata.get("version"))
         if not self._running_stats_in_state_dict:
             self._keep_bn_statistics(state_dict, prefix)
         self._adapt_state_dict(state_dict, prefix)
@@ -76,6 +70,21 @@ class CheckpointChecksMixin(nn.Module):
                     f"{self.describe()}: incompatible checkpoint ({error_msgs[i]}). "
                     f"{self._checkpoint_mismatch(state_dict, prefix)}"
                 )
+        self._reload_host_state()
+
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        """Bring this layer's entries of a checkpoint saved at an older state_dict layout
+        (``version``, from ``state_dict._metadata``; ``None`` where a state_dict lost its
+        metadata) to the current ``_version``, in place — as torch's ``_NormBase`` adds
+        ``num_batches_tracked`` to checkpoints before version 2.  Layers whose layout
+        changed override it (calling this one) and bump ``_version``."""
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints from before BN had this buffer (torch < 0.4.1) load as torch's BN
+            # does: the layer keeps its own count (a restart of BRN's ramp would be silent).
+            current = self.num_batches_tracked
+            keep = current is not None and current.device != torch.device("meta")
+            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
 
     def _checkpoint_mismatch(self, state_dict: dict[str, Any], prefix: str) -> str:
         """What differs between this layer and a checkpoint with tensors of other shapes, and
@@ -127,4 +136,11 @@ class CheckpointChecksMixin(nn.Module):
                 buffer.copy_(value)
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Hook for layers whose state is a superset of BN's (e.g. one row per domain)."""
+        """Fit a checkpoint of any version to this layer's options, in place (e.g. one row
+        per domain, a window of another size): what depends on how the layer was built, not
+        on when the checkpoint was written (that is :meth:`_migrate`)."""
+
+    def _reload_host_state(self) -> None:
+        """Re-read any host-side copy of buffer state (kept to avoid a device read per step)
+        after the buffers were written directly: loaded here, or restored by a tool
+        (:meth:`NormBase.buffers_restored`)."""

@@ -943,15 +943,9 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Load a checkpoint, migrated by its version (as torch's ``_NormBase`` migrates
-        ``num_batches_tracked``): before 3 (a BN checkpoint, CBN's from before the version,
-        or a state_dict without ``_metadata``, which torch passes as ``None``) missing
-        counters start the window afresh; 3 loads the counters as they are.  The window
-        buffers take the checkpoint's shapes whatever the version (they depend on the
-        producer and the window size), and a window of another size is an error."""
-        version = local_metadata.get("version")
-        if version is None or version < 3:
-            self._stored.migrate_before_version_3(state_dict, prefix)
+        """NormBase's load (migrated by :meth:`_migrate`, checked, fitted), refusing the
+        window of a checkpoint made with another ``window``; the window buffers take the
+        checkpoint's shapes whatever the version (they depend on the producer)."""
         stored = state_dict.get(prefix + "window_mean")
         if stored is not None and self.window is not None and stored.shape[0] != self.window:
             error_msgs.append(
@@ -964,7 +958,15 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._reload_host_state()
+
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        """Before version 3 (a BN checkpoint, CBN's from before the version, or a state_dict
+        without ``_metadata``, which torch passes as ``None``) missing counters start the
+        window afresh; version 3 loads the counters as they are (a missing one is a missing
+        key, not a guessed BN checkpoint)."""
+        super()._migrate(state_dict, prefix, version)
+        if version is None or version < 3:
+            self._stored.migrate_before_version_3(state_dict, prefix)
 
     def _reload_host_state(self) -> None:
         self._stored.reload()

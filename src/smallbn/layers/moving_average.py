@@ -317,23 +317,10 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
     #: MABN one from before versions, whose windows may be float16 (see :meth:`_upgrade`).
     _version = 3
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        version = local_metadata.get("version")
+    def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
+        super()._migrate(state_dict, prefix, version)
         if version is None or version < 3:
             self._upgrade(state_dict, prefix)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        self._reload_host_state()
 
     def _upgrade(self, state_dict: dict[str, Any], prefix: str) -> None:
         """A version-2 (or unversioned) state in this layer's current layout, in place.
