@@ -106,6 +106,28 @@ def test_tables_report_mean_std_and_gap_recovered():
     assert "| gn (any b) | 90% |" in text
 
 
+def test_gap_recovered_leaves_out_a_gap_within_noise():
+    """A share of BN's gap is reported only where the gap stands out: under 5 points (here
+    b = 4: 12 against 11) or under BN's seed spread (b = 8: 20 ± 12 against 11 ± 1.4) the
+    ratio divides noise by noise."""
+    rows = [
+        _row("bn", 32, "correlated", 0, 0.10),
+        _row("bn", 32, "correlated", 1, 0.12),
+        _row("bn", 2, "correlated", 0, 0.50),
+        _row("bn", 2, "correlated", 1, 0.52),
+        _row("bn", 4, "correlated", 0, 0.12),
+        _row("bn", 4, "correlated", 1, 0.12),
+        _row("bn", 8, "correlated", 0, 0.11),
+        _row("bn", 8, "correlated", 1, 0.28),
+        *(_row("mabn", b, "correlated", seed, 0.15) for b in (2, 4, 8) for seed in (0, 1)),
+    ]
+    text = compare.format_tables(rows)
+    assert "b = 4, 8 left out: BN's gap there is under 5 points or its seeds' spread" in text
+    assert "| mabn | 90% |" in text  # (51 - 15) / (51 - 11), the only column
+    only_noise = [r for r in rows if r["norm_batch"] != 2]
+    assert "gap recovered" not in compare.format_tables(only_noise)
+
+
 def test_presets_and_overrides():
     default = compare.preset_configs("default")
     assert {c.seed for c in default} == {0, 1}
