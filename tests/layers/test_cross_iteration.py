@@ -532,6 +532,31 @@ def test_deepcopy_and_pickling_keep_the_binding() -> None:
             torch.testing.assert_close(twin[1].window_mean, original[1].window_mean)
 
 
+def test_an_object_pickled_before_the_iteration_window_loads() -> None:
+    """``CrossIterationBatchNorm.__setstate__``: a layer pickled whole before the window object
+    existed (its ``__dict__`` held the host counters and index caches, not ``_stored``) gets a
+    window whose counters are re-read from the buffers, and goes on as the original."""
+    block = _block(window=3)
+    smallbn.bind_producers(block)
+    _train(block, torch.optim.SGD(block.parameters(), lr=0.1), range(2))
+    original, twin = copy.deepcopy(block), copy.deepcopy(block)
+    norm = twin[1]
+    state = dict(norm.__dict__)
+    del state["_stored"]
+    old = {"_iteration": 0, "_fill": 0, "_slots": {}, "_group_index": {}, "_host_stale": True}
+    state.update(old)  # stale host values: the buffers are what counts
+    norm.__dict__.clear()
+    norm.__setstate__(state)
+    assert not set(old) & set(norm.__dict__)
+    assert norm.window_mean is norm._stored.buffers["window_mean"]
+    assert (norm._iteration, norm._fill) == (original[1]._iteration, original[1]._fill) == (2, 2)
+    for step in range(3):
+        u = torch.randn(2, 3, 5, 5) + step
+        torch.testing.assert_close(twin(u), original(u))
+    assert int(norm.iteration) == norm._iteration == 5
+    torch.testing.assert_close(norm.window_mean, original[1].window_mean)
+
+
 def test_eval_is_bn_and_folds_into_the_conv() -> None:
     block = _block(window=3)
     smallbn.bind_producers(block)
