@@ -21,6 +21,7 @@ from smallbn.stats import (
     apply_channel_affine,
     channel_moments,
     detached_channel_moments,
+    ema_after,
     ema_sequence,
     group_sizes,
     merge_equal_moments,
@@ -561,8 +562,9 @@ def test_sample_groups_are_consecutive_groups_of_the_global_batch(group_size, ra
     on_device=st.booleans(),
 )
 def test_ema_sequence_equals_one_update_per_group(groups, step, momentum, on_device):
-    """The closed forms equal G updates in a loop (float64 numpy): BN's EMA with the
-    momentum, or the cumulative average 1/(t + 1) counting ``step`` earlier updates."""
+    """The closed forms (``ema_sequence``, and ``ema_after`` for the last average alone)
+    equal G updates in a loop (float64 numpy): BN's EMA with the momentum, or the cumulative
+    average 1/(t + 1) counting ``step`` earlier updates."""
     rng = np.random.default_rng(groups * 31 + step)
     start, values = rng.normal(size=3), rng.normal(size=(groups, 3))
     running, before = start.copy(), []
@@ -575,6 +577,8 @@ def test_ema_sequence_equals_one_update_per_group(groups, step, momentum, on_dev
         torch.from_numpy(start), torch.from_numpy(values), given_step, momentum
     )
     np.testing.assert_allclose(got_after.numpy(), running, rtol=1e-12, atol=1e-12)
+    only_after = ema_after(torch.from_numpy(start), torch.from_numpy(values), given_step, momentum)
+    np.testing.assert_allclose(only_after.numpy(), running, rtol=1e-12, atol=1e-12)
     if groups == 1:
         np.testing.assert_allclose(got_before.numpy(), start)
     else:

@@ -21,6 +21,10 @@ Merging uses the parallel-variance formula of Chan, Golub & LeVeque (1979),
 which, unlike accumulating ``Σx²``, does not cancel catastrophically when ``|μ| ≫ σ``.
 Statistics of float16/bfloat16 inputs are accumulated in float32, float64 stays float64.
 All functions are differentiable: gradients reach every input that contributed.
+
+Why this module is long: it is the one core every layer shares (moments and their merging,
+the normalization Functions, groups of samples and running averages), kept in one place so
+that no layer writes its own copy (tests/test_code_shape.py checks that none does).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "channel_moments",
     "detached_channel_moments",
     "channel_view",
+    "ema_after",
     "ema_sequence",
     "exporting",
     "first_order_only",
@@ -695,3 +700,17 @@ def ema_sequence(
         )
         sequence = (keep**k).unsqueeze(1) * start + weights @ values
     return sequence[:-1], sequence[-1]
+
+
+def ema_after(start: Tensor, values: Tensor, step: int | Tensor, momentum: float | None) -> Tensor:
+    """The running average after ``G`` consecutive updates: ``ema_sequence(...)[1]`` without
+    the averages before each update, for callers that need only the last (CBN's running
+    statistics, once per grouped step): ``q^G·a_0 + Σ_j f·q^{G−1−j}·v_j`` as one ``addmv``
+    (weights from host floats, no ``(G + 1) × G`` matrix), or ``(t₀·a_0 + Σ_j v_j)/(t₀ + G)``
+    for the cumulative average."""
+    groups = values.shape[0]
+    if momentum is None:
+        return (step * start + values.sum(0)) / (step + groups)
+    keep = 1.0 - momentum
+    weights = values.new_tensor([momentum * keep ** (groups - 1 - j) for j in range(groups)])
+    return torch.addmv(start, values.t(), weights, beta=keep**groups)
