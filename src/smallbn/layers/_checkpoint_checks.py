@@ -27,7 +27,7 @@ class CheckpointChecksMixin(nn.Module):
 
     track_running_stats: bool
     num_batches_tracked: Tensor | None
-    _running_stats_in_state_dict: ClassVar[bool] = True
+    _running_stats_in_state_dict: ClassVar[bool]  # NormBase's (and the layers') choice
 
     def describe(self) -> str:
         raise NotImplementedError

@@ -21,7 +21,6 @@ __all__ = [
     "FiniteCheck",
     "FiniteCheckMixin",
     "check_finite",
-    "finite_check_mode",
     "set_finite_check",
 ]
 
@@ -69,11 +68,6 @@ def set_finite_check(mode: bool | FiniteCheck, *, interval: int | None = None) -
         _DEFERRED_INTERVAL = int(interval)
     old, _FINITE_CHECK = _FINITE_CHECK, chosen
     return old
-
-
-def finite_check_mode() -> FiniteCheck:
-    """The mode chosen with :func:`set_finite_check`."""
-    return _FINITE_CHECK
 
 
 def deferred_interval() -> int:
