@@ -82,7 +82,10 @@ class BurnIn(NamedTuple):
         return torch.where(step >= self.iterations, k, during)
 
     def needs_record(self, step: int, k: int) -> bool:
-        """Whether a later iteration of the next k − 1 pools iteration ``step``'s statistics."""
+        """Whether a later iteration of the next k − 1 pools iteration ``step``'s statistics
+        (after burn-in, the next one does whenever k > 1: no loop on the step's path)."""
+        if step >= self.iterations:
+            return k > 1
         return any(self.window_at(step + d, k) - 1 >= d for d in range(1, k))
 
 
@@ -303,7 +306,7 @@ class IterationWindow:
         pasts, records = [], []
         for t in range(step, step + num):
             pasts.append(min(burn_in.window_at(t, k) - 1, fill))
-            record = k > 1 and (t >= burn_in.iterations or burn_in.needs_record(t, k))
+            record = k > 1 and burn_in.needs_record(t, k)
             records.append(record)
             fill = min(fill + 1, k) if record else 0
         return pasts, records, fill
