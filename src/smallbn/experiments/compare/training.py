@@ -197,6 +197,30 @@ def _lr(config: RunConfig, step: int, total: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
+def _sgd_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    lr: float,
+    *,
+    tag: str,
+    step: int,
+    hint: str = "",
+) -> None:
+    """One SGD step on ``loss`` at learning rate ``lr`` (the training loops of this job and of
+    the rethink studies); a loss that is not finite raises FloatingPointError naming the run,
+    the step and ``hint`` (the option that lowers the learning rate)."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{tag}: training diverged at step {step} (loss {float(loss)}); lower the learning "
+            f"rate{hint}"
+        )
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def _memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last on CPU, where oneDNN's convolutions run 15–40% faster in NHWC at these
     sizes (every layer computes the same in either layout: tests/layers/test_memory_format)."""
@@ -273,17 +297,10 @@ def run_one(
         if world > 1:  # each process trains on its share of whole groups
             index = index.reshape(world, -1)[rank]
         x, y = train_x[index].to(device), train_y[index].to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(config, step, total)
         loss = F.cross_entropy(trained(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{config.tag}: training diverged at step {step} (loss {float(loss)}); lower "
-                f"the learning rate (--lr)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _sgd_step(
+            optimizer, loss, _lr(config, step, total), tag=config.tag, step=step, hint=" (--lr)"
+        )
         bar.update(1)
         done = step + 1
         if rank == 0 and (done % checkpoint_every == 0 or done == total):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smallbn._optional import tqdm
+from smallbn.experiments.compare.training import _sgd_step
 from smallbn.experiments.data import Dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.rethink.checkpoint import _Checkpoint
@@ -160,17 +161,9 @@ class _Run:
         model.train()
         for step in range(start, total):
             index = next(stream)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(config, step, total)
-            value = loss(model, index)
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"{config.tag}: training diverged at step {step} (loss {float(value)}); "
-                    f"lower the learning rate"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
+            _sgd_step(
+                optimizer, loss(model, index), _lr(config, step, total), tag=config.tag, step=step
+            )
             bar.update(1)
             done = step + 1
             if on_step is not None:
