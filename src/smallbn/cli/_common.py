@@ -65,7 +65,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, dataset: str | None) ->
         default=None,
         help="folder of --dataset (default: Debian's, for fashion-mnist)",
     )
-    parser.add_argument("--threads", type=_count(1), default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads", type=_count(1), default=2, help="torch.set_num_threads (default: 2)"
+    )
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:

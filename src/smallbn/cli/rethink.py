@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-from smallbn.cli._common import _add_run_arguments, _check_output_dir, _sweep_settings
+from smallbn.cli._common import (
+    _add_data_arguments,
+    _add_run_arguments,
+    _check_output_dir,
+    _sweep_settings,
+)
 from smallbn.cli._types import (
     _count,
     _counts,
@@ -81,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The ``rethink`` command; the defaults its help shows come from the presets."""
-    from smallbn.experiments.data import DATASETS
     from smallbn.experiments.rethink import PRESETS, SHIFTS, STUDIES, StudyConfig
 
     default = PRESETS["default"]
@@ -234,25 +238,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help=f"domain (b): the second training domain (default: {domain['domain_shift']})",
     )
-    rethink.add_argument(
-        "--dataset",
-        choices=list(DATASETS),
-        default=None,
-        help="fashion-mnist falls back to the digits (labelled so) without Debian's "
-        "dataset-fashion-mnist (default: fashion-mnist)",
-    )
-    rethink.add_argument(
-        "--data-root",
-        default=None,
-        help="folder of --dataset (default: none, Debian's /usr/share/datasets/fashion-mnist)",
-    )
+    _add_data_arguments(rethink, None)
     _add_run_arguments(rethink)
-    rethink.add_argument(
-        "--threads",
-        type=_count(1),
-        default=2,
-        help="torch.set_num_threads with --jobs 1 (default: 2)",
-    )
     rethink.add_argument(
         "--checkpoint-every",
         type=_count(1),
