@@ -388,12 +388,12 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
 
     @property
     def _iteration(self) -> int:
-        """The host copy of ``iteration`` (the window keeps it; tools compare it)."""
+        """The host copy of ``iteration`` (the window keeps it; the tests compare it)."""
         return self._stored.counters()[0]
 
     @property
     def _fill(self) -> int:
-        """The host copy of ``window_fill`` (the window keeps it; tools compare it)."""
+        """The host copy of ``window_fill`` (the window keeps it; the tests compare it)."""
         return self._stored.counters()[1]
 
     def _burn_in(self) -> BurnIn:
