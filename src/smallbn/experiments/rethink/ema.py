@@ -339,22 +339,18 @@ def _plot(rows: Sequence[dict[str, Any]]) -> Figure:
     for row in rows:
         seed = row["seed"]
         n = len(row["error_ema"])
-        axes[0].plot(
-            epochs[:n],
-            _pct(row["error_ema"]),
-            "o-",
-            color="C1",
-            alpha=0.7,
-            label=f"EMA (m=0.1), seed {seed}",
-        )
-        axes[0].plot(
-            epochs[:n],
-            _pct(row["error_precise"]),
-            "s-",
-            color="C0",
-            alpha=0.7,
-            label=f"PreciseBN, seed {seed}",
-        )
+        for key, style, colour, label in (
+            ("error_ema", "o-", "C1", "EMA (m=0.1)"),
+            ("error_precise", "s-", "C0", "PreciseBN"),
+        ):
+            axes[0].plot(
+                epochs[:n],
+                _pct(row[key]),
+                style,
+                color=colour,
+                alpha=0.7,
+                label=f"{label}, seed {seed}",
+            )
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("test error (%)")
     axes[0].set_title("EMA vs PreciseBN after every epoch")
