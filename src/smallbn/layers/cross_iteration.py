@@ -52,7 +52,7 @@ only (the backward of the one-iteration path, per group).  Only the last k group
 read by a later call (a step reads at most k − 1 stored entries), so only they are stored,
 and their derivatives come from one weight-gradient convolution with the groups as conv
 groups.  The running statistics take one EMA step per group, in closed form
-(:func:`smallbn.stats.ema_sequence`; ``momentum=None``: the cumulative average over groups);
+(:func:`smallbn.stats.ema_after`; ``momentum=None``: the cumulative average over groups);
 ``iteration`` and ``num_batches_tracked`` count groups, so burn-in and
 ``window=None`` (k from the group size b) mean what they mean for ``GroupedNorm``.  A batch of
 N ≤ b samples is one iteration.  A group of a single value per channel is an error before any
@@ -142,7 +142,7 @@ from smallbn.stats import (
     Moments,
     affine_from_moments,
     apply_affine,
-    ema_sequence,
+    ema_after,
     mean_var,
     sample_groups,
     stats_dtype,
@@ -820,7 +820,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     @torch.no_grad()
     def _update_running_per_iteration(self, groups: Moments) -> None:
         """BN's running average updated once per group, in order, as ``G`` calls would
-        (:func:`~smallbn.stats.ema_sequence`, in closed form; ``momentum=None``: the
+        (:func:`~smallbn.stats.ema_after`, in closed form; ``momentum=None``: the
         cumulative average, counting groups); ``num_batches_tracked`` counts the groups."""
         running_mean, running_var = self.running_stats()
         assert self.num_batches_tracked is not None
@@ -831,7 +831,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         # The forward template counted one step already, so the cumulative average had seen
         # num_batches_tracked − 1 before the first group: a device tensor, no host read.
         seen = self.num_batches_tracked - 1
-        _, after = ema_sequence(start, values, seen, self.momentum)
+        after = ema_after(start, values, seen, self.momentum)
         running_mean.copy_(after[:channels])
         running_var.copy_(after[channels:])
         self.num_batches_tracked.add_(groups.mean.shape[0] - 1)
