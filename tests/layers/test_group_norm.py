@@ -107,6 +107,25 @@ def test_keeps_batchnorm_statistics_in_memory_but_not_in_its_checkpoints():
             torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_a_bn_checkpoint_with_other_or_invalid_statistics_is_refused_not_dropped():
+    """The statistics a batch-independent norm keeps in memory for a round trip to BN go
+    through the checkpoint checks: another shape is an error naming the layer (it was
+    dropped in silence), a NaN is refused before anything is copied."""
+    layer = GroupNorm(8, affine=False)
+    before = {k: v.clone() for k, v in layer._buffers.items() if v is not None}
+    other = nn.BatchNorm2d(4, affine=False).state_dict()
+    with pytest.raises(
+        RuntimeError, match=r"GroupNorm\(8\): incompatible checkpoint.*running_mean"
+    ):
+        layer.load_state_dict(other)
+    damaged = nn.BatchNorm2d(8, affine=False).state_dict()
+    damaged["running_var"][0] = float("nan")
+    with pytest.raises(RuntimeError, match="running_var' holds NaN"):
+        layer.load_state_dict(damaged)
+    for key, value in before.items():
+        torch.testing.assert_close(layer._buffers[key], value, rtol=0, atol=0, equal_nan=True)
+
+
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -46,10 +46,11 @@ class CheckpointChecksMixin(nn.Module):
         error_msgs: list[str],
     ) -> None:
         self._migrate(state_dict, prefix, local_metadata.get("version"))
+        kept: dict[str, Tensor] = {}
         if not self._running_stats_in_state_dict:
-            self._keep_bn_statistics(state_dict, prefix)
+            kept = self._take_bn_statistics(state_dict, prefix, error_msgs)
         self._adapt_state_dict(state_dict, prefix)
-        problems = self._checkpoint_problems(state_dict, prefix)
+        problems = self._checkpoint_problems({**state_dict, **kept}, prefix)
         if problems:
             # Refused before anything is copied: this layer keeps its state.  A NaN running
             # variance or a negative count would otherwise surface steps later, elsewhere.
@@ -60,6 +61,11 @@ class CheckpointChecksMixin(nn.Module):
                 f"strict=False to keep this layer's own values."
             )
             return
+        with torch.no_grad():
+            for key, value in kept.items():
+                buffer = self._buffers[key[len(prefix) :]]
+                assert buffer is not None  # _take_bn_statistics keeps only registered ones
+                buffer.copy_(value)
         first_new = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -126,14 +132,27 @@ class CheckpointChecksMixin(nn.Module):
                 problems.append(f"'{prefix}{name}' holds negative values (min {checked.min():.3g})")
         return problems
 
-    @torch.no_grad()
-    def _keep_bn_statistics(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Take a BN checkpoint's running statistics into the in-memory buffers of a layer
-        that does not save them (and out of ``state_dict``, where they would be unexpected)."""
+    def _take_bn_statistics(
+        self, state_dict: dict[str, Any], prefix: str, error_msgs: list[str]
+    ) -> dict[str, Tensor]:
+        """Take a BN checkpoint's running statistics out of ``state_dict`` (where, for a layer
+        that does not save them, they would be unexpected), to be copied into its in-memory
+        buffers once the checkpoint's values are checked.  Statistics of another shape are
+        an error naming the layer, not dropped in silence."""
+        kept: dict[str, Tensor] = {}
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             value, buffer = state_dict.pop(prefix + name, None), self._buffers.get(name)
-            if isinstance(value, Tensor) and buffer is not None and value.shape == buffer.shape:
-                buffer.copy_(value)
+            if not isinstance(value, Tensor) or buffer is None:
+                continue
+            if value.shape != buffer.shape:
+                error_msgs.append(
+                    f"{self.describe()}: incompatible checkpoint ('{prefix}{name}' has shape "
+                    f"{tuple(value.shape)}, this layer's {tuple(buffer.shape)}). "
+                    f"{self._checkpoint_mismatch(state_dict, prefix)}"
+                )
+                continue
+            kept[prefix + name] = value
+        return kept
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Fit a checkpoint of any version to this layer's options, in place (e.g. one row
