@@ -88,6 +88,15 @@ def _checkpoint_path(output_dir: Path, config: RunConfig) -> Path:
     return output_dir / "checkpoints" / f"{config.tag}.pt"
 
 
+def _unusable(checkpoint: Path, tag: str, reason: str) -> CheckpointError:
+    """The error for a checkpoint that does not fit run ``tag`` (this job's and the rethink
+    studies'): it names the file and says to delete it, never discarding it."""
+    return CheckpointError(
+        f"{checkpoint}: cannot resume {tag} from this checkpoint ({reason}); delete the file "
+        f"to restart that run from scratch"
+    )
+
+
 def _differences(key: str, other: str) -> str:
     """The fields in which two run keys differ, as ``field=theirs (this run: ours)``."""
     try:
@@ -126,10 +135,7 @@ def _resume(
     """
 
     def unusable(reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"{checkpoint}: cannot resume {config.tag} from this checkpoint ({reason}); "
-            f"delete the file to restart that run from scratch"
-        )
+        return _unusable(checkpoint, config.tag, reason)
 
     try:
         state = torch.load(checkpoint, map_location=device, weights_only=False)

@@ -26,10 +26,7 @@ class _Checkpoint:
         self.path, self.config, self.total = path, config, total
 
     def _unusable(self, reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"{self.path}: cannot resume {self.config.tag} from this checkpoint ({reason}); "
-            f"delete the file to restart that run from scratch"
-        )
+        return compare.training._unusable(self.path, self.config.tag, reason)
 
     def load(self, stages: Sequence[str]) -> dict[str, Any] | None:
         if not self.path.exists():
