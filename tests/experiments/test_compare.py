@@ -683,3 +683,7 @@ def test_shuffle_bn_steps_travel_with_the_checkpoint_and_their_absence_is_said()
     assert fresh[1].shuffle_step == 7
     with pytest.warns(RuntimeWarning, match="from step 0 again.*'1'|'1'.*from step 0 again"):
         _load_host_state(fresh, None)  # a checkpoint written before steps were kept
+    two = torch.nn.Sequential(smallbn.ShuffleBatchNorm2d(4), smallbn.ShuffleBatchNorm2d(4))
+    with pytest.warns(RuntimeWarning, match="1 layer.*'1'.*from step 0 again"):
+        _load_host_state(two, {"0": 3})  # a layer the checkpoint lacks is named, not skipped
+    assert (two[0].shuffle_step, two[1].shuffle_step) == (3, 0)

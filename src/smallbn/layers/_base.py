@@ -322,6 +322,16 @@ class NormBase(FiniteCheckMixin, CheckpointChecksMixin):
                 f"num_features={x.shape[1]}, or check the output channels of the layer before it."
             )
 
+    def host_step(self) -> int | None:
+        """A step counter the layer keeps on the host, outside the ``state_dict`` (which
+        stays BN's), that a resumed run needs to continue exactly — Shuffle BN's, which picks
+        its next permutation; ``None`` for a layer without one."""
+        return None
+
+    def set_host_step(self, step: int) -> None:
+        """Restore :meth:`host_step` (from a checkpoint of a job that saved it)."""
+        raise NotImplementedError(f"{self.describe()} keeps no host step counter")
+
     def buffers_restored(self) -> None:
         """Tell the layer that its buffers were written directly (restored by a tool such as
         :func:`smallbn.precise_bn`), so it re-reads the host-side copies it keeps of them."""

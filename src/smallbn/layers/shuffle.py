@@ -210,6 +210,12 @@ class ShuffleBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type
         self.last_permutation: Tensor | None = None
         self._agreed_seed: int | None = None  # rank 0's seed, once a shuffled call agreed it
 
+    def host_step(self) -> int | None:
+        return self.shuffle_step
+
+    def set_host_step(self, step: int) -> None:
+        self.shuffle_step = int(step)
+
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.norm_batch_size is not None:

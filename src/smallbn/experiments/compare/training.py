@@ -26,7 +26,7 @@ from smallbn.experiments.data import Dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.sampling import batch_indices, steps_per_epoch
 from smallbn.experiments.train import evaluate
-from smallbn.layers import ShuffleBatchNorm
+from smallbn.layers import NormBase
 from smallbn.population import precise_bn
 from smallbn.registry import build_norm
 
@@ -161,32 +161,39 @@ def _resume(
         raise unusable(f"{type(error).__name__}: {error}") from error
 
 
-def _host_state(model: nn.Module) -> dict[str, int]:
-    """What the checkpoint needs beside the ``state_dict`` to resume exactly: each Shuffle
-    BN's step counter, which picks its next permutation (host state, kept out of the
-    ``state_dict`` so that it stays BN's)."""
+def _host_steps(model: nn.Module) -> dict[str, NormBase]:
+    """The layers that keep a host step counter (:meth:`NormBase.host_step`), by name."""
     return {
-        name: m.shuffle_step for name, m in model.named_modules() if isinstance(m, ShuffleBatchNorm)
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, NormBase) and m.host_step() is not None
     }
 
 
+def _host_state(model: nn.Module) -> dict[str, int]:
+    """What the checkpoint needs beside the ``state_dict`` to resume exactly: each layer's
+    host step counter (Shuffle BN's picks its next permutation; host state, kept out of the
+    ``state_dict`` so that it stays BN's)."""
+    return {name: int(m.host_step() or 0) for name, m in _host_steps(model).items()}
+
+
 def _load_host_state(model: nn.Module, state: dict[str, int] | None) -> None:
-    """Restore :func:`_host_state`; a checkpoint written before it was kept (``None``) resumes
-    with every Shuffle BN's permutations from step 0, said with a warning."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, ShuffleBatchNorm)}
-    if state is None:
-        if layers:
-            warnings.warn(
-                f"the checkpoint does not hold Shuffle BN's step counters ({len(layers)} "
-                f"layers, e.g. '{next(iter(layers))}'): the resumed run draws its permutations "
-                f"from step 0 again, not those an uninterrupted run would draw",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return
+    """Restore :func:`_host_state`; layers whose counter the checkpoint does not hold (all of
+    them in one written before it was kept, ``None``) resume from step 0, said with a
+    warning naming them."""
+    layers = _host_steps(model)
+    missing = list(layers) if state is None else [n for n in layers if n not in state]
+    if missing:
+        warnings.warn(
+            f"the checkpoint does not hold the step counters of {len(missing)} layer(s) "
+            f"(Shuffle BN's, e.g. '{missing[0]}'): the resumed run draws their permutations "
+            f"from step 0 again, not those an uninterrupted run would draw",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     for name, module in layers.items():
-        if name in state:
-            module.shuffle_step = int(state[name])
+        if state is not None and name in state:
+            module.set_host_step(int(state[name]))
 
 
 def _rank() -> tuple[int, int]:
