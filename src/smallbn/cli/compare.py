@@ -86,7 +86,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="default",
         choices=sorted(PRESETS),
         help=f"default: the README's figure, each method over several normalization batch "
-        f"sizes ({len(preset_configs('default'))} runs, 12-15 minutes on 2 CPU cores); full: "
+        f"sizes ({len(preset_configs('default'))} runs, 9-16 minutes on 2 CPU cores); full: "
         f"every method at b = 2..32 (long); smoke: seconds, for tests",
     )
     compare.add_argument(

@@ -170,7 +170,7 @@ class RunConfig(RunIdentity):
 #: name → (composition → [(method, normalization batch sizes)], run settings).
 #:
 #: ``default`` draws the MABN authors' figure (Yan et al., ICLR 2020: error against the
-#: normalization batch size, one line per method) in 12-15 minutes on 2 CPU cores: in
+#: normalization batch size, one line per method) in 9-16 minutes on 2 CPU cores: in
 #: correlated groups every method over b = 2, 4, 8, where the methods part ways, BN also at 32
 #: (the reference), GN once (:func:`batch_independent`: its runs at every b are the same run),
 #: and BN in i.i.d. groups at 2 and 32 (the collapse at b = 2 is the correlation's, not the
