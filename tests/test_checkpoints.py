@@ -375,6 +375,20 @@ def test_cbn_release_backbone_and_its_cbn_layers(torchvision):
     assert (prefix + "num_batches_tracked", "not stored by the release") in detector.added
 
 
+def test_a_cbn_backbone_key_without_a_place_is_reported_dropped():
+    """A backbone entry a torchvision ResNet has no place for (here a deformable conv's
+    offsets) is listed as dropped, as the SN and MABN readers list theirs; it was left out of
+    the report in silence."""
+    file = cbn_release_file()
+    extra = "backbone.layer2.0.conv2.conv_offset.weight"
+    file["state_dict"][extra] = torch.zeros(18, 128, 3, 3)
+    state, report = release_state_dict("cbn", file)
+    assert extra not in state
+    assert (extra, "not part of the torchvision architecture") in report.dropped
+    used = {k for k, _ in report.mapped} | {k for k, _ in report.dropped}
+    assert set(file["state_dict"]) <= used  # every entry of the file is accounted for
+
+
 def test_release_state_dict_loads_strictly_into_the_converted_model(torchvision):
     import smallbn
 

@@ -531,6 +531,7 @@ def _cbn(state: dict[str, Tensor], arch: str, part: str) -> tuple[dict[str, Tens
                     "mmdetection model)",
                 )
             )
+    _drop_rest(state, report)  # backbone keys a torchvision ResNet has no place for
     report.notes.append(
         f"the backbone is plain BN (frozen ImageNet statistics): torch's BN inference; the "
         f"release's {len(cbn_layers)} CBN layers are in the FPN and the heads"
