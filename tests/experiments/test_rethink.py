@@ -553,6 +553,23 @@ def test_plan_settings_and_rules():
         rethink.plan(["bogus"])
 
 
+def test_a_setting_of_a_study_that_does_not_run_is_refused(tmp_path, capsys):
+    """``--lr`` with ``--study ema`` (whose learning rate is ``--ema-lr``) changed nothing and
+    said nothing: the runs were not those asked for."""
+    with pytest.raises(ValueError, match="--lr sets the inconsistency, domain, leakage studies"):
+        rethink.plan(["ema"], "smoke", lr=0.3)
+    with pytest.raises(ValueError, match="--momenta sets the ema study only.*--study domain"):
+        rethink.plan(["domain"], "smoke", momenta=(0.2,))
+    # every setting of the studies that run is taken; those of every study always are
+    both = rethink.plan(["ema", "domain"], "smoke", lr=0.3)
+    assert {c.lr for c in both if c.study == "domain"} == {0.3}
+    assert rethink.plan(["leakage"], "smoke", epochs=2, dataset="digits")
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["rethink", "--study", "ema", "--lr", "0.3", "--output-dir", str(tmp_path)])
+    assert exit_code.value.code == 2
+    assert "--lr sets the inconsistency, domain, leakage studies only" in capsys.readouterr().err
+
+
 def test_the_committed_results_are_those_of_the_default_run(tmp_path, monkeypatch):
     """docs/rethink_<study>.jsonl hold exactly the rows of ``smallbn rethink`` with no options
     (a single process; the leakage study also has the 2-process torchrun variant's rows)."""

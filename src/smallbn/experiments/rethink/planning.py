@@ -126,6 +126,45 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Each setting ``plan`` takes (its command-line option: ``--`` and the name with dashes) →
+#: the studies it changes; ``None``: every study.
+_APPLIES_TO: dict[str, tuple[str, ...] | None] = {
+    "epochs": None,
+    "train_samples": None,
+    "precise_samples": None,
+    "eval_samples": None,
+    "dataset": None,
+    "ema_batch": ("ema",),
+    "ema_lr": ("ema",),
+    "momenta": ("ema",),
+    "sample_sweep": ("ema",),
+    "sweep_draws": ("ema",),
+    "batch_sizes": ("inconsistency",),
+    "frozen_epochs": ("inconsistency",),
+    "lr": ("inconsistency", "domain", "leakage"),
+    "shifts": ("domain",),
+    "domain_shift": ("domain",),
+    "device_batch": ("leakage",),
+}
+
+
+def _refuse_unused(given: dict[str, Any], studies: Sequence[str]) -> None:
+    """Raise ValueError for a setting that none of ``studies`` takes (``--lr`` with
+    ``--study ema``, whose learning rate is ``--ema-lr``): it would change nothing, and the
+    runs would not be the ones asked for."""
+    for name in given:
+        targets = _APPLIES_TO[name]
+        if targets is None or set(targets) & set(studies):
+            continue
+        option = "--" + name.replace("_", "-")
+        which = f"the {', '.join(targets)} stud{'y' if len(targets) == 1 else 'ies'}"
+        raise ValueError(
+            f"{option} sets {which} only, none of which runs here (--study "
+            f"{','.join(studies)}): it would change nothing; leave {option} out, or run "
+            f"{' or '.join(targets)} (--study)"
+        )
+
+
 def plan(
     studies: Sequence[str],
     preset: str = "default",
@@ -139,29 +178,13 @@ def plan(
     ``eval_samples``, ``dataset``; ``ema_batch``, ``ema_lr``, ``momenta``, ``sample_sweep``,
     ``sweep_draws`` (ema); ``batch_sizes``, ``frozen_epochs`` (inconsistency); ``lr``
     (inconsistency, domain and leakage); ``shifts``, ``domain_shift`` (domain);
-    ``device_batch`` (leakage).  ``world_size``: the processes under torchrun, where only the
-    leakage study runs (every other study is single-process: a ValueError says so)."""
+    ``device_batch`` (leakage); one that none of ``studies`` has is a ValueError, not
+    ignored.  ``world_size``: the processes under torchrun, where only the leakage study runs
+    (every other study is single-process: a ValueError says so)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (one of {', '.join(PRESETS)})")
     given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {
-        "epochs",
-        "train_samples",
-        "precise_samples",
-        "eval_samples",
-        "dataset",
-        "ema_batch",
-        "ema_lr",
-        "momenta",
-        "sample_sweep",
-        "sweep_draws",
-        "batch_sizes",
-        "frozen_epochs",
-        "lr",
-        "shifts",
-        "domain_shift",
-        "device_batch",
-    }
+    unknown = set(given) - set(_APPLIES_TO)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}")
     settings = PRESETS[preset]
@@ -171,8 +194,8 @@ def plan(
         if study not in STUDIES:
             raise ValueError(f"unknown study '{study}' (one of {', '.join(STUDIES)})")
         base = {**settings[study], "world_size": world_size}
-        for name in ("epochs", "train_samples", "precise_samples", "eval_samples", "dataset"):
-            if name in given:
+        for name, targets in _APPLIES_TO.items():
+            if targets is None and name in given:  # the settings of every study
                 base[name] = given[name]
         variants: list[tuple[str, dict[str, Any]]]
         if study == "ema":
@@ -219,6 +242,7 @@ def plan(
                 config = StudyConfig(study, variant, seed, **{**base, **extra})
                 config.check()
                 configs.setdefault(config.key, config)
+    _refuse_unused(given, studies)
     return list(configs.values())
 
 
