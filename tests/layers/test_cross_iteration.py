@@ -736,13 +736,22 @@ def test_bad_options(options: dict[str, Any], match: str) -> None:
 
 
 def test_checkpoint_with_another_window_is_an_error() -> None:
+    """Refused before anything is copied: the layer keeps its own state, window included
+    (it emptied its window and took the checkpoint's running statistics, then raised)."""
     block = _block(window=3)
     smallbn.bind_producers(block)
     _train(block, torch.optim.SGD(block.parameters(), lr=0.1), range(2))
-    other = CrossIterationBatchNorm2d(4, window=4)
+    other_block = _block(seed=1, window=4)
+    smallbn.bind_producers(other_block)
+    _train(other_block, torch.optim.SGD(other_block.parameters(), lr=0.1), range(2))
+    other = other_block[1]
+    before = {key: value.clone() for key, value in other.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"holds a window of 3 iterations, this layer was built "
                        r"with window=4"):  # fmt: skip
         other.load_state_dict(block[1].state_dict())
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert other._fill == 2
     auto = CrossIterationBatchNorm2d(4)  # window=None takes the checkpoint's
     auto.load_state_dict(block[1].state_dict())
     assert auto.window_size == 3 and int(auto.window_fill) == 2

@@ -4,9 +4,10 @@ Every value is validated before anything is copied, so a damaged file (a NaN run
 variance, a negative step count, an infinite window entry) is refused with the layer's name
 instead of surfacing steps later, elsewhere; shape mismatches say which option of the layer
 differs; BN checkpoints from before ``num_batches_tracked`` load as torch's BN loads them.
-Layers add their own entries to ``_checkpoint_rules``, migrate checkpoints of older
-layouts by their state_dict ``_version`` in ``_migrate`` and fit them to their options in
-``_adapt_state_dict``; :class:`smallbn.layers._base.NormBase` derives from
+Layers add their own entries to ``_checkpoint_rules``, refuse checkpoints made for other
+options in ``_checkpoint_refusal`` (also before anything is copied), migrate checkpoints of
+older layouts by their state_dict ``_version`` in ``_migrate`` and fit them to their options
+in ``_adapt_state_dict``; :class:`smallbn.layers._base.NormBase` derives from
 :class:`CheckpointChecksMixin`.
 """
 
@@ -45,6 +46,11 @@ class CheckpointChecksMixin(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        refusal = self._checkpoint_refusal(state_dict, prefix)
+        if refusal is not None:
+            # As for invalid values: nothing is copied, this layer keeps its state.
+            error_msgs.append(refusal)
+            return
         self._migrate(state_dict, prefix, local_metadata.get("version"))
         kept: dict[str, Tensor] = {}
         if not self._running_stats_in_state_dict:
@@ -77,6 +83,12 @@ class CheckpointChecksMixin(nn.Module):
                     f"{self._checkpoint_mismatch(state_dict, prefix)}"
                 )
         self._reload_host_state()
+
+    def _checkpoint_refusal(self, state_dict: dict[str, Any], prefix: str) -> str | None:
+        """Why this layer cannot take a checkpoint at all (made for another option that its
+        entries cannot be fitted to: the message names the layer, what differs and the fix),
+        or ``None``.  Asked first, so that a refused checkpoint changes nothing."""
+        return None
 
     def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
         """Bring this layer's entries of a checkpoint saved at an older state_dict layout

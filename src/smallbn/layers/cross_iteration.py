@@ -247,7 +247,7 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
     #: The state_dict version (``state_dict._metadata[prefix]["version"]``, as torch's BN
     #: has 2): 3 holds the window as stored now, and loads as it is; a checkpoint of version
     #: ≤ 2 or without one (a BN checkpoint, CBN's from before the version) is migrated
-    #: (:meth:`_load_from_state_dict`).
+    #: (:meth:`_migrate`).
     _version = 3
     wants_producer = True
     #: GroupedNorm may call this layer on consecutive groups of its producer's output; it
@@ -933,30 +933,17 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """NormBase's load (migrated by :meth:`_migrate`, checked, fitted), refusing the
-        window of a checkpoint made with another ``window``; the window buffers take the
-        checkpoint's shapes whatever the version (they depend on the producer)."""
+    def _checkpoint_refusal(self, state_dict: dict[str, Any], prefix: str) -> str | None:
+        """A checkpoint whose window holds another number of iterations than this layer's
+        ``window``: refused before anything is copied (the window buffers otherwise take the
+        checkpoint's shapes whatever the version: they depend on the producer)."""
         stored = state_dict.get(prefix + "window_mean")
-        if stored is not None and self.window is not None and stored.shape[0] != self.window:
-            error_msgs.append(
-                f"{self.describe()}: the checkpoint holds a window of {stored.shape[0]} "
-                f"iterations, this layer was built with window={self.window}. Build it with "
-                f"window={stored.shape[0]} (or window=None to take the checkpoint's)."
-            )
-            for name in (*STAT_BUFFERS, *GRAD_BUFFERS):
-                state_dict.pop(prefix + name, None)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        if stored is None or self.window is None or stored.shape[0] == self.window:
+            return None
+        return (
+            f"{self.describe()}: the checkpoint holds a window of {stored.shape[0]} "
+            f"iterations, this layer was built with window={self.window}. Build it with "
+            f"window={stored.shape[0]} (or window=None to take the checkpoint's)."
         )
 
     def _migrate(self, state_dict: dict[str, Any], prefix: str, version: int | None) -> None:
