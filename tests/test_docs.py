@@ -46,3 +46,34 @@ def test_relative_links_resolve(page: Path) -> None:
 def test_the_readme_is_a_page_not_a_notebook() -> None:
     lines = (ROOT / "README.md").read_text().count("\n")
     assert 100 <= lines <= 200, lines
+
+
+def _default_rows() -> list[dict]:
+    import json
+
+    path = ROOT / "docs" / "compare_results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_default_runs_tables_are_its_results_file() -> None:
+    """docs/results.md's default-run tables are what the job's report prints from
+    docs/compare_results.jsonl, and the README's headline rows are that table's correlated,
+    after-PreciseBN rows: a new results file without new tables (or the reverse) fails."""
+    from smallbn.experiments.compare.report import format_tables
+
+    tables = format_tables(_default_rows())
+    assert tables.strip() in (ROOT / "docs" / "results.md").read_text()
+    _, heading, first, *_ = tables.split("**")  # the first table and its heading
+    assert heading.startswith("correlated groups") and "after PreciseBN" in heading
+    rows = {
+        cells[0]: cells[1:]
+        for line in first.strip().split("\n\n")[0].splitlines()  # the table, not the gaps
+        if line.startswith("| ") and not line.startswith("| method")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    readme = (ROOT / "README.md").read_text()
+    bn = rows.pop("bn")
+    assert f"| BN ({bn[-1]} at b = 32) | {' | '.join(bn[:3])} |" in readme
+    for method, cells in rows.items():
+        name = method.upper().replace(" (ANY B)", " (any b)")
+        assert f"| {name} | {' | '.join(cells[:3])} |" in readme, method
