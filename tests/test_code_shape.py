@@ -106,7 +106,8 @@ def test_data_flows_one_way(path: Path):
 #: Machinery the layers share, with its one home: grouping a batch into normalization
 #: batches of b samples and running G EMA updates at once (stats.py), the finite check.
 ONE_HOME = {
-    r"torch\.arange\([^)]*\)\s*,\s*\w+\s*,\s*rounding_mode=\"floor\"": "stats.py",
+    # sample n's group n // b, written with torch.div(..., rounding_mode="floor") or with //
+    r"torch\.arange\([^)]*\)\s*(//|,\s*\w+\s*,\s*rounding_mode=\"floor\")": "stats.py",
     r"keep\s*\*\*\s*exponent": "stats.py",
     r"def (set_finite_check|check_finite)\b": "layers/_finite_check.py",
 }
