@@ -623,6 +623,24 @@ def test_an_old_checkpoint_loads_as_before_versions(version):
     assert int(fresh.chi2_count) == int(fresh.sma_steps) == 0
 
 
+@pytest.mark.parametrize("version", [None, 2], ids=["no_metadata", "version2"])
+def test_an_old_mabn_checkpoint_missing_some_entries_is_incomplete(version):
+    """An old MABN checkpoint held all of MABN's entries: one without ``sma_steps`` is reported
+    missing (strict), not completed with the layer's own step count beside the checkpoint's
+    windows (warm-up and the clamping of r restarted in silence)."""
+    state = _trained().state_dict()
+    del state["sma_steps"]
+    if version is None:
+        state = dict(state)  # no torch metadata
+    else:
+        state._metadata[""]["version"] = version
+    layer = MovingAverageBatchNorm2d(C, window=3)
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"sma_steps\""):
+        layer.load_state_dict(state)
+    result = MovingAverageBatchNorm2d(C, window=3).load_state_dict(state, strict=False)
+    assert result.missing_keys == ["sma_steps"]
+
+
 def test_checkpoint_with_another_window_keeps_the_latest_values():
     small = MovingAverageBatchNorm2d(C, window=2, warmup=0)
     for step in range(3):

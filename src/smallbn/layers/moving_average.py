@@ -325,16 +325,22 @@ class MovingAverageBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found b
     def _upgrade(self, state_dict: dict[str, Any], prefix: str) -> None:
         """A version-2 (or unversioned) state in this layer's current layout, in place.
 
-        A BN checkpoint has no windows: the layer keeps its own (empty before any MABN step),
-        so a BN checkpoint loads strictly and evaluates as that BN.  Windows saved by a
-        half-precision module before they were kept in float32 load in this layer's
-        statistics dtype, also with ``load_state_dict(assign=True)``.
+        A BN checkpoint has none of MABN's entries: the layer keeps its own (empty before any
+        MABN step), so a BN checkpoint loads strictly and evaluates as that BN.  A MABN
+        checkpoint held all of them from the start, so one that lacks some is incomplete:
+        those stay missing keys (an error of a strict load), not the layer's own values
+        beside the checkpoint's (a step count of 0 beside full windows restarted warm-up and
+        the clamping of r in silence).  Windows saved by a half-precision module before they
+        were kept in float32 load in this layer's statistics dtype, also with
+        ``load_state_dict(assign=True)``.
         """
-        for name in ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps"):
-            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        names = ("chi2_window", "psi_window", "chi2_count", "psi_count", "sma_steps")
+        if not any(prefix + name in state_dict for name in names):
+            for name in names:
+                state_dict[prefix + name] = getattr(self, name).detach().clone()
         for name in self._float32_buffers:
             key = prefix + name
-            if isinstance(state_dict[key], Tensor):
+            if isinstance(state_dict.get(key), Tensor):
                 state_dict[key] = _as(state_dict[key], getattr(self, name).dtype)
 
     def reset_running_stats(self) -> None:
