@@ -385,8 +385,6 @@ def _sn(state: dict[str, Tensor], arch: str) -> tuple[dict[str, Tensor], ImportR
             else:
                 out[f"{prefix}.{name}"] = torch.full((channels,), default)
                 report.added.append((f"{prefix}.{name}", "no BN branch (using_bn=False): unused"))
-        out[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
-        report.added.append((f"{prefix}.num_batches_tracked", "not stored by the release"))
         for extra in ("batch_mean", "batch_var"):  # the detection copy's batch-average sums
             if f"{source}.{extra}" in state:
                 report.dropped.append((f"{source}.{extra}", "batch-average sums of training"))
