@@ -45,8 +45,8 @@ from smallbn.experiments.compare.results import *  # noqa: F403
 from smallbn.experiments.compare.results import _set_aside_damaged as _set_aside_damaged
 from smallbn.experiments.compare.sweep import *  # noqa: F403
 from smallbn.experiments.compare.sweep import _attempt as _attempt
-from smallbn.experiments.compare.sweep import _notice_waiting as _notice_waiting
 from smallbn.experiments.compare.sweep import _run_parallel as _run_parallel
+from smallbn.experiments.compare.sweep import _run_serial as _run_serial
 from smallbn.experiments.compare.sweep import _worker_dataset as _worker_dataset
 from smallbn.experiments.compare.training import *  # noqa: F403
 from smallbn.experiments.compare.training import _checkpoint_path as _checkpoint_path

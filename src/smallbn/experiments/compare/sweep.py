@@ -233,28 +233,24 @@ def _run_parallel(
 
 def _run_serial(
     todo: Sequence[RunConfig],
-    output_dir: Path,
-    device: torch.device,
-    checkpoint_every: int,
+    attempt: Callable[[Any, bool], bool],
     progress: bool,
 ) -> None:
     """Run ``todo`` in this process (every rank under torchrun), the runs that another
-    process holds last, each once its claim is free (:func:`_attempt`)."""
+    process holds last, each once its claim is free.  ``attempt(config, wait)`` claims, trains
+    and records one run and returns ``False`` when another process holds it (:func:`_attempt`
+    with this job's :func:`_trainer`; ``smallbn rethink`` passes its own)."""
     rank, world = _rank()
-
-    def trainer(config: RunConfig) -> Callable[[], dict[str, Any]]:
-        return _trainer(config, output_dir, device, checkpoint_every, progress)
-
     deferred = []
     for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
-        if not _attempt(config, output_dir, trainer(config), wait=False, device=device):
+        if not attempt(config, False):
             deferred.append(config)
         if world > 1:
             dist.barrier()
     for config in deferred:
         if rank == 0:
             _notice_waiting(config)
-        _attempt(config, output_dir, trainer(config), wait=True, device=device)
+        attempt(config, True)
         if world > 1:
             dist.barrier()
 
@@ -321,7 +317,12 @@ def run_sweep(
     if jobs > 1 and world == 1 and device.type == "cpu" and todo:
         _run_parallel(todo, output_dir, jobs, checkpoint_every, progress)
     else:
-        _run_serial(todo, output_dir, device, checkpoint_every, progress)
+
+        def attempt(config: RunConfig, wait: bool) -> bool:
+            train = _trainer(config, output_dir, device, checkpoint_every, progress)
+            return _attempt(config, output_dir, train, wait=wait, device=device)
+
+        _run_serial(todo, attempt, progress)
     if world > 1:
         dist.barrier()  # rank 0 has written every row before any rank reads them
     keys = {c.key for c in configs}

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from smallbn._optional import tqdm
 from smallbn.experiments import compare
 from smallbn.experiments.data import Dataset, OptionError
 from smallbn.experiments.rethink.checkpoint import _Checkpoint
@@ -209,18 +207,13 @@ def run_studies(
             worker=_worker,  # type: ignore[arg-type]
         )
     else:
-        deferred = []
-        for config in tqdm(todo, desc="runs", disable=not progress or rank != 0):
-            if not _attempt(config, output_dir, device, checkpoint_every, progress, False):
-                deferred.append(config)
-            if world > 1:
-                dist.barrier()
-        for config in deferred:
-            if rank == 0:
-                compare._notice_waiting(config)  # type: ignore[arg-type]
-            _attempt(config, output_dir, device, checkpoint_every, progress, True)
-            if world > 1:
-                dist.barrier()
+        compare._run_serial(
+            todo,  # type: ignore[arg-type]
+            lambda config, wait: _attempt(
+                config, output_dir, device, checkpoint_every, progress, wait
+            ),
+            progress,
+        )
     keys = set(unique)
     results: dict[str, list[dict[str, Any]]] = {}
     for study in studies:
