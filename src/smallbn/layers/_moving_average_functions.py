@@ -39,7 +39,13 @@ from smallbn.layers._sliding_window import (
     _window_means,
     _window_push,
 )
-from smallbn.stats import ema_sequence, first_order_only, sample_groups, stats_dtype
+from smallbn.stats import (
+    channel_view,
+    ema_sequence,
+    first_order_only,
+    sample_groups,
+    stats_dtype,
+)
 
 __all__ = ["RELEASE_CLAMP_START", "MABNPlan", "mabn_function"]
 
@@ -127,11 +133,6 @@ class MABNPlan:
 
 
 # -- helpers on (N, C, *spatial) tensors -------------------------------------------------------
-
-
-def _stat_view(stat: Tensor, x: Tensor) -> Tensor:
-    """``(rows, C)`` → ``(rows, C, 1, …)`` broadcasting against ``x`` (rows = 1 or N)."""
-    return stat.reshape(*stat.shape, *([1] * (x.dim() - 2)))
 
 
 def _per_sample_square_sums(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -431,9 +432,9 @@ class _MABNFunction(torch.autograd.Function):
         scale = inv_std if r is None else r * inv_std  # ∂y/∂x / γ with v and r constant
         slope = scale if weight is None else scale * _as(weight, compute)
         xs = _as(x, compute)
-        y = xs * _stat_view(_group_spread(slope, index), x)
+        y = xs * channel_view(_group_spread(slope, index), x)
         if bias is not None:
-            y = y.add_(_stat_view(_as(bias, compute), x))
+            y = y.add_(channel_view(_as(bias, compute), x))
         ctx.save_for_backward(x)
         ctx.index = index
         ctx.scale, ctx.slope, ctx.inv_std, ctx.counts = scale, slope, inv_std, counts
@@ -480,8 +481,8 @@ class _MABNFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # (ĝ − z Ψ̄)/sqrt(v + eps) = dy·(γ r inv) − x·(Ψ̄ inv²): one pass after the product
             shift = psi_bar * ctx.inv_std.square().neg_()
-            grad = xs * _stat_view(_group_spread(shift, ctx.index), x)
-            grad = grad.addcmul_(dys, _stat_view(_group_spread(ctx.slope, ctx.index), x))
+            grad = xs * channel_view(_group_spread(shift, ctx.index), x)
+            grad = grad.addcmul_(dys, channel_view(_group_spread(ctx.slope, ctx.index), x))
             grad_x = _as(grad, x.dtype)
         if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
             grad_weight = _as(_sum_groups(ctx.scale * local), ctx.weight_dtype)  # Σ dy·r·z
