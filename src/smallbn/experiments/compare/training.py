@@ -240,6 +240,14 @@ def _memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 
+def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The SGD of this job's runs and the rethink studies': Nesterov momentum 0.9, weight
+    decay 5e-4, peak learning rate ``lr`` (the schedule sets each step's)."""
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True
+    )
+
+
 def run_one(
     config: RunConfig,
     data: Dataset,
@@ -273,9 +281,7 @@ def run_one(
     with warnings.catch_warnings():  # a model trained from scratch: no function to keep
         warnings.filterwarnings("ignore", "MABN centres", ConversionWarning)
         bind_producers(model)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
-    )
+    optimizer = _sgd(model, config.lr)
     start, elapsed, loss_value = 0, 0.0, float("nan")
     if checkpoint.exists():
         start, elapsed, loss_value = _resume(checkpoint, config, total, model, optimizer, device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smallbn._optional import tqdm
-from smallbn.experiments.compare.training import _sgd_step
+from smallbn.experiments.compare.training import _memory_format, _sgd, _sgd_step
 from smallbn.experiments.data import Dataset
 from smallbn.experiments.models import SmallResNet
 from smallbn.experiments.rethink.checkpoint import _Checkpoint
@@ -25,10 +25,6 @@ from smallbn.experiments.rethink.config import StudyConfig
 from smallbn.experiments.rethink.images import _Data
 from smallbn.experiments.sampling import batch_indices, steps_per_epoch
 from smallbn.registry import build_norm
-
-
-def _memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cpu" else torch.preserve_format
 
 
 def _model(config: StudyConfig, data: Dataset, device: torch.device) -> nn.Module:
@@ -52,12 +48,6 @@ def _model(config: StudyConfig, data: Dataset, device: torch.device) -> nn.Modul
     ).to(device)
     model.to(memory_format=_memory_format(device))  # type: ignore[call-overload]
     return model
-
-
-def _optimizer(model: nn.Module, config: StudyConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4, nesterov=True
-    )
 
 
 def _lr(config: StudyConfig, step: int, total: int) -> float:
@@ -102,7 +92,7 @@ class _Run:
     def model_and_optimizer(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The run's freshly initialised network (:func:`_model`) and its SGD."""
         model = _model(self.config, self.data.dataset, self.device)
-        return model, _optimizer(model, self.config)
+        return model, _sgd(model, self.config.lr)
 
     def resume(
         self,
