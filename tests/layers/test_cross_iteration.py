@@ -938,6 +938,29 @@ def test_a_checkpoint_with_another_window_continues_as_a_fresh_layer_would():
         torch.testing.assert_close(norm_b(conv_b(u)), norm_c(conv_c(u)), rtol=0, atol=0)
 
 
+def test_a_window_saved_without_derivatives_restarts_with_a_warning_in_a_bound_layer() -> None:
+    """A checkpoint of an unbound layer (naive pooling: no derivative buffers) loaded into a
+    bound one: its stored iterations cannot be compensated, so the window restarts, and the
+    load says so, naming the layer (the stored iterations were dropped in silence)."""
+    unbound = _block(window=3)  # no bind_producers: naive pooling
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-producer warning
+        _train(unbound, torch.optim.SGD(unbound.parameters(), lr=0.1), range(2))
+    state = unbound[1].state_dict()
+    assert int(state["window_fill"]) == 2 and "window_var_grad" not in state
+    bound = _block(window=3)
+    smallbn.bind_producers(bound)
+    bound[1].model_path = "1"
+    with pytest.warns(RuntimeWarning, match=r"at '1': the checkpoint's window \(2 stored .*"
+                      r"restarts empty"):  # fmt: skip
+        bound[1].load_state_dict(state)
+    assert int(bound[1].window_fill) == bound[1]._fill == 0
+    assert torch.equal(bound[1].running_var, state["running_var"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete checkpoint loads without it
+        bound[1].load_state_dict(bound[1].state_dict())
+
+
 def test_casting_the_model_to_bfloat16_keeps_the_window_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), CrossIterationBatchNorm2d(4, window=3))

@@ -380,12 +380,13 @@ class IterationWindow:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def fit_checkpoint(self, state_dict: dict[str, Any], prefix: str, dtype: torch.dtype) -> None:
+    def fit_checkpoint(self, state_dict: dict[str, Any], prefix: str, dtype: torch.dtype) -> int:
         """Make the window buffers fit a checkpoint of any version: create those it has
         (their shapes depend on the producer and the window, so this layer may not have them
         yet, and new ones take ``dtype``); where it lacks buffers this layer holds (saved
         without a producer, or before k was known), its stored entries cannot be used or
-        compensated, so the window restarts empty."""
+        compensated, so the window restarts empty.  Returns the number of the checkpoint's
+        stored iterations so dropped (the caller says so)."""
         fresh = False
         device = self._tensor("iteration").device
         for name in (*STAT_BUFFERS, *GRAD_BUFFERS):
@@ -399,8 +400,15 @@ class IterationWindow:
             elif mine is not None:
                 state_dict[key] = torch.zeros_like(mine)
                 fresh = True
-        if fresh:
-            state_dict[prefix + "window_fill"] = torch.zeros_like(self._tensor("window_fill"))
+        if not fresh:
+            return 0
+        key = prefix + "window_fill"
+        stored_fill = state_dict.get(key)
+        dropped = 0
+        if isinstance(stored_fill, Tensor) and stored_fill.numel() == 1 and not stored_fill.is_meta:
+            dropped = int(stored_fill)  # a load, not a step: one host read
+        state_dict[key] = torch.zeros_like(self._tensor("window_fill"))
+        return dropped
 
     def migrate_before_version_3(self, state_dict: dict[str, Any], prefix: str) -> None:
         """A checkpoint of version ≤ 2 (a BN one, or CBN's from before the version) may lack

@@ -959,8 +959,20 @@ class CrossIterationBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found 
         self._stored.reload()
 
     def _adapt_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """The window's buffers take the checkpoint's shapes (any version)."""
-        self._stored.fit_checkpoint(state_dict, prefix, self._state_dtype())
+        """The window's buffers take the checkpoint's shapes (any version); stored iterations
+        of a checkpoint that lacks this layer's derivative buffers (saved without a bound
+        producer) cannot be compensated: the window restarts, with a warning."""
+        dropped = self._stored.fit_checkpoint(state_dict, prefix, self._state_dtype())
+        if dropped > 0:
+            warnings.warn(
+                f"{self.describe()}: the checkpoint's window ({dropped} stored iterations) "
+                f"was saved without the derivatives this layer compensates with (no producer "
+                f"bound, or compensate=False), so its entries cannot be compensated: the "
+                f"window restarts empty. Bind the producer (smallbn.bind_producers) before "
+                f"saving to keep it; otherwise the next steps pool fewer iterations.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
