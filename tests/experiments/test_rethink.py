@@ -5,6 +5,7 @@ verdicts follow the numbers; the command line documents every option's default."
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ from smallbn.experiments.rethink import running
 from smallbn.experiments.rethink.checkpoint import _Checkpoint
 from smallbn.experiments.rethink.domain import _domain_variant
 from smallbn.experiments.rethink.ema import _EmaShadows
+from smallbn.experiments.rethink.evaluation import _error_batch_stats
 from smallbn.experiments.rethink.images import _pixel_range
 from smallbn.experiments.rethink.leakage import _leakage_run_config
 
@@ -682,3 +684,49 @@ def test_full_is_the_long_preset(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["rethink", "--full", "--output-dir", str(tmp_path / "out")])
     assert asked == ["long"]
+
+
+def _group_by_group_error(model, x, y, group, seed):
+    """The batch-statistics error by its definition: each random group of ``group`` test
+    images through the model alone, every norm in training mode updating nothing."""
+    n = len(x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+    with torch.no_grad():
+        wrong = 0
+        for i in range(0, n, group):
+            idx = order[i : i + group]
+            wrong += int((model(x[idx]).argmax(1) != y[idx]).sum())
+    return wrong / n
+
+
+def test_batch_stats_error_normalizes_every_layer_over_one_group():
+    """Ghost BN in groups of 2 next to a BN over its whole batch: each forward must hold one
+    group, where sending 64 groups at once (as for Ghost BN alone) normalized the BN over
+    128 images; a Ghost BN splitting into another group size is refused, naming it."""
+    from smallbn.layers import BatchRenorm2d, GhostBatchNorm2d
+
+    assert BatchRenorm2d(4, norm_batch_size=2).normalization_batch() == 2
+    assert BatchRenorm2d(4).normalization_batch() is None
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        GhostBatchNorm2d(4, group_size=2),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(3),
+    )
+    x, y = torch.randn(40, 1, 7, 7), torch.randint(0, 3, (40,))
+    model(x[:2])
+    expected = _group_by_group_error(copy.deepcopy(model), x, y, group=2, seed=0)
+    got = _error_batch_stats(model, x, y, 2, 0, torch.device("cpu"))
+    assert got == expected
+    with pytest.raises(ValueError, match=r"'1': 4"):
+        _error_batch_stats(
+            torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), GhostBatchNorm2d(4, group_size=4)),
+            x, y, 2, 0, torch.device("cpu"),
+        )

@@ -285,6 +285,13 @@ class NormBase(FiniteCheckMixin, CheckpointChecksMixin):
         placeholders kept for a round trip back to BN (batch-independent norms)."""
         return self._running_stats_in_state_dict and self.running_mean is not None
 
+    def normalization_batch(self) -> int | None:
+        """The samples whose statistics normalize each sample in a training-mode forward
+        where the layer splits its batch into consecutive groups (``norm_batch_size``, Ghost
+        BN's ``group_size``); ``None`` where it normalizes the whole batch (or, for
+        batch-independent norms, each sample alone)."""
+        return getattr(self, "norm_batch_size", None)
+
     def lost_on_replacement(self, replacement: nn.Module) -> str:
         """What this layer's eval function loses when ``replacement`` takes its place and
         keeps its state (:func:`smallbn.convert` warns with it), ``""`` for nothing beyond

@@ -70,6 +70,9 @@ class GhostBatchNorm(BatchStatsNorm, _BatchNorm):  # _BatchNorm: found by type (
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
 
+    def normalization_batch(self) -> int:
+        return self.group_size
+
     def _forward_train(self, x: Tensor, factor: float | None) -> Tensor:
         return self._normalize_groups(x, self.group_size, factor)
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from smallbn.experiments.train import evaluate
-from smallbn.layers import GhostBatchNorm
-from smallbn.population import batch_stats_eval, precise_bn
+from smallbn.layers import NormBase
+from smallbn.population import batch_stats_eval, batch_stats_layers, precise_bn
 
 
 @torch.no_grad()
@@ -27,20 +27,38 @@ def _error(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> floa
     return evaluate(model, x, y, device=device)
 
 
+def _images_per_forward(model: nn.Module, group: int) -> int:
+    """Test images per forward such that every batch-statistics layer normalizes each image
+    with the statistics of its group of ``group``: several groups at once where every such
+    layer splits its batch into groups of ``group`` (Ghost BN, ``norm_batch_size``), one
+    group where any normalizes its whole batch.  A layer that splits into groups of another
+    size would report another statistic than the study's: an error naming it."""
+    sizes = {
+        name: m.normalization_batch() if isinstance(m, NormBase) else None
+        for name, m in batch_stats_layers(model)
+    }
+    other = {name: b for name, b in sizes.items() if b is not None and b != group}
+    if other:
+        raise ValueError(
+            f"batch-statistics evaluation in groups of {group} test images: the layers "
+            f"{other} normalize groups of another size; build them with groups of {group}"
+        )
+    if sizes and all(b == group for b in sizes.values()):
+        return group * max(1, 128 // group)
+    return group
+
+
 def _error_batch_stats(
     model: nn.Module, x: Tensor, y: Tensor, group: int, seed: int, device: torch.device
 ) -> float:
     """Test error when every batch-statistics layer normalizes each test image with the
-    statistics of its random group of ``group`` test images (Ghost BN's groups of b, or the
-    whole batch for BN): :func:`smallbn.batch_stats_eval`.  The images are shuffled (groups
-    are i.i.d., as in training) and the last group is completed with images from the start,
-    which are scored once only."""
+    statistics of its random group of ``group`` test images: :func:`smallbn.batch_stats_eval`.
+    The images are shuffled (groups are i.i.d., as in training) and the last group is
+    completed with images from the start, which are scored once only."""
     n = len(x)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
     padded = torch.cat([order, order[: (-n) % group]]) if n % group else order
-    # Ghost BN normalizes groups of b inside any batch; any other layer the whole batch
-    ghost = any(isinstance(m, GhostBatchNorm) for m in model.modules())
-    batch = group * max(1, 128 // group) if ghost else group
+    batch = _images_per_forward(model, group)
     with batch_stats_eval(model):
         predictions = _predictions(model, x[padded], batch, device)[:n]
     return float((predictions != y[order]).float().mean())
